@@ -1,0 +1,115 @@
+"""TriModeModel: one backbone + one untied head serving AR, block-diffusion and self-speculative decoding."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+from transformers import AutoModel, PretrainedConfig
+
+from nld_lora.model.config import apply_nld_defaults
+
+if TYPE_CHECKING:
+    from nld_lora.decoding.api import GenerationResult
+
+
+class TriModeModel(nn.Module):
+    """NLD layout: the backbone under `encoder.`, the LM head as a separate `diffusion_head`.
+
+    The modes share every weight; only the attention mask passed to `forward` changes.
+    """
+
+    def __init__(self, config: PretrainedConfig):
+        super().__init__()
+        self.config = apply_nld_defaults(config)
+        self.encoder = AutoModel.from_config(config, attn_implementation="sdpa")
+        self.diffusion_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.tokenizer: Any = None
+        self.name_or_path: str = ""
+        self.weights_hash: str = ""
+        self.adapters: dict[str, str] = {}
+        self.active_adapter: str | None = None
+        self.lora_mode: str = "draft_only"
+        self._peft: Any = None
+
+    @property
+    def mask_token_id(self) -> int:
+        return int(self.config.mask_token_id)
+
+    @property
+    def block_size(self) -> int:
+        return int(self.config.block_size)
+
+    @property
+    def device(self) -> torch.device:
+        return self.diffusion_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.diffusion_head.weight.dtype
+
+    @property
+    def max_positions(self) -> int:
+        return int(getattr(self.config, "max_position_embeddings", 2**31))
+
+    @property
+    def eos_token_ids(self) -> set[int]:
+        eos = getattr(self.config, "eos_token_id", None)
+        if eos is None:
+            return set()
+        return {int(e) for e in eos} if isinstance(eos, (list, tuple)) else {int(eos)}
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        *,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cache: Any = None,
+        logits_index: torch.Tensor | slice | None = None,
+    ) -> tuple[torch.Tensor, Any]:
+        """Run the backbone with an explicit 4D mask and positions; return (logits, cache).
+
+        logits_index selects query positions before the head (saves the vocab projection elsewhere).
+        """
+        out = self.encoder(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=cache is not None,
+        )
+        hidden = out.last_hidden_state
+        if logits_index is not None:
+            hidden = hidden[:, logits_index] if isinstance(logits_index, slice) else _gather_rows(hidden, logits_index)
+        return self.diffusion_head(hidden), cache
+
+    def save_pretrained(self, path: str) -> None:
+        """Write config.json + model.safetensors (+ tokenizer) in the NLD layout."""
+        from nld_lora.model.checkpoint import save_checkpoint
+
+        save_checkpoint(self, path)
+
+    def generate(self, prompts_or_ids: Any, **kwargs: Any) -> GenerationResult:
+        """Decode with mode="ar" | "diffusion" | "self_spec"; see nld_lora.decoding.api.generate."""
+        from nld_lora.decoding.api import generate
+
+        return generate(self, prompts_or_ids, **kwargs)
+
+    def attach_adapter(self, path: str, *, name: str | None = None, lora_mode: str = "draft_only") -> str:
+        """Load a PEFT LoRA folder; it becomes the active adapter. Returns its name."""
+        from nld_lora.decoding.adapters import attach_adapter
+
+        return attach_adapter(self, path, name=name, lora_mode=lora_mode)
+
+    def detach_adapter(self, name: str | None = None) -> None:
+        """Remove one adapter (or all when name is None), restoring the base weights' behaviour."""
+        from nld_lora.decoding.adapters import detach_adapter
+
+        detach_adapter(self, name)
+
+
+def _gather_rows(hidden: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """hidden (B, Q, H), index (B, K) -> (B, K, H)."""
+    return torch.gather(hidden, 1, index[..., None].expand(-1, -1, hidden.shape[-1]))

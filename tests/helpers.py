@@ -1,0 +1,35 @@
+"""Tiny random tri-mode models for tests (built in code, seconds to run)."""
+
+from __future__ import annotations
+
+import torch
+from transformers import Ministral3Config
+
+from nld_lora.model import new_model
+
+EMBEDDED = "data/tiny-nld-code"
+
+
+def tiny_rope(max_pos: int = 256) -> dict:
+    return {
+        "rope_type": "yarn", "rope_theta": 10000.0, "factor": 1.0, "original_max_position_embeddings": max_pos,
+        "max_position_embeddings": max_pos, "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0,
+        "mscale_all_dim": 1.0, "llama_4_scaling_beta": 0.1,
+    }
+
+
+def tiny_config(vocab: int = 97, block_size: int = 4, layers: int = 2, **kw) -> Ministral3Config:
+    return Ministral3Config(
+        rope_parameters=tiny_rope(),
+        vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=256,
+        mask_token_id=vocab - 1, eos_token_id=vocab - 2, pad_token_id=0, block_size=block_size, **kw,
+    )
+
+
+def tiny_model(seed: int = 0, **kw):
+    torch.manual_seed(seed)
+    model = new_model(tiny_config(**kw))
+    with torch.no_grad():  # random init is near-uniform; sharpen so argmax paths are non-trivial
+        model.diffusion_head.weight.mul_(8.0)
+    return model.eval()
