@@ -1,0 +1,121 @@
+"""PEFT LoRA adapters on a TriModeModel: attach/detach, per-call selection, draft-only switching."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from safetensors import safe_open
+from torch import nn
+
+LORA_MODES = ("draft_only", "both")
+ADAPTER_META = "nld_adapter.json"
+
+
+class AdapterError(ValueError):
+    """An adapter folder that does not fit the model."""
+
+
+def _peft(model):
+    return model.__dict__.get("_peft")
+
+
+def check_adapter_matches(model, path: str | Path) -> None:
+    """Compare every LoRA A/B tensor with the module it targets; name the first mismatching module/shape."""
+    folder = Path(path)
+    weights = folder / "adapter_model.safetensors"
+    if not (folder / "adapter_config.json").exists() or not weights.exists():
+        raise AdapterError(f"{folder}: not a PEFT adapter folder (needs adapter_config.json + adapter_model.safetensors)")
+    modules = dict(model.named_modules())
+    with safe_open(str(weights), framework="pt") as handle:
+        for key in handle.keys():
+            if ".lora_A." not in key and ".lora_B." not in key:
+                continue
+            name = key.split(".lora_")[0].removeprefix("base_model.model.")
+            module = modules.get(name)
+            if module is not None and hasattr(module, "base_layer"):
+                module = module.base_layer
+            if not isinstance(module, nn.Linear):
+                raise AdapterError(f"{folder}: adapter targets module {name!r}, which the model does not have as Linear")
+            shape = tuple(handle.get_slice(key).get_shape())
+            if ".lora_A." in key and shape[1] != module.in_features:
+                raise AdapterError(f"{folder}: {name}: lora_A expects in_features {shape[1]}, "
+                                   f"model has {module.in_features} (adapter shape {shape})")
+            if ".lora_B." in key and shape[0] != module.out_features:
+                raise AdapterError(f"{folder}: {name}: lora_B expects out_features {shape[0]}, "
+                                   f"model has {module.out_features} (adapter shape {shape})")
+
+
+def attach_adapter(model, path: str | Path, *, name: str | None = None, lora_mode: str = "draft_only") -> str:
+    """Load a PEFT folder onto the model (several may be loaded); it becomes the active adapter."""
+    from peft import PeftModel
+
+    if lora_mode not in LORA_MODES:
+        raise AdapterError(f"lora_mode={lora_mode!r}; expected one of {LORA_MODES}")
+    check_adapter_matches(model, path)
+    name = name or Path(path).name or "default"
+    peft = _peft(model)
+    if peft is None:
+        peft = PeftModel.from_pretrained(model, str(path), adapter_name=name, is_trainable=False)
+        object.__setattr__(model, "_peft", peft)
+    else:
+        peft.load_adapter(str(path), adapter_name=name, is_trainable=False)
+    model.adapters[name] = str(path)
+    model.active_adapter = name
+    model.lora_mode = lora_mode
+    peft.base_model.set_adapter(name)
+    peft.base_model.disable_adapter_layers()
+    return name
+
+
+def register_peft(model, peft, name: str) -> None:
+    """Adopt a PeftModel built elsewhere (training) so the runtime can switch its adapter."""
+    object.__setattr__(model, "_peft", peft)
+    model.adapters[name] = "<training>"
+    model.active_adapter = name
+
+
+def detach_adapter(model, name: str | None = None) -> None:
+    """Delete one adapter, or unload PEFT entirely (name None or the last adapter)."""
+    peft = _peft(model)
+    if peft is None:
+        return
+    names = [name] if name is not None else list(model.adapters)
+    for n in names:
+        if n not in model.adapters:
+            raise AdapterError(f"no adapter named {n!r}; loaded: {sorted(model.adapters)}")
+    if len(names) == len(model.adapters):
+        peft.base_model.unload()
+        object.__setattr__(model, "_peft", None)
+        model.adapters.clear()
+        model.active_adapter = None
+        return
+    for n in names:
+        peft.base_model.delete_adapter(n)
+        del model.adapters[n]
+    model.active_adapter = next(iter(model.adapters))
+
+
+def adapter_metadata(path: str | Path) -> dict:
+    meta = Path(path) / ADAPTER_META
+    return json.loads(meta.read_text()) if meta.exists() else {}
+
+
+@contextmanager
+def lora_enabled(model, adapter: str | None, on: bool) -> Iterator[None]:
+    """Run the enclosed forwards with adapter `adapter` on (on=True) or every adapter off."""
+    peft = _peft(model)
+    if peft is None or adapter is None:
+        yield
+        return
+    if on:
+        peft.base_model.set_adapter(adapter)
+        peft.base_model.enable_adapter_layers()
+    else:
+        peft.base_model.disable_adapter_layers()
+    try:
+        yield
+    finally:
+        peft.base_model.disable_adapter_layers()

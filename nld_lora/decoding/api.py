@@ -1,0 +1,147 @@
+"""generate(): the one decoding entry point used by collection, training-time evaluation and reports."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from nld_lora.decoding.batch import DecodeBatch
+from nld_lora.decoding.loops import DecodeSettings, run_ar, run_diffusion, run_self_spec
+from nld_lora.decoding.outputs import Outputs
+from nld_lora.decoding.stats import GenerationStats
+
+MODES = ("ar", "diffusion", "self_spec")
+POLICIES = ("confidence", "leftmost")
+ACCEPTANCE_RULES = ("rejection", "exact_match")
+
+
+@dataclass
+class GenerationResult:
+    sequences: list[list[int]]
+    texts: list[str] | None
+    stats: GenerationStats
+    prompt_ids: list[list[int]]
+
+    @property
+    def finish_reasons(self) -> list[str]:
+        return [r.finish_reason for r in self.stats.requests]
+
+
+def normalize_prompts(model, prompts_or_ids: Any, add_special_tokens: bool = True) -> list[list[int]]:
+    """Strings (tokenized), one id list, a list of id lists, or a 1D/2D tensor -> list of id lists."""
+    if isinstance(prompts_or_ids, torch.Tensor):
+        t = prompts_or_ids
+        return [t.tolist()] if t.dim() == 1 else [row.tolist() for row in t]
+    if isinstance(prompts_or_ids, str):
+        prompts_or_ids = [prompts_or_ids]
+    if not isinstance(prompts_or_ids, (list, tuple)) or not prompts_or_ids:
+        raise ValueError("prompts_or_ids must be a non-empty string, list of strings, or list of token-id lists")
+    if all(isinstance(x, int) for x in prompts_or_ids):
+        return [list(prompts_or_ids)]
+    out = []
+    for i, p in enumerate(prompts_or_ids):
+        if isinstance(p, str):
+            if model.tokenizer is None:
+                raise ValueError(f"prompt {i} is text but the model has no tokenizer; pass token ids")
+            out.append(model.tokenizer(p, add_special_tokens=add_special_tokens)["input_ids"])
+        else:
+            out.append([int(x) for x in p])
+    return out
+
+
+def _validate(model, prompts: list[list[int]], mode: str, max_new_tokens: int, draft_len: int, block: int,
+              policy: str, acceptance: str) -> None:
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r}; expected one of {MODES}")
+    if policy not in POLICIES:
+        raise ValueError(f"policy={policy!r}; expected one of {POLICIES}")
+    if acceptance not in ACCEPTANCE_RULES:
+        raise ValueError(f"acceptance={acceptance!r}; expected one of {ACCEPTANCE_RULES}")
+    if max_new_tokens <= 0:
+        raise ValueError(f"max_new_tokens must be > 0; got {max_new_tokens}")
+    limit = model.max_positions
+    if not 1 <= draft_len < limit:
+        raise ValueError(f"draft_len must be in [1, {limit}) (the model's max positions); got {draft_len}")
+    if block < 1:
+        raise ValueError(f"block_size must be >= 1; got {block}")
+    lookahead = {"ar": 1, "diffusion": block, "self_spec": draft_len + 1}[mode]
+    vocab = model.config.vocab_size
+    for i, p in enumerate(prompts):
+        if not p:
+            raise ValueError(f"prompt {i} is empty")
+        if any(not 0 <= t < vocab for t in p):
+            raise ValueError(f"prompt {i} has token ids outside [0, {vocab})")
+        if len(p) + max_new_tokens + lookahead > limit:
+            raise ValueError(
+                f"prompt {i}: {len(p)} tokens + max_new_tokens {max_new_tokens} + lookahead {lookahead} exceeds "
+                f"the model's {limit} positions"
+            )
+
+
+@torch.no_grad()
+def generate(
+    model,
+    prompts_or_ids: Any,
+    *,
+    mode: str = "ar",
+    max_new_tokens: int = 128,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    block_size: int | None = None,
+    threshold: float = 0.9,
+    policy: str = "confidence",
+    max_steps: int | None = None,
+    draft_len: int | None = None,
+    acceptance: str = "rejection",
+    adapter: str | bool | None = None,
+    batch_size: int | None = None,
+    seed: int = 0,
+    progress: bool = False,
+    add_special_tokens: bool = True,
+) -> GenerationResult:
+    """Decode prompts with mode "ar", "diffusion" or "self_spec" (linear); see DESIGN.md for the stats.
+
+    adapter: None uses the active adapter (if any), False none, a name selects a loaded adapter.
+    draft_len defaults to block_size - 1; block_size to the model's. Greedy self_spec emits exactly AR's tokens.
+    """
+    prompts = normalize_prompts(model, prompts_or_ids, add_special_tokens)
+    block = block_size or model.block_size
+    k = draft_len if draft_len is not None else max(block - 1, 1)
+    _validate(model, prompts, mode, max_new_tokens, k, block, policy, acceptance)
+    if adapter is False:
+        adapter_name = None
+    elif adapter is None or adapter is True:
+        adapter_name = model.active_adapter
+    else:
+        if adapter not in model.adapters:
+            raise ValueError(f"adapter {adapter!r} is not loaded; loaded: {sorted(model.adapters)}")
+        adapter_name = adapter
+    cfg = DecodeSettings(
+        temperature=temperature, top_k=top_k, top_p=top_p, block_size=block, threshold=threshold, policy=policy,
+        max_steps=max_steps, draft_len=k, acceptance=acceptance, adapter=adapter_name, lora_mode=model.lora_mode,
+        seed=seed,
+    )
+    loop = {"ar": run_ar, "diffusion": run_diffusion, "self_spec": run_self_spec}[mode]
+    out = Outputs(len(prompts), max_new_tokens, model.eos_token_ids)
+    gen = torch.Generator(device=model.device).manual_seed(seed)
+    size = batch_size or len(prompts)
+    t0 = time.perf_counter()
+    bar = tqdm(total=len(prompts), desc=f"generate[{mode}]", unit="prompt", disable=not progress)
+    for start in range(0, len(prompts), size):
+        ids = list(range(start, min(start + size, len(prompts))))
+        tb = time.perf_counter()
+        loop(DecodeBatch(model, [prompts[i] for i in ids], ids), out, cfg, gen)
+        for i in ids:
+            out.stats[i].wall_s = time.perf_counter() - tb
+        bar.update(len(ids))
+    bar.close()
+    stats = GenerationStats(out.stats, time.perf_counter() - t0)
+    texts = None
+    if model.tokenizer is not None:
+        texts = [model.tokenizer.decode(seq, skip_special_tokens=False) for seq in out.tokens]
+    return GenerationResult(out.tokens, texts, stats, prompts)

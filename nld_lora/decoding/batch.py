@@ -1,0 +1,78 @@
+"""A batch of active requests sharing one transformers DynamicCache.
+
+Each request owns a row. Slots that a request must not see (left padding, rejected drafts) are marked
+invalid and squeezed out after every write, so the cache stays as long as the longest live request.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import DynamicCache
+
+from nld_lora.model.masks import causal_mask, draft_mask
+
+
+class DecodeBatch:
+    def __init__(self, model, prompts: list[list[int]], request_ids: list[int]):
+        self.model = model
+        self.rows = list(request_ids)
+        device = model.device
+        width = max(len(p) for p in prompts)
+        pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+        ids = torch.full((len(prompts), width), pad, dtype=torch.long, device=device)
+        self.valid = torch.zeros(len(prompts), width, dtype=torch.bool, device=device)
+        for i, p in enumerate(prompts):
+            ids[i, width - len(p):] = torch.tensor(p, device=device)
+            self.valid[i, width - len(p):] = True
+        self.cache = DynamicCache(config=model.config)
+        positions = (self.valid.long().cumsum(1) - 1).clamp(min=0)
+        mask = causal_mask(self.valid, width)
+        self.prefill_logits, _ = model(ids, attention_mask=mask, position_ids=positions, cache=self.cache,
+                                       logits_index=slice(width - 1, width))
+        self.next_pos = self.valid.sum(1)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def forward(self, tokens: torch.Tensor, *, write: bool, bidirectional: bool) -> torch.Tensor:
+        """Run tokens (B, Q) after each row's valid prefix. write=False leaves the cache as it was (draft)."""
+        q = tokens.shape[1]
+        key_valid = torch.cat([self.valid, torch.ones(len(self), q, dtype=torch.bool, device=self.valid.device)], 1)
+        mask = draft_mask(key_valid, q) if bidirectional else causal_mask(key_valid, q)
+        positions = self.next_pos[:, None] + torch.arange(q, device=tokens.device)
+        logits, _ = self.model(tokens, attention_mask=mask, position_ids=positions, cache=self.cache)
+        if write:
+            self.valid = key_valid
+        else:
+            self.cache.crop(-q)
+        return logits
+
+    def keep_written(self, q: int, keep: torch.Tensor) -> None:
+        """After a write of q tokens, keep the first keep[b] of them for row b; drop the rest from the cache."""
+        offsets = torch.arange(q, device=keep.device)
+        self.valid[:, -q:] &= offsets[None, :] < keep[:, None]
+        self.next_pos = self.next_pos + keep
+        self._compact()
+
+    def select(self, keep_rows: list[int]) -> None:
+        """Keep only these batch rows (indices into the current batch)."""
+        index = torch.tensor(keep_rows, dtype=torch.long, device=self.valid.device)
+        self.cache.batch_select_indices(index)
+        self.valid = self.valid[index]
+        self.next_pos = self.next_pos[index]
+        self.rows = [self.rows[i] for i in keep_rows]
+        self._compact()
+
+    def _compact(self) -> None:
+        """Gather each row's valid slots to the right end; length becomes the longest row's count."""
+        if len(self) == 0 or bool(self.valid.all()):
+            return
+        counts = self.valid.sum(1)
+        new_len = int(counts.max())
+        order = torch.argsort(self.valid.to(torch.int8), dim=1, stable=True)[:, -new_len:]
+        new_valid = torch.gather(self.valid, 1, order)
+        for layer in self.cache.layers:
+            idx = order[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[-1])
+            layer.keys = torch.gather(layer.keys, 2, idx)
+            layer.values = torch.gather(layer.values, 2, idx)
+        self.valid = new_valid

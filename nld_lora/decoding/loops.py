@@ -1,0 +1,175 @@
+"""The three decoding loops over a DecodeBatch: AR, block diffusion, linear self-speculation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from nld_lora.decoding.adapters import lora_enabled
+from nld_lora.decoding.batch import DecodeBatch
+from nld_lora.decoding.outputs import Outputs
+from nld_lora.decoding.sampling import filter_logits, select_tokens
+from nld_lora.kernels import verify_greedy, verify_sampled
+from nld_lora.kernels.rng import mix32
+
+
+@dataclass
+class DecodeSettings:
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+    block_size: int = 32
+    threshold: float = 0.9
+    policy: str = "confidence"
+    max_steps: int | None = None
+    draft_len: int = 31
+    acceptance: str = "rejection"
+    adapter: str | None = None
+    lora_mode: str = "draft_only"
+    seed: int = 0
+
+
+def _commit_rows(batch: DecodeBatch, out: Outputs, new_tokens: list[list[int]], seeds: torch.Tensor) -> torch.Tensor:
+    """Commit per-row tokens, drop finished rows; returns the seeds of the rows still live."""
+    live = [i for i, rid in enumerate(batch.rows) if not out.commit(rid, new_tokens[i])]
+    if len(live) != len(batch):
+        batch.select(live)
+        seeds = seeds[live]
+    return seeds
+
+
+def _prefill(batch: DecodeBatch, out: Outputs, cfg: DecodeSettings, gen: torch.Generator) -> torch.Tensor:
+    for rid in batch.rows:
+        out.stats[rid].forwards["prefill"] += 1
+    seeds = select_tokens(batch.prefill_logits[:, -1], cfg.temperature, gen, cfg.top_k, cfg.top_p)
+    return _commit_rows(batch, out, [[int(t)] for t in seeds], seeds)
+
+
+def run_ar(batch: DecodeBatch, out: Outputs, cfg: DecodeSettings, gen: torch.Generator) -> None:
+    seeds = _prefill(batch, out, cfg, gen)
+    while len(batch):
+        with lora_enabled(batch.model, cfg.adapter, on=cfg.lora_mode == "both"):
+            logits = batch.forward(seeds[:, None], write=True, bidirectional=False)
+        batch.keep_written(1, torch.ones(len(batch), dtype=torch.long, device=seeds.device))
+        for rid in batch.rows:
+            out.stats[rid].forwards["ar"] += 1
+        seeds = select_tokens(logits[:, -1], cfg.temperature, gen, cfg.top_k, cfg.top_p)
+        seeds = _commit_rows(batch, out, [[int(t)] for t in seeds], seeds)
+
+
+def _pick_positions(conf: torch.Tensor, masked: torch.Tensor, cfg: DecodeSettings, last_step: bool) -> torch.Tensor:
+    """Which masked positions to commit this step: the forced one (policy) plus all above the threshold."""
+    if last_step:
+        return masked.clone()
+    choose = masked & (conf >= cfg.threshold)
+    has_mask = masked.any(1)
+    if cfg.policy == "leftmost":
+        forced = masked.to(torch.int8).argmax(1)
+    else:
+        forced = conf.masked_fill(~masked, float("-inf")).argmax(1)
+    rows = torch.arange(len(masked), device=masked.device)
+    choose[rows[has_mask], forced[has_mask]] = True
+    return choose
+
+
+def run_diffusion(batch: DecodeBatch, out: Outputs, cfg: DecodeSettings, gen: torch.Generator,
+                  commit_log: list | None = None) -> None:
+    """Blocks [seed, mask x (B-1)] denoised with confidence commits; a causal commit pass per block."""
+    seeds = _prefill(batch, out, cfg, gen)
+    mask_id = batch.model.mask_token_id
+    width = cfg.block_size
+    max_steps = cfg.max_steps or max(width - 1, 1)
+    while len(batch):
+        block = torch.full((len(batch), width), mask_id, dtype=torch.long, device=seeds.device)
+        block[:, 0] = seeds
+        masked = torch.ones_like(block, dtype=torch.bool)
+        masked[:, 0] = False
+        commits = torch.zeros_like(block, dtype=torch.int32)
+        step = 0
+        while bool(masked.any()):
+            step += 1
+            with lora_enabled(batch.model, cfg.adapter, on=True):
+                logits = batch.forward(block, write=False, bidirectional=True)
+            for i, rid in enumerate(batch.rows):
+                if bool(masked[i].any()):
+                    out.stats[rid].forwards["denoise"] += 1
+            pred = select_tokens(logits, cfg.temperature, gen, cfg.top_k, cfg.top_p)
+            probs = filter_logits(logits, cfg.top_k, cfg.top_p).softmax(-1)
+            conf = probs.gather(-1, pred[..., None])[..., 0]
+            choose = _pick_positions(conf, masked, cfg, last_step=step >= max_steps)
+            block = torch.where(choose, pred, block)
+            commits += choose.to(torch.int32)
+            masked &= ~choose
+        if commit_log is not None:
+            commit_log.append(commits.clone())
+        with lora_enabled(batch.model, cfg.adapter, on=cfg.lora_mode == "both"):
+            logits = batch.forward(block, write=True, bidirectional=False)
+        batch.keep_written(width, torch.full((len(batch),), width, dtype=torch.long, device=seeds.device))
+        for rid in batch.rows:
+            out.stats[rid].forwards["commit"] += 1
+        seeds = select_tokens(logits[:, -1], cfg.temperature, gen, cfg.top_k, cfg.top_p)
+        new = [block[i, 1:].tolist() + [int(seeds[i])] for i in range(len(batch))]
+        seeds = _commit_rows(batch, out, new, seeds)
+
+
+def _cycle_seeds(cfg: DecodeSettings, rows: list[int], cycle: int, device) -> torch.Tensor:
+    base = torch.tensor([cfg.seed * 7919 + cycle] * len(rows), dtype=torch.int64, device=device)
+    return mix32((base ^ torch.tensor(rows, dtype=torch.int64, device=device) * 0x27D4EB2F) & 0xFFFFFFFF)
+
+
+def _exact_match(target: torch.Tensor, drafts: torch.Tensor, cfg: DecodeSettings, gen: torch.Generator):
+    """NLD's rule: sample the AR token at every row and accept drafts equal to it (lossless, accepts less)."""
+    ar = select_tokens(target, cfg.temperature, gen, cfg.top_k, cfg.top_p)
+    k = drafts.shape[1]
+    n = (ar[:, :k] == drafts).to(torch.int32).cumprod(1).sum(1)
+    tokens = torch.full_like(ar, -1, dtype=torch.int32)
+    for i in range(len(ar)):
+        a = int(n[i])
+        tokens[i, :a] = drafts[i, :a].to(torch.int32)
+        tokens[i, a] = ar[i, a]
+    return tokens, n
+
+
+def run_self_spec(batch: DecodeBatch, out: Outputs, cfg: DecodeSettings, gen: torch.Generator) -> None:
+    """Draft [seed, mask x k] bidirectionally (adapter on), verify causally (adapter off), keep prefix + bonus."""
+    seeds = _prefill(batch, out, cfg, gen)
+    mask_id = batch.model.mask_token_id
+    k = cfg.draft_len
+    cycle = 0
+    while len(batch):
+        n_rows = len(batch)
+        block = torch.full((n_rows, k + 1), mask_id, dtype=torch.long, device=seeds.device)
+        block[:, 0] = seeds
+        with lora_enabled(batch.model, cfg.adapter, on=True):
+            draft_logits = batch.forward(block, write=False, bidirectional=True)[:, 1:]
+        drafts = select_tokens(draft_logits, cfg.temperature, gen, cfg.top_k, cfg.top_p)
+        starts = batch.next_pos.tolist()
+        verify_in = torch.cat([seeds[:, None], drafts], 1)
+        with lora_enabled(batch.model, cfg.adapter, on=cfg.lora_mode == "both"):
+            target = batch.forward(verify_in, write=True, bidirectional=False)
+        cu = torch.arange(n_rows + 1, device=seeds.device, dtype=torch.int32) * k
+        if cfg.temperature <= 0:
+            tokens, n_acc = verify_greedy(target.reshape(-1, target.shape[-1]), drafts.reshape(-1), cu)
+        elif cfg.acceptance == "exact_match":
+            tokens, n_acc = _exact_match(target, drafts, cfg, gen)
+        else:
+            temps = torch.full((n_rows,), cfg.temperature, device=seeds.device)
+            tokens, n_acc = verify_sampled(
+                filter_logits(target, cfg.top_k, cfg.top_p).reshape(-1, target.shape[-1]),
+                filter_logits(draft_logits, cfg.top_k, cfg.top_p).reshape(-1, target.shape[-1]),
+                drafts.reshape(-1), cu, temps, _cycle_seeds(cfg, batch.rows, cycle, seeds.device),
+            )
+        n_acc = n_acc.long()
+        batch.keep_written(k + 1, n_acc + 1)
+        new = []
+        for i, rid in enumerate(batch.rows):
+            a = int(n_acc[i])
+            st = out.stats[rid]
+            st.forwards["draft"] += 1
+            st.forwards["verify"] += 1
+            st.record_cycle(starts[i], a, k)
+            new.append(tokens[i, : a + 1].tolist())
+        seeds = torch.tensor([row[-1] for row in new], dtype=torch.long, device=seeds.device)
+        seeds = _commit_rows(batch, out, new, seeds)
+        cycle += 1

@@ -1,0 +1,115 @@
+"""Per-request and aggregate decoding statistics, with the metric conventions of DESIGN.md.
+
+acceptance length = tokens committed per draft+verify cycle, bonus token included (1 .. draft_len + 1);
+TPF = new tokens / all forwards of the request, prefill included (AR is exactly 1.00);
+per-position acceptance r_j = P(draft token j accepted | drafts 1..j-1 accepted).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+FORWARD_KINDS = ("prefill", "ar", "draft", "verify", "denoise", "commit")
+
+
+@dataclass
+class RequestStats:
+    new_tokens: int = 0
+    forwards: dict[str, int] = field(default_factory=lambda: dict.fromkeys(FORWARD_KINDS, 0))
+    acceptance_lengths: list[int] = field(default_factory=list)
+    position_attempts: list[int] = field(default_factory=list)
+    position_accepts: list[int] = field(default_factory=list)
+    cycle_starts: list[int] = field(default_factory=list)
+    finish_reason: str = ""
+    wall_s: float = 0.0
+
+    @property
+    def total_forwards(self) -> int:
+        return sum(self.forwards.values())
+
+    @property
+    def tpf(self) -> float:
+        return self.new_tokens / self.total_forwards if self.total_forwards else 0.0
+
+    @property
+    def acceptance_length(self) -> float:
+        a = self.acceptance_lengths
+        return sum(a) / len(a) if a else 0.0
+
+    @property
+    def per_position_acceptance(self) -> list[float]:
+        return [acc / att if att else 0.0 for acc, att in zip(self.position_accepts, self.position_attempts)]
+
+    def record_cycle(self, start: int, n_accepted: int, draft_len: int) -> None:
+        """One draft+verify cycle that accepted n_accepted of draft_len drafts (commits n_accepted + 1)."""
+        if len(self.position_attempts) < draft_len:
+            grow = draft_len - len(self.position_attempts)
+            self.position_attempts += [0] * grow
+            self.position_accepts += [0] * grow
+        for j in range(min(n_accepted + 1, draft_len)):
+            self.position_attempts[j] += 1
+            if j < n_accepted:
+                self.position_accepts[j] += 1
+        self.acceptance_lengths.append(n_accepted + 1)
+        self.cycle_starts.append(start)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "new_tokens": self.new_tokens, "forwards": dict(self.forwards), "total_forwards": self.total_forwards,
+            "tpf": self.tpf, "acceptance_lengths": list(self.acceptance_lengths),
+            "acceptance_length": self.acceptance_length, "per_position_acceptance": self.per_position_acceptance,
+            "finish_reason": self.finish_reason, "wall_s": self.wall_s,
+        }
+
+
+@dataclass
+class GenerationStats:
+    """Aggregate over requests: sums for counts, pooled cycles for acceptance (not a mean of means)."""
+
+    requests: list[RequestStats]
+    wall_s: float
+
+    @property
+    def new_tokens(self) -> int:
+        return sum(r.new_tokens for r in self.requests)
+
+    @property
+    def forwards(self) -> dict[str, int]:
+        return {k: sum(r.forwards[k] for r in self.requests) for k in FORWARD_KINDS}
+
+    @property
+    def tpf(self) -> float:
+        total = sum(self.forwards.values())
+        return self.new_tokens / total if total else 0.0
+
+    @property
+    def acceptance_lengths(self) -> list[int]:
+        return [a for r in self.requests for a in r.acceptance_lengths]
+
+    @property
+    def acceptance_length(self) -> float:
+        a = self.acceptance_lengths
+        return sum(a) / len(a) if a else 0.0
+
+    @property
+    def per_position_acceptance(self) -> list[float]:
+        width = max((len(r.position_attempts) for r in self.requests), default=0)
+        att, acc = [0] * width, [0] * width
+        for r in self.requests:
+            for j, (t, a) in enumerate(zip(r.position_attempts, r.position_accepts)):
+                att[j] += t
+                acc[j] += a
+        return [a / t if t else 0.0 for a, t in zip(acc, att)]
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens / self.wall_s if self.wall_s > 0 else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "new_tokens": self.new_tokens, "forwards": self.forwards, "tpf": self.tpf,
+            "acceptance_length": self.acceptance_length, "acceptance_lengths": self.acceptance_lengths,
+            "per_position_acceptance": self.per_position_acceptance, "wall_s": self.wall_s,
+            "tokens_per_s": self.tokens_per_s, "per_request": [r.as_dict() for r in self.requests],
+        }
