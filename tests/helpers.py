@@ -7,7 +7,7 @@ from transformers import Ministral3Config
 
 from nld_lora.model import new_model
 
-EMBEDDED = "data/tiny-nld-code"
+EMBEDDED = str(__import__("pathlib").Path(__file__).resolve().parents[1] / "data" / "tiny-nld-code")
 
 
 def tiny_rope(max_pos: int = 256) -> dict:
@@ -33,3 +33,24 @@ def tiny_model(seed: int = 0, **kw):
     with torch.no_grad():  # random init is near-uniform; sharpen so argmax paths are non-trivial
         model.diffusion_head.weight.mul_(8.0)
     return model.eval()
+
+
+def make_adapter(model, path, *, r: int = 4, seed: int = 0, target_modules=("o_proj",)) -> str:
+    """Save a random (non-zero) PEFT LoRA for a copy of `model` to `path`; the model itself is untouched."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    peft_model = get_peft_model(
+        copy.deepcopy(model), LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(target_modules),
+                                         init_lora_weights=False),
+    )
+    peft_model.save_pretrained(str(path))
+    return str(path)
+
+
+def random_prompts(n: int, vocab: int = 90, lo: int = 3, hi: int = 12, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(lo, hi, (n,), generator=g)
+    return [torch.randint(1, vocab, (int(k),), generator=g).tolist() for k in lengths]
