@@ -54,3 +54,36 @@ def random_prompts(n: int, vocab: int = 90, lo: int = 3, hi: int = 12, seed: int
     g = torch.Generator().manual_seed(seed)
     lengths = torch.randint(lo, hi, (n,), generator=g)
     return [torch.randint(1, vocab, (int(k),), generator=g).tolist() for k in lengths]
+
+
+def tiny_tokenizer(vocab: int = 300):
+    """A byte-level BPE tokenizer trained in-process (pad/eos/mask specials at ids 0/1/2)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<pad>", "<eos>", "<|mask|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    text = ["def add(a, b):\n    return a + b\n", "class Stack:\n    def push(self, x):\n        self.items.append(x)\n"]
+    tok.train_from_iterator(text * 20, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", mask_token="<|mask|>")
+
+
+def tiny_model_with_tokenizer(seed: int = 0):
+    tok = tiny_tokenizer()
+    torch.manual_seed(seed)
+    cfg = tiny_config(vocab=len(tok))
+    cfg.mask_token_id, cfg.eos_token_id, cfg.pad_token_id = 2, 1, 0
+    model = new_model(cfg)
+    with torch.no_grad():
+        model.diffusion_head.weight.mul_(8.0)
+    model.tokenizer = tok
+    return model.eval()
+
+
+def saved_tiny_model(path, seed: int = 0) -> str:
+    """Save a tiny model with tokenizer and return its folder (loadable with nld_lora.load)."""
+    tiny_model_with_tokenizer(seed).save_pretrained(str(path))
+    return str(path)

@@ -1,0 +1,127 @@
+"""`nld-lora collect|train|report|generate`: thin argument parsing over the library."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="data/tiny-nld-code", help="NLD folder, hub id, or HF causal LM with --wrap")
+    p.add_argument("--wrap", action="store_true", help="convert a plain causal LM (adds a mask token)")
+    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16")
+    p.add_argument("--device", default=None)
+
+
+def _load(args: argparse.Namespace):
+    import nld_lora
+
+    return nld_lora.load(args.model, dtype=args.dtype, device=args.device, wrap=args.wrap)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    model = _load(args)
+    for path in args.adapter or []:
+        model.attach_adapter(path)
+    if args.prompt_file:
+        from nld_lora.data.readers import read_prompts
+
+        records, _ = read_prompts(args.prompt_file, limit=args.limit)
+        prompts = [r.prompt for r in records]
+    else:
+        prompts = [args.prompt.replace("\\n", "\n")]
+    res = model.generate(prompts, mode=args.mode, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                         block_size=args.block_size, draft_len=args.draft_len, threshold=args.threshold,
+                         batch_size=args.batch_size, seed=args.seed, progress=len(prompts) > 1)
+    if not args.quiet:
+        for prompt, text in zip(prompts, res.texts or [str(s) for s in res.sequences]):
+            print(f"--- prompt ---\n{prompt}\n--- {args.mode} ---\n{text}\n")
+    st = res.stats
+    print(json.dumps({"mode": args.mode, "prompts": len(prompts), "new_tokens": st.new_tokens, "forwards": st.forwards,
+                      "tpf": round(st.tpf, 4), "acceptance_length": round(st.acceptance_length, 4),
+                      "tokens_per_s": round(st.tokens_per_s, 2), "wall_s": round(st.wall_s, 3)}, indent=2))
+    return 0
+
+
+def cmd_collect(args: argparse.Namespace) -> int:
+    from accelerate import Accelerator
+
+    from nld_lora.data import CollectConfig, FieldMap, collect, read_prompts
+
+    accelerator = Accelerator(cpu=args.device == "cpu")
+    model = _load(args).to(accelerator.device)
+    fields = FieldMap(prompt=args.prompt_field, messages=args.messages_field, id=args.id_field)
+    records, report = read_prompts(args.prompts, fields, skip_bad=args.skip_bad, limit=args.limit)
+    cfg = CollectConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
+                        batch_size=args.batch_size, shard_size=args.shard_size, length_policy=args.length_policy,
+                        max_prompt_tokens=args.max_prompt_tokens, system_prompt=args.system_prompt,
+                        backend=args.backend)
+    summary = collect(model, records, args.out, cfg, accelerator=accelerator)
+    if accelerator.is_main_process:
+        skipped = dict(summary.skipped)
+        if report.skipped:
+            skipped.update({f"read_{k}": v for k, v in report.skipped.items()})
+        print(json.dumps({"out": str(Path(args.out)), "prompts": summary.prompts_total,
+                          "already_done": summary.done_before, "generated": summary.generated,
+                          "skipped": skipped, "truncated": summary.truncated,
+                          "target_tokens": summary.target_tokens, "wall_s": round(summary.wall_s, 2)}, indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nld-lora", description="Draft-pathway LoRA for tri-mode LMs.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="decode prompts in one mode and print the stats")
+    _add_model_args(g)
+    src = g.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="prompt text (\\n for newlines)")
+    src.add_argument("--prompt-file", help="any prompt file nld-lora reads (jsonl, csv, txt, ...)")
+    g.add_argument("--mode", choices=["ar", "diffusion", "self_spec"], default="self_spec")
+    g.add_argument("--adapter", action="append", help="PEFT adapter folder (repeatable; the last is active)")
+    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--block-size", type=int, default=None)
+    g.add_argument("--draft-len", type=int, default=None)
+    g.add_argument("--threshold", type=float, default=0.9)
+    g.add_argument("--batch-size", type=int, default=None)
+    g.add_argument("--limit", type=int, default=None)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--quiet", action="store_true", help="print only the stats")
+    g.set_defaults(func=cmd_generate)
+
+    c = sub.add_parser("collect", help="stage 1: the model's own AR answers to your prompts (resumable)")
+    _add_model_args(c)
+    c.add_argument("--prompts", required=True, help="jsonl/json/csv/parquet/txt file, folder, datasets folder or hub")
+    c.add_argument("--out", required=True)
+    c.add_argument("--prompt-field", default="prompt")
+    c.add_argument("--messages-field", default="messages")
+    c.add_argument("--id-field", default="id")
+    c.add_argument("--system-prompt", default=None)
+    c.add_argument("--max-new-tokens", type=int, default=128)
+    c.add_argument("--temperature", type=float, default=0.0)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--batch-size", type=int, default=8)
+    c.add_argument("--shard-size", type=int, default=64)
+    c.add_argument("--max-prompt-tokens", type=int, default=None)
+    c.add_argument("--length-policy", choices=["skip", "truncate_left"], default="skip")
+    c.add_argument("--limit", type=int, default=None)
+    c.add_argument("--skip-bad", action="store_true", help="skip and count malformed rows instead of failing")
+    c.add_argument("--backend", choices=["runtime", "vllm"], default="runtime")
+    c.set_defaults(func=cmd_collect)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, OSError) as err:
+        print(f"nld-lora {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,275 @@
+"""Stage 1: turn user prompts into the model's own AR answers, as resumable Parquet shards + a fingerprint.
+
+Each process (under `accelerate launch`) takes every world_size-th pending prompt, generates with the runtime
+in AR mode (adapter off), and writes finished results in atomic shards. A re-run skips prompt ids already in
+shards, so a killed job resumes with every prompt exactly once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from nld_lora.data.readers import PromptRecord
+from nld_lora.data.templates import render_prompt
+
+META_FILE = "nld_collect.json"
+SHARD_DIR = "data"
+COLUMNS = ("prompt_id", "category", "prompt_text", "prompt_ids", "target_ids", "target_text", "finish_reason")
+
+
+class CollectError(ValueError):
+    """A collection that cannot start or a dataset that does not belong to the model."""
+
+
+@dataclass
+class CollectConfig:
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int = 0
+    batch_size: int = 8
+    shard_size: int = 64
+    max_prompt_tokens: int | None = None
+    length_policy: str = "skip"
+    system_prompt: str | None = None
+    use_chat_template: bool | None = None
+    backend: str = "runtime"
+
+
+@dataclass
+class CollectSummary:
+    prompts_total: int = 0
+    done_before: int = 0
+    generated: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)
+    truncated: int = 0
+    target_tokens: int = 0
+    wall_s: float = 0.0
+
+
+@dataclass
+class PreparedPrompt:
+    record: PromptRecord
+    text: str
+    ids: list[int]
+
+
+def generator_fingerprint(model: Any, cfg: CollectConfig) -> dict[str, Any]:
+    """What determines the targets: model identity and weights, decoding and templating parameters."""
+    decoding = {k: getattr(cfg, k) for k in ("max_new_tokens", "temperature", "top_k", "top_p", "seed",
+                                             "system_prompt", "use_chat_template", "backend")}
+    return {"model": model.name_or_path, "weights_hash": model.weights_hash, "decoding": decoding}
+
+
+def prepare(model: Any, records: list[PromptRecord], cfg: CollectConfig,
+            summary: CollectSummary) -> list[PreparedPrompt]:
+    """Render, tokenize, drop exact duplicates (same rendered text) and apply the length policy."""
+    tok = model.tokenizer
+    if tok is None:
+        raise CollectError("collection needs a tokenizer in the model folder")
+    if cfg.length_policy not in ("skip", "truncate_left"):
+        raise CollectError(f"length_policy={cfg.length_policy!r}; expected 'skip' or 'truncate_left'")
+    limit = cfg.max_prompt_tokens or (model.max_positions - cfg.max_new_tokens - 1)
+    seen_text: set[str] = set()
+    seen_ids: set[str] = set()
+    out = []
+    skipped = dict(summary.skipped)
+    for rec in records:
+        text = render_prompt(rec, tok, system_prompt=cfg.system_prompt, use_chat_template=cfg.use_chat_template)
+        if text in seen_text or rec.id in seen_ids:
+            skipped["duplicate"] = skipped.get("duplicate", 0) + 1
+            continue
+        seen_text.add(text)
+        seen_ids.add(rec.id)
+        ids = tok(text, add_special_tokens=rec.messages is None)["input_ids"]
+        if not ids:
+            skipped["empty"] = skipped.get("empty", 0) + 1
+            continue
+        if len(ids) > limit:
+            if cfg.length_policy == "skip":
+                skipped["too_long"] = skipped.get("too_long", 0) + 1
+                continue
+            ids = ids[-limit:]
+            text = tok.decode(ids)
+            summary.truncated += 1
+        out.append(PreparedPrompt(rec, text, ids))
+    summary.skipped = skipped
+    return out
+
+
+def _check_writable(out_dir: Path) -> None:
+    try:
+        (out_dir / SHARD_DIR).mkdir(parents=True, exist_ok=True)
+        probe = out_dir / f".write-probe-{uuid.uuid4().hex[:8]}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise CollectError(f"{out_dir}: output folder is not writable ({err.strerror})") from err
+
+
+def _done_ids(out_dir: Path) -> set[str]:
+    import pyarrow.parquet as pq
+
+    done: set[str] = set()
+    for shard in sorted((out_dir / SHARD_DIR).glob("*.parquet")):
+        done.update(pq.read_table(shard, columns=["prompt_id"]).column("prompt_id").to_pylist())
+    return done
+
+
+def _write_shard(out_dir: Path, rows: list[dict[str, Any]], rank: int) -> None:
+    """Write one shard atomically: a temporary file renamed into place."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.Table.from_pylist(rows)
+    name = f"shard-r{rank}-{time.time_ns()}-{uuid.uuid4().hex[:6]}.parquet"
+    tmp = out_dir / SHARD_DIR / f".{name}.tmp"
+    pq.write_table(table, tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, out_dir / SHARD_DIR / name)
+
+
+def _generate_runtime(model: Any, batch: list[PreparedPrompt], cfg: CollectConfig) -> tuple[list, list]:
+    res = model.generate([p.ids for p in batch], mode="ar", adapter=False, max_new_tokens=cfg.max_new_tokens,
+                         temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, seed=cfg.seed)
+    return res.sequences, res.finish_reasons
+
+
+def _generate_vllm(model: Any, batch: list[PreparedPrompt], cfg: CollectConfig) -> tuple[list, list]:
+    """Collect with vLLM (serves NLD checkpoints on GPUs) when it is installed."""
+    try:
+        import vllm
+    except ImportError as err:
+        raise CollectError("backend='vllm' needs vLLM and a GPU: pip install vllm (or use backend='runtime')") from err
+    llm = _VLLM_CACHE.get(model.name_or_path)
+    if llm is None:
+        llm = _VLLM_CACHE[model.name_or_path] = vllm.LLM(model=model.name_or_path, trust_remote_code=True)
+    params = vllm.SamplingParams(temperature=cfg.temperature, top_k=cfg.top_k or -1, top_p=cfg.top_p or 1.0,
+                                 max_tokens=cfg.max_new_tokens, seed=cfg.seed)
+    outs = llm.generate([{"prompt_token_ids": p.ids} for p in batch], params, use_tqdm=False)
+    seqs = [list(o.outputs[0].token_ids) for o in outs]
+    reasons = ["eos" if o.outputs[0].finish_reason == "stop" else "length" for o in outs]
+    return seqs, reasons
+
+
+_VLLM_CACHE: dict[str, Any] = {}
+
+
+def collect(model: Any, records: list[PromptRecord], out_dir: str | Path, cfg: CollectConfig | None = None, *,
+            accelerator: Any = None, progress: bool = True, overwrite_mismatch: bool = False) -> CollectSummary:
+    """Generate AR targets for every prompt not yet in out_dir; returns the run's summary."""
+    cfg = cfg or CollectConfig()
+    if cfg.backend not in ("runtime", "vllm"):
+        raise CollectError(f"backend={cfg.backend!r}; expected 'runtime' or 'vllm'")
+    out = Path(out_dir)
+    rank = accelerator.process_index if accelerator is not None else 0
+    world = accelerator.num_processes if accelerator is not None else 1
+    is_main = rank == 0
+    t0 = time.perf_counter()
+    summary = CollectSummary(prompts_total=len(records))
+    fingerprint = generator_fingerprint(model, cfg)
+    meta_path = out / META_FILE
+    if meta_path.exists():
+        old = json.loads(meta_path.read_text())["fingerprint"]
+        if old != fingerprint and not overwrite_mismatch:
+            diff = sorted(k for k in fingerprint if old.get(k) != fingerprint[k])
+            raise CollectError(f"{out}: already holds targets from a different generator (differs in {diff}); "
+                               "use another output folder")
+    _check_writable(out)
+    prepared = prepare(model, records, cfg, summary)
+    if is_main:
+        _write_meta(out, fingerprint, summary, complete=False)
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+    done = _done_ids(out)
+    summary.done_before = sum(1 for p in prepared if p.record.id in done)
+    pending = [p for p in prepared if p.record.id not in done][rank::world]
+    pending.sort(key=lambda p: len(p.ids))
+    generate = _generate_vllm if cfg.backend == "vllm" else _generate_runtime
+    buffer: list[dict[str, Any]] = []
+    tokens = 0
+    bar = tqdm(total=len(pending), desc=f"collect[rank {rank}]", unit="prompt", disable=not progress)
+    for start in range(0, len(pending), cfg.batch_size):
+        batch = pending[start:start + cfg.batch_size]
+        seqs, reasons = generate(model, batch, cfg)
+        for p, seq, reason in zip(batch, seqs, reasons):
+            buffer.append({
+                "prompt_id": p.record.id, "category": p.record.category, "prompt_text": p.text,
+                "prompt_ids": p.ids, "target_ids": seq, "target_text": model.tokenizer.decode(seq),
+                "finish_reason": reason,
+            })
+            tokens += len(seq)
+        if len(buffer) >= cfg.shard_size:
+            _write_shard(out, buffer, rank)
+            buffer = []
+        bar.update(len(batch))
+        elapsed = max(time.perf_counter() - t0, 1e-9)
+        bar.set_postfix(tok_s=f"{tokens / elapsed:.1f}")
+    if buffer:
+        _write_shard(out, buffer, rank)
+    bar.close()
+    summary.generated = len(pending)
+    summary.target_tokens = tokens
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+        summary.generated = int(accelerator.reduce(_tensor(summary.generated, accelerator), "sum"))
+        summary.target_tokens = int(accelerator.reduce(_tensor(tokens, accelerator), "sum"))
+    summary.wall_s = time.perf_counter() - t0
+    if is_main:
+        _write_meta(out, fingerprint, summary, complete=True)
+    return summary
+
+
+def _tensor(value: int, accelerator: Any):
+    import torch
+
+    return torch.tensor(value, device=accelerator.device)
+
+
+def _write_meta(out: Path, fingerprint: dict, summary: CollectSummary, complete: bool) -> None:
+    meta = {"fingerprint": fingerprint, "complete": complete, "summary": asdict(summary)}
+    tmp = out / f".{META_FILE}.tmp"
+    tmp.write_text(json.dumps(meta, indent=2) + "\n")
+    os.replace(tmp, out / META_FILE)
+
+
+def load_collected(out_dir: str | Path, *, model: Any = None):
+    """The collected targets as a datasets.Dataset (one row per prompt id, sorted); checks the fingerprint."""
+    from datasets import Dataset
+
+    out = Path(out_dir)
+    meta_path = out / META_FILE
+    if not meta_path.exists():
+        raise CollectError(f"{out}: not a collected dataset (no {META_FILE}); run `nld-lora collect` first")
+    meta = json.loads(meta_path.read_text())
+    if model is not None and meta["fingerprint"]["weights_hash"] != model.weights_hash:
+        raise CollectError(
+            f"{out}: targets were generated by {meta['fingerprint']['model']} (weights {meta['fingerprint']['weights_hash']})"
+            f" but the model is {model.name_or_path} (weights {model.weights_hash}); re-collect for this model"
+        )
+    shards = sorted(str(p) for p in (out / SHARD_DIR).glob("*.parquet"))
+    if not shards:
+        raise CollectError(f"{out}: no shards in {SHARD_DIR}/")
+    ds = Dataset.from_parquet(shards)
+    seen: set[str] = set()
+    keep = []
+    for i, pid in enumerate(ds["prompt_id"]):
+        if pid not in seen:
+            seen.add(pid)
+            keep.append(i)
+    ds = ds.select(keep)
+    return ds.sort("prompt_id")
+
+
+def collect_meta(out_dir: str | Path) -> dict:
+    return json.loads((Path(out_dir) / META_FILE).read_text())

@@ -1,0 +1,115 @@
+"""AR-target collection: equals the runtime, resumes after kill -9, merges two processes, refuses mismatches."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import nld_lora
+from nld_lora.data import CollectConfig, CollectError, collect, load_collected, read_prompts
+from nld_lora.data.collect import SHARD_DIR
+from tests.helpers import saved_tiny_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _prompts(path: Path, n: int) -> Path:
+    rows = [{"id": f"p{i:03d}", "prompt": f"def f{i}(a, b):\n    return a" + " + b" * (i % 5)} for i in range(n)]
+    rows.append(dict(rows[0], id="dup"))  # exact duplicate text: dropped and counted
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _expected(model_dir: str, prompts: Path, max_new: int) -> dict:
+    model = nld_lora.load(model_dir)
+    records, _ = read_prompts(prompts)
+    records = [r for r in records if r.id != "dup"]
+    res = model.generate([r.prompt for r in records], mode="ar", max_new_tokens=max_new)
+    return {r.id: seq for r, seq in zip(records, res.sequences)}
+
+
+def test_targets_equal_runtime_ar_and_fingerprint_is_checked(tmp_path):
+    model_dir = saved_tiny_model(tmp_path / "m")
+    prompts = _prompts(tmp_path / "p.jsonl", 12)
+    model = nld_lora.load(model_dir)
+    records, _ = read_prompts(prompts)
+    summary = collect(model, records, tmp_path / "out", CollectConfig(max_new_tokens=16, batch_size=5, shard_size=4),
+                      progress=False)
+    assert summary.generated == 12 and summary.skipped == {"duplicate": 1}
+    ds = load_collected(tmp_path / "out", model=model)
+    assert dict(zip(ds["prompt_id"], ds["target_ids"])) == _expected(model_dir, prompts, 16)
+    assert set(ds.column_names) >= {"prompt_id", "prompt_text", "prompt_ids", "target_ids", "target_text",
+                                    "finish_reason"}
+    again = collect(model, records, tmp_path / "out", CollectConfig(max_new_tokens=16), progress=False)
+    assert again.generated == 0 and again.done_before == 12
+    other = nld_lora.load(saved_tiny_model(tmp_path / "other", seed=1))
+    with pytest.raises(CollectError, match="re-collect for this model"):
+        load_collected(tmp_path / "out", model=other)
+    with pytest.raises(CollectError, match=r"different generator \(differs in \['decoding'\]\)"):
+        collect(model, records, tmp_path / "out", CollectConfig(max_new_tokens=99), progress=False)
+    assert len(load_collected(tmp_path / "out")) == 12  # nothing written was lost
+
+
+def test_unwritable_output_and_vllm_absence(tmp_path):
+    model = nld_lora.load(saved_tiny_model(tmp_path / "m"))
+    records, _ = read_prompts(_prompts(tmp_path / "p.jsonl", 2))
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(CollectError, match="not writable"):
+        collect(model, records, blocker / "out", progress=False)
+    try:  # vLLM is absent on CPU machines: the vLLM path must say so clearly
+        import vllm  # noqa: F401
+        pytest.skip("vLLM is installed")
+    except ImportError:
+        pass
+    with pytest.raises(CollectError, match="needs vLLM"):
+        collect(model, records, tmp_path / "v", CollectConfig(backend="vllm"), progress=False)
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "nld_lora.cli", "collect", *args]
+
+
+def test_kill_9_then_resume_gives_every_prompt_once(tmp_path):
+    model_dir = saved_tiny_model(tmp_path / "m")
+    prompts = _prompts(tmp_path / "p.jsonl", 30)
+    out = tmp_path / "out"
+    args = _cli("--model", model_dir, "--prompts", str(prompts), "--out", str(out), "--shard-size", "2",
+                "--batch-size", "2", "--max-new-tokens", "32", "--device", "cpu")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list((out / SHARD_DIR).glob("*.parquet"))) < 2:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    partial = len(load_collected(out))
+    assert 0 < partial < 30, partial
+    done = subprocess.run(args, env=env, capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout[done.stdout.index("{"):])
+    assert report["already_done"] == partial and report["generated"] == 30 - partial
+    ds = load_collected(out)
+    assert sorted(ds["prompt_id"]) == [f"p{i:03d}" for i in range(30)]
+    assert dict(zip(ds["prompt_id"], ds["target_ids"])) == _expected(model_dir, prompts, 32)
+
+
+def test_two_processes_merge_without_duplicates(tmp_path):
+    model_dir = saved_tiny_model(tmp_path / "m")
+    prompts = _prompts(tmp_path / "p.jsonl", 20)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "nld_lora.cli", "collect",
+           "--model", model_dir, "--prompts", str(prompts), "--out", str(out), "--shard-size", "3",
+           "--max-new-tokens", "12", "--device", "cpu"]
+    res = subprocess.run(cmd, env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-2000:]
+    shards = list((out / SHARD_DIR).glob("*.parquet"))
+    assert {p.name.split("-")[1] for p in shards} == {"r0", "r1"}
+    ds = load_collected(out)
+    assert len(ds) == len(set(ds["prompt_id"])) == 20
+    assert dict(zip(ds["prompt_id"], ds["target_ids"])) == _expected(model_dir, prompts, 12)
