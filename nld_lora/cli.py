@@ -70,6 +70,19 @@ def cmd_collect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from nld_lora.config import load_config
+    from nld_lora.train import TrainConfig, train
+
+    cfg = load_config(TrainConfig, args.config, args.overrides)
+    res = train(args.model, args.data, args.out, cfg)
+    print(json.dumps({"adapter": res.adapter_dir, "steps": res.steps, "best_step": res.best_step,
+                      "simulated_acceptance_before": round(res.baseline_simulated_acceptance, 4),
+                      "simulated_acceptance_after": round(res.best_simulated_acceptance, 4),
+                      "wall_s": round(res.wall_s, 1)}, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nld-lora", description="Draft-pathway LoRA for tri-mode LMs.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -111,6 +124,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--skip-bad", action="store_true", help="skip and count malformed rows instead of failing")
     c.add_argument("--backend", choices=["runtime", "vllm"], default="runtime")
     c.set_defaults(func=cmd_collect)
+
+    t = sub.add_parser("train", help="stage 2: train the draft-pathway LoRA on collected targets (resumable)")
+    t.add_argument("--model", default="data/tiny-nld-code")
+    t.add_argument("--data", required=True, help="output folder of `nld-lora collect`")
+    t.add_argument("--out", required=True)
+    t.add_argument("--config", default=None, help="YAML with TrainConfig keys")
+    t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. lora.r=32 steps=200")
+    t.set_defaults(func=cmd_train)
     return parser
 
 

@@ -168,7 +168,7 @@ def run_self_spec(batch: DecodeBatch, out: Outputs, cfg: DecodeSettings, gen: to
             st = out.stats[rid]
             st.forwards["draft"] += 1
             st.forwards["verify"] += 1
-            st.record_cycle(starts[i], a, k)
+            st.record_cycle(starts[i], a, drafts[i].tolist())
             new.append(tokens[i, : a + 1].tolist())
         seeds = torch.tensor([row[-1] for row in new], dtype=torch.long, device=seeds.device)
         seeds = _commit_rows(batch, out, new, seeds)

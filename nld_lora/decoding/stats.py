@@ -21,6 +21,7 @@ class RequestStats:
     position_attempts: list[int] = field(default_factory=list)
     position_accepts: list[int] = field(default_factory=list)
     cycle_starts: list[int] = field(default_factory=list)
+    cycle_drafts: list[list[int]] = field(default_factory=list)
     finish_reason: str = ""
     wall_s: float = 0.0
 
@@ -41,8 +42,9 @@ class RequestStats:
     def per_position_acceptance(self) -> list[float]:
         return [acc / att if att else 0.0 for acc, att in zip(self.position_accepts, self.position_attempts)]
 
-    def record_cycle(self, start: int, n_accepted: int, draft_len: int) -> None:
-        """One draft+verify cycle that accepted n_accepted of draft_len drafts (commits n_accepted + 1)."""
+    def record_cycle(self, start: int, n_accepted: int, drafts: list[int]) -> None:
+        """One draft+verify cycle at seed position `start` that accepted n_accepted of its drafts."""
+        draft_len = len(drafts)
         if len(self.position_attempts) < draft_len:
             grow = draft_len - len(self.position_attempts)
             self.position_attempts += [0] * grow
@@ -53,6 +55,7 @@ class RequestStats:
                 self.position_accepts[j] += 1
         self.acceptance_lengths.append(n_accepted + 1)
         self.cycle_starts.append(start)
+        self.cycle_drafts.append(drafts)
 
     def as_dict(self) -> dict[str, Any]:
         return {

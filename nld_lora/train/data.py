@@ -1,0 +1,57 @@
+"""Training sequences from collected targets: split, truncation, and seeded draft-start sampling."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import torch
+
+from nld_lora.train.objective import DraftBatch
+
+
+@dataclass
+class Sequence:
+    ids: list[int]
+    prompt_len: int
+    prompt_id: str
+
+
+def build_sequences(rows, max_seq_len: int, min_target: int = 2) -> list[Sequence]:
+    """prompt_ids + target_ids, keeping the last max_seq_len tokens (prompt cut on the left)."""
+    out = []
+    for pid, prompt, target in zip(rows["prompt_id"], rows["prompt_ids"], rows["target_ids"]):
+        if len(target) < min_target:
+            continue
+        ids = list(prompt) + list(target)
+        cut = max(0, len(ids) - max_seq_len)
+        out.append(Sequence(ids[cut:], max(len(prompt) - cut, 1), pid))
+    return out
+
+
+def split_eval(seqs: list[Sequence], fraction: float, seed: int) -> tuple[list[Sequence], list[Sequence]]:
+    """Stable split by hashed prompt id, so resumed and multi-process runs agree."""
+    def is_eval(pid: str) -> bool:
+        return int(hashlib.sha256(f"{seed}:{pid}".encode()).hexdigest()[:8], 16) / 0xFFFFFFFF < fraction
+
+    train = [s for s in seqs if not is_eval(s.prompt_id)]
+    held = [s for s in seqs if is_eval(s.prompt_id)]
+    if not held:
+        held = train[-max(1, len(train) // 20):]
+        train = train[: len(train) - len(held)]
+    return train, held
+
+
+def make_batch(seqs: list[Sequence], blocks: int, draft_len: int, generator: torch.Generator,
+               pad_id: int, device: torch.device | str = "cpu") -> DraftBatch:
+    """Right-padded ids and `blocks` draft starts per sequence, uniform over the target part."""
+    length = max(len(s.ids) for s in seqs)
+    ids = torch.full((len(seqs), length), pad_id, dtype=torch.long)
+    starts = torch.full((len(seqs), blocks), -1, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s.ids)] = torch.tensor(s.ids)
+        lo, hi = s.prompt_len, len(s.ids) - 2
+        if hi >= lo:
+            starts[i] = torch.randint(lo, hi + 1, (blocks,), generator=generator)
+    lengths = torch.tensor([len(s.ids) for s in seqs])
+    return DraftBatch(ids.to(device), lengths.to(device), starts.to(device), draft_len)

@@ -1,0 +1,164 @@
+"""The drafter objective, mirroring deployed self-speculation.
+
+Teacher (adapter OFF, no grad, causal) over the clean sequence gives the KV cache and AR logits. Student
+(adapter ON) runs many draft blocks [x_s, mask x k] in ONE forward over that cache: block b sees the clean
+prefix before s_b and, bidirectionally, its own k + 1 slots. Row j of a block is scored against the teacher's
+logits at position s + j - 1 (the verify pass's prediction for the same token).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+
+from nld_lora.decoding.adapters import lora_enabled
+from nld_lora.model.masks import causal_mask
+
+
+@dataclass
+class DraftBatch:
+    """Padded sequences (prompt + AR target) and draft block starts (s, absolute positions)."""
+
+    input_ids: torch.Tensor  # (B, L), right padded
+    lengths: torch.Tensor  # (B,)
+    starts: torch.Tensor  # (B, nb), -1 marks an unused block
+    draft_len: int
+
+
+@dataclass
+class DraftLossOutput:
+    loss: torch.Tensor
+    ce: torch.Tensor
+    distill: torch.Tensor
+    accept_lengths: torch.Tensor  # (n_valid_blocks,) greedy tokens per cycle, bonus included
+    position_attempts: torch.Tensor  # (k,)
+    position_accepts: torch.Tensor  # (k,)
+
+
+def block_layout(batch: DraftBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Student input ids, positions and the (B, 1, Q, L + Q) mask for all blocks of every sequence."""
+    ids, starts, k = batch.input_ids, batch.starts, batch.draft_len
+    bsz, length = ids.shape
+    nb = starts.shape[1]
+    width = k + 1
+    safe = starts.clamp(min=0)
+    seeds = torch.gather(ids, 1, safe)
+    block_ids = torch.full((bsz, nb, width), -1, dtype=torch.long, device=ids.device)
+    block_ids[:, :, 0] = seeds
+    positions = (safe[:, :, None] + torch.arange(width, device=ids.device)).reshape(bsz, nb * width)
+    prefix = torch.arange(length, device=ids.device)
+    sees_prefix = prefix[None, None, :] < safe[:, :, None]  # (B, nb, L)
+    sees_prefix = sees_prefix[:, :, None, :].expand(bsz, nb, width, length).reshape(bsz, nb * width, length)
+    block_of = torch.arange(nb * width, device=ids.device) // width
+    own_block = (block_of[:, None] == block_of[None, :])[None].expand(bsz, -1, -1)
+    mask = torch.cat([sees_prefix, own_block], dim=2)[:, None]
+    return block_ids.reshape(bsz, nb * width), positions, mask
+
+
+def teacher_pass(model, batch: DraftBatch, adapter: str | None) -> tuple[DynamicCache, torch.Tensor]:
+    """Causal pass with every adapter off: the cache and AR logits at positions s + j - 1 (j = 1..k)."""
+    ids, k = batch.input_ids, batch.draft_len
+    bsz, length = ids.shape
+    valid = torch.arange(length, device=ids.device)[None] < batch.lengths[:, None]
+    index = (batch.starts.clamp(min=0)[:, :, None] + torch.arange(k, device=ids.device)).reshape(bsz, -1)
+    index = index.clamp(max=length - 1)
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad(), lora_enabled(model, adapter, on=False):
+        logits, _ = model(ids, attention_mask=causal_mask(valid, length),
+                          position_ids=torch.arange(length, device=ids.device)[None].expand(bsz, -1),
+                          cache=cache, logits_index=index)
+    return cache, logits.view(bsz, -1, k, logits.shape[-1])
+
+
+def student_logits(model, batch: DraftBatch, cache: DynamicCache, mask_token_id: int) -> torch.Tensor:
+    """Draft logits (B, nb, k, V) for rows 1..k of every block, in one forward over the teacher's cache."""
+    block_ids, positions, mask = block_layout(batch)
+    block_ids = torch.where(block_ids < 0, torch.full_like(block_ids, mask_token_id), block_ids)
+    bsz, q = block_ids.shape
+    k = batch.draft_len
+    nb = q // (k + 1)
+    rows = (torch.arange(nb, device=block_ids.device)[:, None] * (k + 1) + 1 + torch.arange(k, device=block_ids.device))
+    logits, _ = model(block_ids, attention_mask=mask, position_ids=positions, cache=cache,
+                      logits_index=rows.reshape(1, -1).expand(bsz, -1))
+    cache.crop(-q)
+    return logits.view(bsz, nb, k, -1)
+
+
+def row_validity(batch: DraftBatch) -> torch.Tensor:
+    """(B, nb, k): row j of a block counts when its target token x_{s+j} lies inside the sequence."""
+    k = batch.draft_len
+    target_pos = batch.starts[:, :, None] + 1 + torch.arange(k, device=batch.starts.device)
+    return (batch.starts[:, :, None] >= 0) & (target_pos < batch.lengths[:, None, None])
+
+
+def greedy_acceptance(student: torch.Tensor, teacher: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Leading agreement count per block (B, nb) of argmaxes; rows beyond the sequence stop the walk."""
+    agree = (student.argmax(-1) == teacher.argmax(-1)) & valid
+    return agree.to(torch.int32).cumprod(-1).sum(-1)
+
+
+def lk_hybrid(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 3.0,
+              top: int = 200) -> torch.Tensor:
+    """NLD's LK-hybrid per row: lambda * KL(p~||q~) + (1 - lambda) * TV, on the union of both top-`top` sets.
+
+    lambda = exp(-0.5 * sg[overlap]), overlap = sum min(p~, q~); p~, q~ renormalised over the union at T.
+    """
+    top = min(top, student.shape[-1])
+    idx = torch.cat([teacher.topk(top, -1).indices, student.topk(top, -1).indices], -1)
+    idx, _ = idx.sort(-1)
+    dup = torch.zeros_like(idx, dtype=torch.bool)
+    dup[..., 1:] = idx[..., 1:] == idx[..., :-1]
+    t = teacher.gather(-1, idx).float().masked_fill(dup, float("-inf")) / temperature
+    s = student.gather(-1, idx).float().masked_fill(dup, float("-inf")) / temperature
+    log_p, log_q = t.log_softmax(-1), s.log_softmax(-1)
+    p, q = log_p.exp(), log_q.exp()
+    kl = (p * (log_p - log_q)).masked_fill(dup, 0.0).sum(-1)
+    tv = 0.5 * (p - q).abs().sum(-1)
+    overlap = torch.minimum(p, q).sum(-1).detach()
+    lam = torch.exp(-0.5 * overlap)
+    return lam * kl + (1 - lam) * tv
+
+
+def draft_loss(
+    student: torch.Tensor, teacher: torch.Tensor, valid: torch.Tensor, *, ce_weight: float = 1.0,
+    distill_weight: float = 1.0, distill: str = "lk_hybrid", distill_temperature: float = 3.0, top: int = 200,
+    position_weighting: str = "accepted_plus_one",
+) -> DraftLossOutput:
+    """CE to the teacher's argmax + distillation, on valid rows (only "accepted + 1" rows by default)."""
+    k = student.shape[-2]
+    accepted = greedy_acceptance(student.detach(), teacher, valid)
+    if position_weighting == "accepted_plus_one":
+        weights = (torch.arange(k, device=student.device) <= accepted[..., None]) & valid
+    elif position_weighting == "uniform":
+        weights = valid
+    else:
+        raise ValueError(f"position_weighting={position_weighting!r}; expected 'accepted_plus_one' or 'uniform'")
+    w = weights.float().flatten()
+    s_flat, t_flat = student.flatten(0, -2), teacher.flatten(0, -2).float()
+    ce = F.cross_entropy(s_flat.float(), t_flat.argmax(-1), reduction="none")
+    if distill == "lk_hybrid":
+        dist = lk_hybrid(s_flat, t_flat, distill_temperature, top)
+    elif distill == "kl":
+        dist = F.kl_div((s_flat.float() / distill_temperature).log_softmax(-1),
+                        (t_flat / distill_temperature).log_softmax(-1), log_target=True, reduction="none").sum(-1)
+    elif distill == "none":
+        dist = torch.zeros_like(ce)
+    else:
+        raise ValueError(f"distill={distill!r}; expected 'lk_hybrid', 'kl' or 'none'")
+    denom = w.sum().clamp(min=1.0)
+    ce_mean = (ce * w).sum() / denom
+    dist_mean = (dist * w).sum() / denom
+    block_ok = valid[..., 0]
+    attempts = ((torch.arange(k, device=student.device) <= accepted[..., None]) & valid)[block_ok].sum(0)
+    accepts = ((torch.arange(k, device=student.device) < accepted[..., None]) & valid)[block_ok].sum(0)
+    return DraftLossOutput(ce_weight * ce_mean + distill_weight * dist_mean, ce_mean.detach(), dist_mean.detach(),
+                           (accepted[block_ok] + 1).detach(), attempts.detach(), accepts.detach())
+
+
+def simulated_acceptance(attempts: torch.Tensor, accepts: torch.Tensor) -> float:
+    """Expected tokens per cycle from per-position agreement: 1 + sum_j prod_{i<=j} r_i (bonus included)."""
+    rates = accepts.double() / attempts.double().clamp(min=1)
+    return float(1 + rates.cumprod(0).sum())

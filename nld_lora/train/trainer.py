@@ -1,0 +1,252 @@
+"""LoRA training loop on accelerate (devices, DDP/FSDP, mixed precision, accumulation, checkpoints, trackers).
+
+Why accelerate and not a transformers/TRL Trainer subclass: one step runs two passes with different adapter
+states over a shared KV cache (teacher off, student on), batches are built from draft starts rather than a
+collator, and checkpoints are selected by simulated acceptance; a plain loop on accelerate says this directly.
+We reuse transformers' schedulers, PEFT for the adapter and accelerate's state save/load and trackers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from nld_lora.config import ConfigError, to_dict
+from nld_lora.decoding.adapters import ADAPTER_META, lora_enabled, register_peft
+from nld_lora.train.config import TrainConfig
+from nld_lora.train.data import Sequence, build_sequences, make_batch, split_eval
+from nld_lora.train.objective import (
+    draft_loss,
+    row_validity,
+    simulated_acceptance,
+    student_logits,
+    teacher_pass,
+)
+
+ADAPTER_NAME = "default"
+FINAL_ADAPTER = "linear_spec_lora"
+
+
+@dataclass
+class TrainResult:
+    adapter_dir: str
+    best_step: int
+    best_simulated_acceptance: float
+    baseline_simulated_acceptance: float
+    steps: int
+    wall_s: float
+
+
+def _mixed_precision(setting: str) -> str:
+    if setting != "auto":
+        return setting
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+
+
+def add_lora(model, cfg: TrainConfig):
+    """Wrap the model with a trainable PEFT LoRA; unknown target modules fail with the model's module names."""
+    from peft import LoraConfig, get_peft_model
+
+    names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    missing = [t for t in cfg.lora.target_modules if t not in names]
+    if missing:
+        raise ConfigError(f"lora.target_modules {missing} not in the model; its Linear modules: {sorted(names)}")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    target = [t for t in cfg.lora.target_modules]
+    lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout, bias="none",
+                      target_modules=target, exclude_modules=["diffusion_head"])
+    peft_model = get_peft_model(model, lora, adapter_name=ADAPTER_NAME)
+    register_peft(model, peft_model, ADAPTER_NAME)
+    return peft_model
+
+
+@torch.no_grad()
+def evaluate_drafts(model, seqs: list[Sequence], cfg: TrainConfig, draft_len: int, *, adapter: str | None,
+                    batch_size: int = 8) -> dict[str, Any]:
+    """Simulated acceptance on held-out sequences at fixed (seeded) draft starts, same passes as training."""
+    gen = torch.Generator().manual_seed(cfg.seed + 99991)
+    attempts = torch.zeros(draft_len, dtype=torch.long)
+    accepts = torch.zeros(draft_len, dtype=torch.long)
+    lengths: list[int] = []
+    pad = model.config.pad_token_id or 0
+    for i in range(0, len(seqs), batch_size):
+        batch = make_batch(seqs[i:i + batch_size], cfg.eval_blocks_per_seq, draft_len, gen, pad, model.device)
+        cache, teacher = teacher_pass(model, batch, adapter)
+        with lora_enabled(model, adapter, on=True):
+            student = student_logits(model, batch, cache, model.mask_token_id)
+        out = draft_loss(student, teacher, row_validity(batch), position_weighting="uniform", distill="none")
+        attempts += out.position_attempts.cpu()
+        accepts += out.position_accepts.cpu()
+        lengths += out.accept_lengths.tolist()
+    return {
+        "simulated_acceptance": simulated_acceptance(attempts, accepts),
+        "mean_block_acceptance": sum(lengths) / max(len(lengths), 1),
+        "per_position": (accepts.double() / attempts.double().clamp(min=1)).tolist(),
+        "blocks": len(lengths),
+    }
+
+
+def save_adapter(peft_model, out: Path, model, cfg: TrainConfig, draft_len: int, extra: dict[str, Any]) -> None:
+    """PEFT folder + nld_adapter.json (base fingerprint, lora_mode, draft_len), written via a temp folder."""
+    tmp = out.parent / f".{out.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    peft_model.save_pretrained(str(tmp), selected_adapters=[ADAPTER_NAME])
+    src = tmp / ADAPTER_NAME if (tmp / ADAPTER_NAME).is_dir() else tmp
+    meta = {"base_model": model.name_or_path, "base_weights_hash": model.weights_hash, "lora_mode": "draft_only",
+            "draft_len": draft_len, "block_size": model.block_size, "train_config": to_dict(cfg), **extra}
+    (src / ADAPTER_META).write_text(json.dumps(meta, indent=2) + "\n")
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(src, out)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _latest_checkpoint(ckpt_dir: Path) -> Path | None:
+    found = sorted(p for p in ckpt_dir.glob("step_*") if (p / "trainer_state.json").exists())
+    return found[-1] if found else None
+
+
+def train(model_or_path: Any, dataset_dir: str | Path, out_dir: str | Path, cfg: TrainConfig | None = None,
+          *, progress: bool = True) -> TrainResult:
+    """Train the draft LoRA on collected targets; resumes from out_dir/checkpoints; returns the best adapter."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from transformers import get_scheduler
+
+    import nld_lora
+    from nld_lora.data.collect import load_collected
+
+    cfg = cfg or TrainConfig()
+    cfg.validate()
+    out = Path(out_dir)
+    if cfg.wandb:
+        os.environ.setdefault("WANDB_MODE", cfg.wandb_mode)
+    accelerator = Accelerator(mixed_precision=_mixed_precision(cfg.mixed_precision),
+                              gradient_accumulation_steps=cfg.grad_accum,
+                              log_with=["wandb"] if cfg.wandb else None, project_dir=str(out))
+    set_seed(cfg.seed)
+    if isinstance(model_or_path, (str, Path)):
+        model = nld_lora.load(str(model_or_path), quantization=cfg.quantization)
+    else:
+        model = model_or_path
+    model.to(accelerator.device)
+    draft_len = cfg.draft_len or max(model.block_size - 1, 1)
+    seqs = build_sequences(load_collected(dataset_dir, model=model), cfg.max_seq_len)
+    if len(seqs) < 2:
+        raise ConfigError(f"{dataset_dir}: needs at least 2 collected sequences with targets; found {len(seqs)}")
+    train_seqs, eval_seqs = split_eval(seqs, cfg.eval_fraction, cfg.seed)
+    eval_seqs = eval_seqs[: cfg.eval_max_seqs]
+    peft_model = add_lora(model, cfg)
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    warmup = int(cfg.warmup_ratio * cfg.steps)
+    name = {"cosine": "cosine", "wsd": "warmup_stable_decay", "constant": "constant_with_warmup"}[cfg.scheduler]
+    extra = {"num_decay_steps": max(cfg.steps // 5, 1)} if cfg.scheduler == "wsd" else {}
+    scheduler = get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=cfg.steps,
+                              scheduler_specific_kwargs=extra or None)
+    wrapped, optimizer, scheduler = accelerator.prepare(peft_model, optimizer, scheduler)
+    if cfg.wandb:
+        accelerator.init_trackers(cfg.wandb_project, config=to_dict(cfg))
+
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt_dir = out / "checkpoints"
+    state = {"step": 0, "best": None, "best_step": 0, "baseline": None, "history": []}
+    latest = _latest_checkpoint(ckpt_dir)
+    if latest is not None:
+        accelerator.load_state(str(latest))
+        state = json.loads((latest / "trainer_state.json").read_text())
+        accelerator.print(f"resumed from {latest} (step {state['step']})")
+    log_path = out / "train_log.jsonl"
+    pad = model.config.pad_token_id or 0
+    rank, world = accelerator.process_index, accelerator.num_processes
+
+    def run_eval(step: int) -> None:
+        if accelerator.is_main_process:
+            metrics = evaluate_drafts(model, eval_seqs, cfg, draft_len, adapter=ADAPTER_NAME)
+            if state["baseline"] is None:
+                state["baseline"] = evaluate_drafts(model, eval_seqs, cfg, draft_len, adapter=None)[
+                    "simulated_acceptance"]
+            record = {"step": step, "eval": True, **{k: v for k, v in metrics.items() if k != "per_position"}}
+            _log(accelerator, log_path, record)
+            if state["best"] is None or metrics["simulated_acceptance"] > state["best"]:
+                state["best"], state["best_step"] = metrics["simulated_acceptance"], step
+                save_adapter(accelerator.unwrap_model(wrapped), out / "best_adapter", model, cfg, draft_len,
+                             {"step": step, "eval": metrics, "baseline_simulated_acceptance": state["baseline"]})
+            state["history"].append(record)
+        accelerator.wait_for_everyone()
+
+    t0 = time.perf_counter()
+    if state["step"] == 0:
+        run_eval(0)
+    stop = min(cfg.steps, cfg.stop_at_step or cfg.steps)
+    bar = tqdm(total=cfg.steps, initial=state["step"], desc="train", unit="step",
+               disable=not (progress and accelerator.is_main_process))
+    while state["step"] < stop:
+        step = state["step"]
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        picks = torch.randint(0, len(train_seqs), (cfg.grad_accum, cfg.batch_size * world), generator=gen)
+        for micro in range(cfg.grad_accum):
+            mine = [train_seqs[int(i)] for i in picks[micro, rank::world]]
+            batch = make_batch(mine, cfg.blocks_per_seq, draft_len, gen, pad, accelerator.device)
+            with accelerator.accumulate(wrapped):
+                cache, teacher = teacher_pass(model, batch, ADAPTER_NAME)
+                with lora_enabled(model, ADAPTER_NAME, on=True), accelerator.autocast():
+                    student = student_logits(wrapped, batch, cache, model.mask_token_id)
+                    res = draft_loss(student, teacher, row_validity(batch), ce_weight=cfg.ce_weight,
+                                     distill_weight=cfg.distill_weight, distill=cfg.distill,
+                                     distill_temperature=cfg.distill_temperature, top=cfg.distill_top,
+                                     position_weighting=cfg.position_weighting)
+                    accelerator.backward(res.loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+        state["step"] = step = step + 1
+        bar.update(1)
+        if step % cfg.log_every == 0 and accelerator.is_main_process:
+            acc = float(res.accept_lengths.float().mean()) if len(res.accept_lengths) else 0.0
+            record = {"step": step, "loss": float(res.loss), "ce": float(res.ce), "distill": float(res.distill),
+                      "train_acceptance": acc, "lr": scheduler.get_last_lr()[0]}
+            bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{acc:.2f}")
+            _log(accelerator, log_path, record)
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            run_eval(step)
+        if step % cfg.save_every == 0 or step == stop:
+            _save_state(accelerator, ckpt_dir, state)
+    bar.close()
+    wall = time.perf_counter() - t0
+    final = out / FINAL_ADAPTER
+    if state["step"] >= cfg.steps and accelerator.is_main_process:
+        shutil.rmtree(final, ignore_errors=True)
+        shutil.copytree(out / "best_adapter", final)
+    accelerator.wait_for_everyone()
+    if cfg.wandb:
+        accelerator.end_training()
+    return TrainResult(str(final), state["best_step"], state["best"] or 0.0, state["baseline"] or 0.0,
+                       state["step"], wall)
+
+
+def _save_state(accelerator, ckpt_dir: Path, state: dict) -> None:
+    """accelerate state + trainer_state.json (written last: a checkpoint without it is ignored on resume)."""
+    path = ckpt_dir / f"step_{state['step']:07d}"
+    accelerator.save_state(str(path))
+    if accelerator.is_main_process:
+        (path / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
+        for old in sorted(ckpt_dir.glob("step_*"))[:-2]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def _log(accelerator, path: Path, record: dict) -> None:
+    accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=record["step"])
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")

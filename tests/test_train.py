@@ -1,0 +1,154 @@
+"""Drafter objective and training loop: training sees exactly what deployment does."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import DynamicCache
+
+import nld_lora
+from nld_lora.config import ConfigError, load_config
+from nld_lora.data import CollectConfig, collect, read_prompts
+from nld_lora.decoding.adapters import lora_enabled
+from nld_lora.model.masks import causal_mask, draft_mask
+from nld_lora.train import LoraSettings, TrainConfig, train
+from nld_lora.train.objective import DraftBatch, draft_loss, row_validity, student_logits, teacher_pass
+from tests.helpers import EMBEDDED, make_adapter, tiny_model
+
+ROOT = Path(__file__).resolve().parents[1]
+EVAL_PROMPTS = ROOT / "data" / "prompts" / "code_eval.jsonl"
+
+
+def test_student_layout_equals_blocks_run_one_by_one():
+    model = tiny_model(seed=3)
+    ids = torch.randint(1, 90, (2, 20))
+    k = 3
+    batch = DraftBatch(ids, torch.tensor([20, 15]), torch.tensor([[5, 9, 13], [4, 11, -1]]), k)
+    cache, _ = teacher_pass(model, batch, None)
+    student = student_logits(model, batch, cache, model.mask_token_id)
+    assert cache.get_seq_length() == 20  # the student pass leaves the teacher cache as it was
+    for b in range(2):
+        for j, s in enumerate(batch.starts[b].tolist()):
+            if s < 0:
+                continue
+            c = DynamicCache(config=model.config)
+            model(ids[b:b + 1, :s], attention_mask=causal_mask(torch.ones(1, s, dtype=torch.bool), s),
+                  position_ids=torch.arange(s)[None], cache=c)
+            block = torch.tensor([[int(ids[b, s])] + [model.mask_token_id] * k])
+            ref, _ = model(block, attention_mask=draft_mask(torch.ones(1, s + k + 1, dtype=torch.bool), k + 1),
+                           position_ids=torch.arange(s, s + k + 1)[None], cache=c)
+            torch.testing.assert_close(student[b, j], ref[0, 1:], atol=1e-5, rtol=0)
+
+
+def test_distillation_has_zero_gradient_when_student_equals_teacher():
+    teacher = torch.randn(2, 3, 4, 50)
+    valid = torch.ones(2, 3, 4, dtype=torch.bool)
+    for distill in ("lk_hybrid", "kl"):
+        student = teacher.clone().requires_grad_()
+        out = draft_loss(student, teacher, valid, ce_weight=0.0, distill=distill, position_weighting="uniform")
+        out.loss.backward()
+        assert float(out.loss) < 1e-6 and float(student.grad.abs().max()) < 1e-6
+    student = (teacher + torch.randn_like(teacher)).requires_grad_()
+    draft_loss(student, teacher, valid, ce_weight=0.0).loss.backward()
+    assert float(student.grad.abs().max()) > 1e-4
+
+
+def test_training_recomputes_exactly_the_runtime_drafts(tmp_path):
+    """Runtime cycles (adapter attached, greedy) vs the training student pass at the same start positions."""
+    model = nld_lora.load(EMBEDDED)
+    model.attach_adapter(make_adapter(model, tmp_path / "lora", r=4, seed=0))
+    records, _ = read_prompts(EVAL_PROMPTS, limit=4)
+    prompts = [r.prompt for r in records]
+    k = model.block_size - 1
+    res = model.generate(prompts, mode="self_spec", max_new_tokens=48, batch_size=2)
+    ar = model.generate(prompts, mode="ar", max_new_tokens=48 + k + 1)
+    cycles = 0
+    for i, st in enumerate(res.stats.requests):
+        seq = res.prompt_ids[i] + ar.sequences[i]
+        starts = torch.tensor([st.cycle_starts])
+        batch = DraftBatch(torch.tensor([seq]), torch.tensor([len(seq)]), starts, k)
+        cache, teacher = teacher_pass(model, batch, model.active_adapter)
+        with lora_enabled(model, model.active_adapter, on=True):
+            student = student_logits(model, batch, cache, model.mask_token_id)
+        assert student.argmax(-1)[0].tolist() == st.cycle_drafts
+        accepted = (student.argmax(-1) == teacher.argmax(-1)).int().cumprod(-1).sum(-1)[0]
+        assert (accepted + 1).tolist() == st.acceptance_lengths
+        cycles += len(st.cycle_starts)
+    assert cycles > 10 and res.stats.acceptance_length > 1.2
+
+
+@pytest.fixture(scope="module")
+def collected(tmp_path_factory):
+    out = tmp_path_factory.mktemp("collected")
+    model = nld_lora.load(EMBEDDED)
+    records, _ = read_prompts(ROOT / "data" / "prompts" / "code_train.jsonl", limit=48)
+    collect(model, records, out, CollectConfig(max_new_tokens=48, batch_size=16), progress=False)
+    return out
+
+
+def _small_cfg(**kw) -> TrainConfig:
+    base = dict(lora=LoraSettings(r=16, alpha=32, target_modules=["o_proj", "v_proj"]), steps=24, batch_size=4,
+                blocks_per_seq=4, eval_every=12, save_every=12, log_every=4, lr=3e-3, eval_fraction=0.2,
+                eval_blocks_per_seq=8)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_few_steps_reduce_loss_and_raise_simulated_acceptance(collected, tmp_path):
+    res = train(EMBEDDED, collected, tmp_path / "run", _small_cfg(), progress=False)
+    log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in log if "loss" in r]
+    assert losses[-1] < losses[0]
+    assert res.best_simulated_acceptance > res.baseline_simulated_acceptance
+    meta = json.loads((Path(res.adapter_dir) / "nld_adapter.json").read_text())
+    assert meta["base_weights_hash"] == nld_lora.load(EMBEDDED).weights_hash
+    model = nld_lora.load(EMBEDDED)
+    model.attach_adapter(res.adapter_dir)  # loads back through the runtime (PEFT folder)
+    from peft import PeftModel
+
+    PeftModel.from_pretrained(nld_lora.load(EMBEDDED), res.adapter_dir)  # and through plain PEFT
+
+
+def test_resume_continues_with_identical_results(collected, tmp_path):
+    cfg = _small_cfg(steps=8, eval_every=4, save_every=4)
+    train(EMBEDDED, collected, tmp_path / "full", cfg, progress=False)
+    cfg_stop = _small_cfg(steps=8, eval_every=4, save_every=4, stop_at_step=4)
+    train(EMBEDDED, collected, tmp_path / "resumed", cfg_stop, progress=False)
+    assert not (tmp_path / "resumed" / "linear_spec_lora").exists()
+    train(EMBEDDED, collected, tmp_path / "resumed", cfg, progress=False)
+    a = load_file(str(tmp_path / "full" / "checkpoints" / "step_0000008" / "model.safetensors"))
+    b = load_file(str(tmp_path / "resumed" / "checkpoints" / "step_0000008" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
+
+
+def test_bad_configs_fail_at_start(collected, tmp_path):
+    with pytest.raises(ConfigError, match="unknown config key"):
+        load_config(TrainConfig, None, ["lora.rank=8"])
+    with pytest.raises(ConfigError, match="lora.r must be > 0"):
+        train(EMBEDDED, collected, tmp_path / "x", _small_cfg(lora=LoraSettings(r=0)), progress=False)
+    with pytest.raises(ConfigError, match=r"lora.target_modules \['qkv'\] not in the model"):
+        train(EMBEDDED, collected, tmp_path / "y", _small_cfg(lora=LoraSettings(target_modules=["qkv"])),
+              progress=False)
+    assert not (tmp_path / "x").exists()
+
+
+def test_two_processes_match_one_process_quality(collected, tmp_path):
+    overrides = ["steps=16", "batch_size=2", "blocks_per_seq=4", "lora.r=16", "lora.alpha=32", "lr=3e-3",
+                 "eval_every=16", "save_every=16", "eval_fraction=0.2", "eval_blocks_per_seq=8",
+                 "lora.target_modules=[o_proj, v_proj]"]
+    one = train(EMBEDDED, collected, tmp_path / "one",
+                load_config(TrainConfig, None, [*overrides, "batch_size=4"]), progress=False)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "nld_lora.cli", "train",
+           "--model", EMBEDDED, "--data", str(collected), "--out", str(tmp_path / "two"), *overrides]
+    res = subprocess.run(cmd, env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-3000:]
+    two = json.loads(res.stdout[res.stdout.index("{"):])
+    assert two["simulated_acceptance_before"] == pytest.approx(one.baseline_simulated_acceptance, abs=1e-6)
+    gain_one = one.best_simulated_acceptance - one.baseline_simulated_acceptance
+    gain_two = two["simulated_acceptance_after"] - two["simulated_acceptance_before"]
+    assert gain_two > 0 and abs(gain_two - gain_one) < 0.5 * gain_one + 0.05
