@@ -83,6 +83,23 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from nld_lora.report import ReportConfig, build_report, headline
+
+    model = _load(args)
+    cfg = ReportConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, temperature=args.temperature,
+                       block_size=args.block_size, draft_len=args.draft_len, limit=args.limit,
+                       speed_prompts=args.speed_prompts, diffusion=not args.no_diffusion, seed=args.seed)
+    report = build_report(model, args.adapter or [], args.prompts, args.out, cfg)
+    print(headline(report))
+    print(f"report: {Path(args.out) / 'report.md'}")
+    if args.strict and report["lossless"]["mismatches"]:
+        print(f"nld-lora report: error: lossless check failed on {report['lossless']['mismatches']} prompts "
+              "(greedy self-speculation differs from AR)", file=sys.stderr)
+        return 3
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nld-lora", description="Draft-pathway LoRA for tri-mode LMs.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -132,6 +149,23 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--config", default=None, help="YAML with TrainConfig keys")
     t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. lora.r=32 steps=200")
     t.set_defaults(func=cmd_train)
+
+    r = sub.add_parser("report", help="stage 3: before/after acceptance report on held-out prompts")
+    _add_model_args(r)
+    r.add_argument("--adapter", action="append", help="adapter folder (repeat to compare several)")
+    r.add_argument("--prompts", required=True)
+    r.add_argument("--out", default="report")
+    r.add_argument("--max-new-tokens", type=int, default=128)
+    r.add_argument("--batch-size", type=int, default=8)
+    r.add_argument("--speed-prompts", type=int, default=32, help="prompts re-timed at batch size 1")
+    r.add_argument("--temperature", type=float, default=0.0)
+    r.add_argument("--block-size", type=int, default=None)
+    r.add_argument("--draft-len", type=int, default=None)
+    r.add_argument("--limit", type=int, default=None)
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--no-diffusion", action="store_true", help="skip the native diffusion run")
+    r.add_argument("--strict", action="store_true", help="exit 3 when the lossless check finds a mismatch")
+    r.set_defaults(func=cmd_report)
     return parser
 
 

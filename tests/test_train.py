@@ -17,7 +17,7 @@ from nld_lora.data import CollectConfig, collect, read_prompts
 from nld_lora.decoding.adapters import lora_enabled
 from nld_lora.model.masks import causal_mask, draft_mask
 from nld_lora.train import LoraSettings, TrainConfig, train
-from nld_lora.train.objective import DraftBatch, draft_loss, row_validity, student_logits, teacher_pass
+from nld_lora.train.objective import DraftBatch, draft_loss, student_logits, teacher_pass
 from tests.helpers import EMBEDDED, make_adapter, tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]

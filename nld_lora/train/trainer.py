@@ -114,8 +114,13 @@ def _latest_checkpoint(ckpt_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def _config_key(cfg: TrainConfig) -> dict[str, Any]:
+    """The settings a checkpoint must share with the run that resumes it."""
+    return {k: v for k, v in to_dict(cfg).items() if k not in ("stop_at_step", "wandb", "wandb_mode", "log_every")}
+
+
 def train(model_or_path: Any, dataset_dir: str | Path, out_dir: str | Path, cfg: TrainConfig | None = None,
-          *, progress: bool = True) -> TrainResult:
+          *, progress: bool = True, accelerator: Any = None) -> TrainResult:
     """Train the draft LoRA on collected targets; resumes from out_dir/checkpoints; returns the best adapter."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -129,9 +134,10 @@ def train(model_or_path: Any, dataset_dir: str | Path, out_dir: str | Path, cfg:
     out = Path(out_dir)
     if cfg.wandb:
         os.environ.setdefault("WANDB_MODE", cfg.wandb_mode)
-    accelerator = Accelerator(mixed_precision=_mixed_precision(cfg.mixed_precision),
-                              gradient_accumulation_steps=cfg.grad_accum,
-                              log_with=["wandb"] if cfg.wandb else None, project_dir=str(out))
+    if accelerator is None:
+        accelerator = Accelerator(mixed_precision=_mixed_precision(cfg.mixed_precision),
+                                  gradient_accumulation_steps=cfg.grad_accum,
+                                  log_with=["wandb"] if cfg.wandb else None, project_dir=str(out))
     set_seed(cfg.seed)
     if isinstance(model_or_path, (str, Path)):
         model = nld_lora.load(str(model_or_path), quantization=cfg.quantization)
@@ -158,11 +164,16 @@ def train(model_or_path: Any, dataset_dir: str | Path, out_dir: str | Path, cfg:
 
     out.mkdir(parents=True, exist_ok=True)
     ckpt_dir = out / "checkpoints"
-    state = {"step": 0, "best": None, "best_step": 0, "baseline": None, "history": []}
+    state = {"step": 0, "best": None, "best_step": 0, "baseline": None, "history": [], "config": _config_key(cfg)}
     latest = _latest_checkpoint(ckpt_dir)
     if latest is not None:
+        saved = json.loads((latest / "trainer_state.json").read_text())
+        if saved.get("config") != state["config"]:
+            diff = sorted(k for k in state["config"] if saved.get("config", {}).get(k) != state["config"][k])
+            raise ConfigError(f"{out}: holds checkpoints of a run with other settings ({diff}); "
+                              "use a new output folder or delete its checkpoints/")
         accelerator.load_state(str(latest))
-        state = json.loads((latest / "trainer_state.json").read_text())
+        state = saved
         accelerator.print(f"resumed from {latest} (step {state['step']})")
     log_path = out / "train_log.jsonl"
     pad = model.config.pad_token_id or 0

@@ -1,0 +1,128 @@
+"""The end-to-end recipe (collect -> train -> report) as a library function; recipes/lora_accept.py calls it.
+
+Each stage is skipped when its output already exists and matches, so a re-run resumes the whole recipe.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from nld_lora.config import to_dict
+from nld_lora.data.collect import CollectConfig
+from nld_lora.report.runner import ReportConfig
+from nld_lora.train.config import TrainConfig
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class CollectSection:
+    limit: int | None = None
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    batch_size: int = 16
+    shard_size: int = 64
+    max_prompt_tokens: int | None = None
+    length_policy: str = "skip"
+    system_prompt: str | None = None
+    backend: str = "runtime"
+
+
+@dataclass
+class RecipeConfig:
+    model: str = "data/tiny-nld-code"
+    train_prompts: str = "data/prompts/code_train.jsonl"
+    eval_prompts: str = "data/prompts/code_eval.jsonl"
+    out: str = "runs/tiny_code"
+    wrap: bool = False
+    collect: CollectSection = field(default_factory=CollectSection)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
+
+
+def resolve(path: str) -> str:
+    """A relative path as given if it exists from the working directory, else relative to the repository."""
+    p = Path(path)
+    if p.is_absolute() or p.exists():
+        return str(p)
+    candidate = REPO_ROOT / p
+    return str(candidate) if candidate.exists() else str(p)
+
+
+def run_recipe(cfg: RecipeConfig) -> dict[str, Any]:
+    """Collect AR targets, train the draft LoRA, write the before/after report; returns the report dict."""
+    from accelerate import Accelerator
+
+    import nld_lora
+    from nld_lora.data import collect, read_prompts
+    from nld_lora.report import build_report
+    from nld_lora.train import train
+    from nld_lora.train.trainer import FINAL_ADAPTER, _mixed_precision
+
+    cfg.train.validate()
+    out = Path(cfg.out)
+    accelerator = Accelerator(mixed_precision=_mixed_precision(cfg.train.mixed_precision),
+                              gradient_accumulation_steps=cfg.train.grad_accum,
+                              log_with=["wandb"] if cfg.train.wandb else None, project_dir=str(out))
+    say = accelerator.print
+    model_path = resolve(cfg.model)
+    model = nld_lora.load(model_path, wrap=cfg.wrap).to(accelerator.device)
+
+    say(f"[1/3] collect AR targets for {cfg.train_prompts}")
+    records, read_report = read_prompts(resolve(cfg.train_prompts), limit=cfg.collect.limit)
+    collect_cfg = CollectConfig(**{k: v for k, v in to_dict(cfg.collect).items() if k != "limit"})
+    summary = collect(model, records, out / "collect", collect_cfg, accelerator=accelerator)
+    say(f"      {summary.done_before} already done, {summary.generated} generated, skipped {summary.skipped}, "
+        f"{summary.target_tokens} target tokens in {summary.wall_s:.1f}s")
+
+    adapter = out / "train" / FINAL_ADAPTER
+    if _adapter_matches(adapter, cfg.train, model.weights_hash):
+        say(f"[2/3] train: {adapter} already matches this config; skipped")
+    else:
+        say("[2/3] train the draft-pathway LoRA")
+        res = train(model, out / "collect", out / "train", cfg.train, accelerator=accelerator)
+        say(f"      best step {res.best_step}: simulated acceptance {res.baseline_simulated_acceptance:.3f} -> "
+            f"{res.best_simulated_acceptance:.3f} ({res.wall_s:.0f}s)")
+        model = nld_lora.load(model_path, wrap=cfg.wrap).to(accelerator.device)  # a clean base for the report
+
+    report_dir = out / "report"
+    report: dict[str, Any] = {}
+    if accelerator.is_main_process:
+        existing = report_dir / "report.json"
+        if existing.exists() and _report_matches(json.loads(existing.read_text()), cfg, model, adapter):
+            say(f"[3/3] report: {existing} already matches; skipped")
+            report = json.loads(existing.read_text())
+        else:
+            say(f"[3/3] report on {cfg.eval_prompts}")
+            report = build_report(model, [str(adapter)], resolve(cfg.eval_prompts), report_dir, cfg.report,
+                                  extra={"recipe": recipe_stamp(cfg, adapter)})
+    accelerator.wait_for_everyone()
+    return report
+
+
+def _adapter_matches(adapter: Path, train_cfg: TrainConfig, weights_hash: str) -> bool:
+    meta_path = adapter / "nld_adapter.json"
+    if not meta_path.exists():
+        return False
+    meta = json.loads(meta_path.read_text())
+    return meta.get("base_weights_hash") == weights_hash and meta.get("train_config") == to_dict(train_cfg)
+
+
+def _report_matches(report: dict[str, Any], cfg: RecipeConfig, model: Any, adapter: Path) -> bool:
+    meta_path = adapter / "nld_adapter.json"
+    adapter_meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    saved = report.get("recipe", {})
+    return (report.get("model", {}).get("weights_hash") == model.weights_hash
+            and saved.get("report") == to_dict(cfg.report) and saved.get("eval_prompts") == cfg.eval_prompts
+            and saved.get("adapter_step") == adapter_meta.get("step")
+            and saved.get("train_config") == adapter_meta.get("train_config"))
+
+
+def recipe_stamp(cfg: RecipeConfig, adapter: Path) -> dict[str, Any]:
+    meta_path = adapter / "nld_adapter.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    return {"report": to_dict(cfg.report), "eval_prompts": cfg.eval_prompts, "adapter_step": meta.get("step"),
+            "train_config": meta.get("train_config")}

@@ -1,0 +1,87 @@
+"""Report metrics over runtime results: bootstrap intervals, histograms, per-category and lossless checks."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter, defaultdict
+from typing import Any
+
+from nld_lora.decoding.stats import GenerationStats, RequestStats
+
+
+def pooled_acceptance(requests: list[RequestStats]) -> float:
+    cycles = [a for r in requests for a in r.acceptance_lengths]
+    return sum(cycles) / len(cycles) if cycles else 0.0
+
+
+def bootstrap_ci(requests: list[RequestStats], n_boot: int = 1000, seed: int = 0,
+                 level: float = 0.95) -> tuple[float, float]:
+    """Percentile interval of pooled acceptance, resampling prompts (cycles of one prompt stay together)."""
+    if not requests:
+        return (0.0, 0.0)
+    rng = random.Random(seed)
+    sums = [sum(r.acceptance_lengths) for r in requests]
+    counts = [len(r.acceptance_lengths) for r in requests]
+    n = len(requests)
+    values = []
+    for _ in range(n_boot):
+        idx = [rng.randrange(n) for _ in range(n)]
+        c = sum(counts[i] for i in idx)
+        values.append(sum(sums[i] for i in idx) / c if c else 0.0)
+    values.sort()
+    lo = values[int((1 - level) / 2 * (n_boot - 1))]
+    hi = values[int((1 + level) / 2 * (n_boot - 1))]
+    return (lo, hi)
+
+
+def histogram(requests: list[RequestStats], max_len: int) -> list[int]:
+    """Counts of cycles committing 1..max_len tokens (index 0 = acceptance length 1)."""
+    counts = Counter(a for r in requests for a in r.acceptance_lengths)
+    return [counts.get(i, 0) for i in range(1, max_len + 1)]
+
+
+def summarize_run(stats: GenerationStats, draft_len: int | None, categories: list[str],
+                  boot_seed: int = 0) -> dict[str, Any]:
+    """Everything a report shows for one run (one mode / adapter)."""
+    reqs = stats.requests
+    out: dict[str, Any] = {
+        "new_tokens": stats.new_tokens, "forwards": stats.forwards, "tpf": stats.tpf,
+        "tokens_per_s": stats.tokens_per_s, "wall_s": stats.wall_s,
+    }
+    if draft_len is not None:
+        out.update({
+            "acceptance_length": pooled_acceptance(reqs),
+            "acceptance_length_ci95": list(bootstrap_ci(reqs, seed=boot_seed)),
+            "cycles": sum(len(r.acceptance_lengths) for r in reqs),
+            "per_position_acceptance": stats.per_position_acceptance,
+            "histogram": histogram(reqs, draft_len + 1),
+        })
+    groups: dict[str, list[RequestStats]] = defaultdict(list)
+    for cat, r in zip(categories, reqs):
+        groups[cat or "uncategorized"].append(r)
+    out["per_category"] = {
+        cat: {"n_prompts": len(rs), "tpf": GenerationStats(rs, 0.0).tpf,
+              **({"acceptance_length": pooled_acceptance(rs)} if draft_len is not None else {})}
+        for cat, rs in sorted(groups.items())
+    }
+    return out
+
+
+def lossless_mismatches(reference: list[list[int]], candidate: list[list[int]]) -> list[int]:
+    """Indices of prompts whose emitted tokens differ."""
+    return [i for i, (a, b) in enumerate(zip(reference, candidate)) if a != b]
+
+
+def token_agreement(reference: list[list[int]], candidate: list[list[int]]) -> dict[str, float]:
+    """Exact-prompt and token-level agreement (diffusion vs AR: reported, not required)."""
+    same = sum(a == b for a, b in zip(reference, candidate))
+    matched = total = 0
+    for a, b in zip(reference, candidate):
+        n = max(len(a), len(b))
+        matched += sum(x == y for x, y in zip(a, b))
+        total += n
+    return {"exact_prompts": same / max(len(reference), 1), "token_agreement": matched / max(total, 1)}
+
+
+def relative_gain(before: float, after: float) -> float:
+    return (after - before) / before if before else 0.0

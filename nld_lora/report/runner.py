@@ -1,0 +1,155 @@
+"""Stage 3: before/after acceptance report, measured with the same runtime on held-out prompts."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nld_lora.data.readers import read_prompts
+from nld_lora.data.templates import render_prompt
+from nld_lora.decoding.adapters import adapter_metadata
+from nld_lora.report.metrics import lossless_mismatches, relative_gain, summarize_run, token_agreement
+from nld_lora.report.plots import plot_categories, plot_histograms, plot_per_position
+from nld_lora.report.writers import write_markdown
+
+SCHEMA_VERSION = 1
+
+
+@dataclass
+class ReportConfig:
+    max_new_tokens: int = 128
+    batch_size: int = 8
+    speed_prompts: int = 32  # prompts timed again at batch size 1
+    temperature: float = 0.0
+    block_size: int | None = None
+    draft_len: int | None = None
+    threshold: float = 0.9
+    diffusion: bool = True
+    limit: int | None = None
+    seed: int = 0
+    system_prompt: str | None = None
+
+
+def machine_info() -> dict[str, Any]:
+    info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+            "cpu_count": os.cpu_count(), "device": "cpu"}
+    if torch.cuda.is_available():
+        info.update(device="cuda", gpu=torch.cuda.get_device_name())
+    return info
+
+
+def build_report(model: Any, adapters: list[str], prompts: str | Path, out_dir: str | Path,
+                 cfg: ReportConfig | None = None, *, progress: bool = True,
+                 extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run AR, diffusion, self-spec before and after each adapter; write report.json, report.md and plots.
+
+    extra: additional top-level fields stored in report.json (the recipe records what produced the report).
+    """
+    cfg = cfg or ReportConfig()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    records, _ = read_prompts(prompts, limit=cfg.limit)
+    texts = [render_prompt(r, model.tokenizer, system_prompt=cfg.system_prompt) for r in records]
+    categories = [r.category for r in records]
+    names = [model.attach_adapter(path, name=f"adapter{i}" if len(adapters) > 1 else "after")
+             for i, path in enumerate(adapters)]
+    block = cfg.block_size or model.block_size
+    k = cfg.draft_len or max(block - 1, 1)
+    common = {"max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature, "seed": cfg.seed,
+              "progress": progress}
+    plans: dict[str, dict[str, Any]] = {"ar": {"mode": "ar", "adapter": False}}
+    if cfg.diffusion:
+        plans["diffusion"] = {"mode": "diffusion", "adapter": False, "block_size": block, "threshold": cfg.threshold}
+    plans["before"] = {"mode": "self_spec", "adapter": False, "block_size": block, "draft_len": k}
+    for name in names:
+        plans[name] = {"mode": "self_spec", "adapter": name, "block_size": block, "draft_len": k}
+
+    runs: dict[str, dict[str, Any]] = {}
+    sequences: dict[str, list[list[int]]] = {}
+    for label, plan in plans.items():
+        res = model.generate(texts, batch_size=cfg.batch_size, **plan, **common)
+        runs[label] = summarize_run(res.stats, k if plan["mode"] == "self_spec" else None, categories, cfg.seed)
+        sequences[label] = res.sequences
+        speed = model.generate(texts[: cfg.speed_prompts], batch_size=1, **plan, **{**common, "progress": False})
+        runs[label]["tokens_per_s_batch1"] = speed.stats.tokens_per_s
+    for run in runs.values():
+        run["speedup_vs_ar"] = run["tokens_per_s"] / runs["ar"]["tokens_per_s"] if runs["ar"]["tokens_per_s"] else 0
+        run["speedup_vs_ar_batch1"] = (run["tokens_per_s_batch1"] / runs["ar"]["tokens_per_s_batch1"]
+                                       if runs["ar"]["tokens_per_s_batch1"] else 0)
+
+    spec_labels = ["before", *names]
+    greedy = cfg.temperature <= 0
+    per_run_mismatch = {lab: lossless_mismatches(sequences["ar"], sequences[lab]) for lab in spec_labels}
+    lossless = {
+        "checked": greedy,
+        "mismatches": sum(len(v) for v in per_run_mismatch.values()) if greedy else None,
+        "per_run": {lab: {"mismatches": len(v), "prompt_ids": [records[i].id for i in v]}
+                    for lab, v in per_run_mismatch.items()} if greedy else {},
+    }
+    if cfg.diffusion:
+        lossless["diffusion_agreement"] = token_agreement(sequences["ar"], sequences["diffusion"])
+
+    after_label = names[0] if names else "before"
+    report: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION,
+        "n_prompts": len(records),
+        "prompts": str(prompts),
+        "model": {"path": model.name_or_path, "weights_hash": model.weights_hash},
+        "adapters": [{"name": n, "path": p, "meta": _adapter_summary(p)} for n, p in zip(names, adapters)],
+        "machine": machine_info(),
+        "settings": {"max_new_tokens": cfg.max_new_tokens, "batch_size": cfg.batch_size, "block_size": block,
+                     "draft_len": k, "temperature": cfg.temperature, "threshold": cfg.threshold,
+                     "speed_prompts": min(cfg.speed_prompts, len(records))},
+        "ar": runs["ar"],
+        "before": runs["before"],
+        "after": runs[after_label],
+        "runs": runs,
+        "gain": {
+            "acceptance_length_rel": relative_gain(runs["before"]["acceptance_length"],
+                                                   runs[after_label]["acceptance_length"]),
+            "tpf_rel": relative_gain(runs["before"]["tpf"], runs[after_label]["tpf"]),
+        },
+        "lossless": lossless,
+        "categories": sorted({c or "uncategorized" for c in categories}),
+    }
+    if cfg.diffusion:
+        report["diffusion"] = runs["diffusion"]
+    spec_runs = {lab: runs[lab] for lab in spec_labels}
+    report["plots"] = {
+        "histogram": plot_histograms(spec_runs, out / "acceptance_histogram.png"),
+        "per_position": plot_per_position(spec_runs, out / "per_position.png"),
+        "categories": plot_categories(spec_runs, out / "categories.png"),
+    }
+    report.update(extra or {})
+    tmp = out / ".report.json.tmp"
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    os.replace(tmp, out / "report.json")
+    write_markdown(report, out / "report.md")
+    for name in names:
+        model.detach_adapter(name)
+    return report
+
+
+def _adapter_summary(path: str) -> dict[str, Any]:
+    meta = adapter_metadata(path)
+    return {k: meta[k] for k in ("base_model", "base_weights_hash", "draft_len", "step") if k in meta}
+
+
+def headline(report: dict[str, Any]) -> str:
+    """The few lines a console shows at the end of the recipe."""
+    b, a = report["before"], report["after"]
+    lines = [
+        f"acceptance length  {b['acceptance_length']:.3f} -> {a['acceptance_length']:.3f} "
+        f"({100 * report['gain']['acceptance_length_rel']:+.1f}%)",
+        f"TPF                {b['tpf']:.3f} -> {a['tpf']:.3f} ({100 * report['gain']['tpf_rel']:+.1f}%)",
+        f"speed vs AR        {b['speedup_vs_ar']:.2f}x -> {a['speedup_vs_ar']:.2f}x "
+        f"(batch {report['settings']['batch_size']}); AR {report['ar']['tokens_per_s']:.1f} tok/s",
+        f"lossless check     {report['lossless']['mismatches']} mismatching prompts of {report['n_prompts']}",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,80 @@
+"""report.md: headline first, then per category, then per position; plots linked."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+CONVENTIONS = (
+    "Acceptance length = tokens committed per draft+verify cycle, bonus token included (1 .. draft_len + 1). "
+    "TPF = new tokens / all model forwards of the request, prefill included (AR = 1.00; linear self-speculation "
+    "~ acceptance / 2). r_j = P(draft token j accepted | drafts 1..j-1 accepted). Lossless: greedy "
+    "self-speculation must emit exactly AR's tokens."
+)
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:+.1f}%"
+
+
+def write_markdown(report: dict[str, Any], path: Path) -> None:
+    s = report["settings"]
+    runs = report["runs"]
+    spec = [lab for lab in runs if lab not in ("ar", "diffusion")]
+    lines = [
+        "# Self-speculation acceptance report",
+        "",
+        f"Model `{report['model']['path']}` (weights {report['model']['weights_hash']}), "
+        f"{report['n_prompts']} prompts from `{report['prompts']}`; block {s['block_size']}, draft length "
+        f"{s['draft_len']}, max {s['max_new_tokens']} new tokens, temperature {s['temperature']}, batch "
+        f"{s['batch_size']}. Machine: {report['machine']['platform']} ({report['machine']['device']}).",
+        "",
+        "## Headline",
+        "",
+        "| | before (no adapter) | after | change |",
+        "|---|---:|---:|---:|",
+        f"| mean acceptance length | {report['before']['acceptance_length']:.3f} "
+        f"[{report['before']['acceptance_length_ci95'][0]:.2f}, {report['before']['acceptance_length_ci95'][1]:.2f}]"
+        f" | {report['after']['acceptance_length']:.3f} [{report['after']['acceptance_length_ci95'][0]:.2f}, "
+        f"{report['after']['acceptance_length_ci95'][1]:.2f}] | {_pct(report['gain']['acceptance_length_rel'])} |",
+        f"| TPF | {report['before']['tpf']:.3f} | {report['after']['tpf']:.3f} | {_pct(report['gain']['tpf_rel'])} |",
+        f"| speedup vs AR (batch {s['batch_size']}) | {report['before']['speedup_vs_ar']:.2f}x | "
+        f"{report['after']['speedup_vs_ar']:.2f}x | |",
+        f"| speedup vs AR (batch 1) | {report['before']['speedup_vs_ar_batch1']:.2f}x | "
+        f"{report['after']['speedup_vs_ar_batch1']:.2f}x | |",
+        "",
+        f"Lossless check (greedy self-spec vs AR): **{report['lossless']['mismatches']} mismatching prompts**"
+        if report["lossless"]["checked"] else "Lossless check: not applicable (sampling).",
+        "",
+        "Brackets: 95% bootstrap interval over prompts.",
+        "",
+        "## All runs",
+        "",
+        "| run | acceptance | TPF | tokens/s (batch) | tokens/s (batch 1) | speedup vs AR |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for lab, run in runs.items():
+        acc = f"{run['acceptance_length']:.3f}" if "acceptance_length" in run else "-"
+        lines.append(f"| {lab} | {acc} | {run['tpf']:.3f} | {run['tokens_per_s']:.1f} | "
+                     f"{run['tokens_per_s_batch1']:.1f} | {run['speedup_vs_ar']:.2f}x |")
+    if "diffusion_agreement" in report["lossless"]:
+        agree = report["lossless"]["diffusion_agreement"]
+        lines += ["", f"Diffusion vs AR (reported, not required): {100 * agree['exact_prompts']:.1f}% prompts "
+                      f"identical, {100 * agree['token_agreement']:.1f}% tokens agree."]
+    lines += ["", "## Per category (mean acceptance length)", "",
+              "| category | prompts | " + " | ".join(spec) + " |", "|---|---:|" + "---:|" * len(spec)]
+    for cat in report["categories"]:
+        n = runs["before"]["per_category"].get(cat, {}).get("n_prompts", 0)
+        vals = [f"{runs[lab]['per_category'].get(cat, {}).get('acceptance_length', 0.0):.3f}" for lab in spec]
+        lines.append(f"| {cat} | {n} | " + " | ".join(vals) + " |")
+    width = max(len(runs[lab]["per_position_acceptance"]) for lab in spec)
+    lines += ["", "## Per position (r_j)", "", "| j | " + " | ".join(spec) + " |", "|---:|" + "---:|" * len(spec)]
+    for j in range(width):
+        vals = [f"{runs[lab]['per_position_acceptance'][j]:.3f}" if j < len(runs[lab]["per_position_acceptance"])
+                else "-" for lab in spec]
+        lines.append(f"| {j + 1} | " + " | ".join(vals) + " |")
+    p = report["plots"]
+    lines += ["", "## Plots", "", f"![acceptance histogram]({p['histogram']})", "",
+              f"![per-position acceptance]({p['per_position']})", "", f"![per-category]({p['categories']})", "",
+              "## Conventions", "", CONVENTIONS, ""]
+    path.write_text("\n".join(lines))
