@@ -89,7 +89,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     model = _load(args)
     cfg = ReportConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, temperature=args.temperature,
                        block_size=args.block_size, draft_len=args.draft_len, limit=args.limit,
-                       speed_prompts=args.speed_prompts, diffusion=not args.no_diffusion, seed=args.seed)
+                       speed_prompts=args.speed_prompts, diffusion=not args.no_diffusion, seed=args.seed,
+                       lora_mode=args.lora_mode)
     report = build_report(model, args.adapter or [], args.prompts, args.out, cfg)
     print(headline(report))
     print(f"report: {Path(args.out) / 'report.md'}")
@@ -164,6 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--limit", type=int, default=None)
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--no-diffusion", action="store_true", help="skip the native diffusion run")
+    r.add_argument("--lora-mode", choices=["draft_only", "both"], default="draft_only",
+                   help="'both' also applies the adapter to verify (not lossless; the check will say so)")
     r.add_argument("--strict", action="store_true", help="exit 3 when the lossless check finds a mismatch")
     r.set_defaults(func=cmd_report)
     return parser

@@ -34,6 +34,7 @@ class ReportConfig:
     limit: int | None = None
     seed: int = 0
     system_prompt: str | None = None
+    lora_mode: str = "draft_only"  # "both" also runs verify with the adapter: output then differs from AR
 
 
 def machine_info() -> dict[str, Any]:
@@ -57,8 +58,8 @@ def build_report(model: Any, adapters: list[str], prompts: str | Path, out_dir: 
     records, _ = read_prompts(prompts, limit=cfg.limit)
     texts = [render_prompt(r, model.tokenizer, system_prompt=cfg.system_prompt) for r in records]
     categories = [r.category for r in records]
-    names = [model.attach_adapter(path, name=f"adapter{i}" if len(adapters) > 1 else "after")
-             for i, path in enumerate(adapters)]
+    names = [model.attach_adapter(path, name=f"adapter{i}" if len(adapters) > 1 else "after",
+                                  lora_mode=cfg.lora_mode) for i, path in enumerate(adapters)]
     block = cfg.block_size or model.block_size
     k = cfg.draft_len or max(block - 1, 1)
     common = {"max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature, "seed": cfg.seed,
@@ -105,7 +106,7 @@ def build_report(model: Any, adapters: list[str], prompts: str | Path, out_dir: 
         "machine": machine_info(),
         "settings": {"max_new_tokens": cfg.max_new_tokens, "batch_size": cfg.batch_size, "block_size": block,
                      "draft_len": k, "temperature": cfg.temperature, "threshold": cfg.threshold,
-                     "speed_prompts": min(cfg.speed_prompts, len(records))},
+                     "speed_prompts": min(cfg.speed_prompts, len(records)), "lora_mode": cfg.lora_mode},
         "ar": runs["ar"],
         "before": runs["before"],
         "after": runs[after_label],

@@ -1,0 +1,95 @@
+"""Report metrics on hand-built records, report files that agree with each other, loud lossless failures."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from nld_lora.decoding.stats import GenerationStats, RequestStats
+from nld_lora.report import ReportConfig, build_report
+from nld_lora.report.metrics import bootstrap_ci, histogram, pooled_acceptance, summarize_run, token_agreement
+from tests.helpers import make_adapter, saved_tiny_model
+
+ROOT = Path(__file__).resolve().parents[1]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _req(accepts: list[int], k: int = 3, new_tokens: int | None = None) -> RequestStats:
+    r = RequestStats()
+    for n in accepts:
+        r.record_cycle(0, n, list(range(k)))
+    r.forwards["prefill"] = 1
+    r.forwards["draft"] = r.forwards["verify"] = len(accepts)
+    r.new_tokens = new_tokens if new_tokens is not None else 1 + sum(a + 1 for a in accepts)
+    return r
+
+
+def test_metrics_on_known_cycles():
+    a = _req([0, 3, 1])  # acceptance lengths 1, 4, 2
+    b = _req([2])  # 3
+    assert a.acceptance_lengths == [1, 4, 2] and a.acceptance_length == pytest.approx(7 / 3)
+    assert pooled_acceptance([a, b]) == pytest.approx(10 / 4)  # pooled over cycles, not a mean of means
+    # position 1: attempted 4 times, accepted 3 (0 failed at j=1); position 2: attempted 3, accepted 2; ...
+    stats = GenerationStats([a, b], wall_s=2.0)
+    assert stats.per_position_acceptance == pytest.approx([3 / 4, 2 / 3, 1 / 2])
+    assert histogram([a, b], 4) == [1, 1, 1, 1]
+    assert a.tpf == pytest.approx(8 / 7) and stats.tokens_per_s == pytest.approx((8 + 4) / 2.0)
+    lo, hi = bootstrap_ci([a, b, _req([1, 1]), _req([3])], seed=1)
+    assert lo <= pooled_acceptance([a, b, _req([1, 1]), _req([3])]) <= hi
+    assert (lo, hi) == bootstrap_ci([a, b, _req([1, 1]), _req([3])], seed=1)
+    summary = summarize_run(stats, 3, ["x", "y"])
+    assert summary["per_category"]["x"]["acceptance_length"] == pytest.approx(7 / 3)
+    assert token_agreement([[1, 2, 3]], [[1, 2, 4]]) == {"exact_prompts": 0.0, "token_agreement": pytest.approx(2 / 3)}
+
+
+def _prompts(path: Path) -> Path:
+    cats = ["class_method", "plain_function"]
+    rows = [{"id": f"p{i}", "prompt": f"def f{i}(a):\n    return a" + " + a" * i, "category": cats[i % 2]}
+            for i in range(6)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_report_files_exist_parse_and_agree(tmp_path):
+    import nld_lora
+
+    model = nld_lora.load(saved_tiny_model(tmp_path / "m"))
+    adapter = make_adapter(model, tmp_path / "lora", r=4)
+    cfg = ReportConfig(max_new_tokens=12, batch_size=3, speed_prompts=2, block_size=4)
+    report = build_report(model, [adapter], _prompts(tmp_path / "p.jsonl"), tmp_path / "rep", cfg, progress=False)
+    on_disk = json.loads((tmp_path / "rep" / "report.json").read_text())
+    assert on_disk["before"]["acceptance_length"] == report["before"]["acceptance_length"]
+    for key in ("acceptance_length", "tpf", "per_position_acceptance", "histogram", "per_category"):
+        assert key in on_disk["before"] and key in on_disk["after"]
+    assert on_disk["n_prompts"] == 6 and on_disk["lossless"]["mismatches"] == 0
+    assert on_disk["ar"]["tpf"] == 1.0 and on_disk["ar"]["tokens_per_s"] > 0
+    assert set(on_disk["before"]["per_category"]) == {"class_method", "plain_function"}
+    assert sum(on_disk["before"]["histogram"]) == on_disk["before"]["cycles"]
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert f"{on_disk['before']['acceptance_length']:.3f}" in md and f"{on_disk['after']['tpf']:.3f}" in md
+    assert "**0 mismatching prompts**" in md
+    for name in on_disk["plots"].values():
+        data = (tmp_path / "rep" / name).read_bytes()
+        assert data.startswith(PNG_MAGIC) and f"]({name})" in md
+        import matplotlib.image
+
+        assert matplotlib.image.imread(tmp_path / "rep" / name).shape[0] > 100
+    assert model.adapters == {}  # the report leaves the model as it found it
+
+
+def test_lossless_mismatch_is_loud_with_strict(tmp_path):
+    model_dir = saved_tiny_model(tmp_path / "m")
+    import nld_lora
+
+    adapter = make_adapter(nld_lora.load(model_dir), tmp_path / "lora", r=8)
+    cmd = [sys.executable, "-m", "nld_lora.cli", "report", "--model", model_dir, "--adapter", adapter,
+           "--prompts", str(_prompts(tmp_path / "p.jsonl")), "--out", str(tmp_path / "rep"), "--max-new-tokens",
+           "10", "--block-size", "4", "--speed-prompts", "1", "--no-diffusion", "--lora-mode", "both", "--strict"]
+    res = subprocess.run(cmd, env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True, cwd=ROOT)
+    assert res.returncode == 3, res.stderr[-2000:]
+    assert "lossless check failed" in res.stderr
+    report = json.loads((tmp_path / "rep" / "report.json").read_text())
+    assert report["lossless"]["mismatches"] > 0 and report["lossless"]["per_run"]["after"]["prompt_ids"]
