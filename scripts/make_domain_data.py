@@ -107,8 +107,9 @@ def prompts_from_source(source: str, rel_path: str, rng: random.Random) -> list[
     return out
 
 
-def build(out_dir: Path, corpus_dir: Path, seed: int, eval_fraction: float, max_train: int, max_eval: int) -> dict:
-    root = Path(sysconfig.get_paths()["stdlib"])
+def build(out_dir: Path, corpus_dir: Path, seed: int, eval_fraction: float, max_train: int, max_eval: int,
+          root: Path | None = None) -> dict:
+    root = root or Path(sysconfig.get_paths()["stdlib"])
     rng = random.Random(seed)
     corpus = {"train": [], "eval": []}
     prompts = {"train": [], "eval": []}
@@ -145,8 +146,10 @@ def main() -> None:
     parser.add_argument("--eval-fraction", type=float, default=0.15)
     parser.add_argument("--max-train", type=int, default=3000)
     parser.add_argument("--max-eval", type=int, default=400)
+    parser.add_argument("--root", default=None, help="source tree (default: this interpreter's stdlib)")
     args = parser.parse_args()
-    counts = build(Path(args.out), Path(args.corpus), args.seed, args.eval_fraction, args.max_train, args.max_eval)
+    counts = build(Path(args.out), Path(args.corpus), args.seed, args.eval_fraction, args.max_train, args.max_eval,
+                   Path(args.root) if args.root else None)
     print(json.dumps(counts, indent=2))
 
 
