@@ -1,5 +1,7 @@
 """Triton verify kernels (run under TRITON_INTERPRET=1 on CPU) against the PyTorch references."""
 
+import os
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -9,6 +11,8 @@ from nld_lora.kernels import reference, set_backend, triton_verify, verify_greed
 from nld_lora.kernels.triton_verify import BLOCK_V
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# compiled kernels on a GPU when TRITON_INTERPRET=0 (scripts/gpu_check.sh); the interpreter on CPU otherwise
+DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") == "0" else "cpu"
 VOCABS = [BLOCK_V - 1, BLOCK_V + 1, 1000, 32000, 131072]
 
 
@@ -34,7 +38,8 @@ def _case(vocab, counts, dtype, seed, style):
             if cut < k:
                 d[cut] = (d[cut] + 1) % vocab
         drafts.append(d)
-    return logits, torch.cat(drafts) if drafts else torch.zeros(0, dtype=torch.long), cu
+    drafts = torch.cat(drafts) if drafts else torch.zeros(0, dtype=torch.long)
+    return logits.to(DEVICE), drafts.to(DEVICE), cu.to(DEVICE)
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -74,9 +79,10 @@ def test_greedy_large_vocab(vocab, dtype):
 def test_sampled_replay_equals_reference(vocab, counts, dtype, seed, temps):
     logits, drafts, cu = _case(vocab, counts, dtype, seed, "random")
     g = torch.Generator().manual_seed(seed + 1)
-    draft_logits = (logits.float()[: sum(counts)] + torch.randn(sum(counts), vocab, generator=g)).to(dtype)
-    temperature = torch.tensor(temps[: len(counts)] + [1.0] * (len(counts) - len(temps[: len(counts)])))
-    seeds = torch.arange(len(counts), dtype=torch.int64) * 977 + seed
+    noise = torch.randn(sum(counts), vocab, generator=g).to(DEVICE)
+    draft_logits = (logits.float()[: sum(counts)] + noise).to(dtype)
+    temperature = torch.tensor(temps[: len(counts)] + [1.0] * (len(counts) - len(temps[: len(counts)])), device=DEVICE)
+    seeds = torch.arange(len(counts), dtype=torch.int64, device=DEVICE) * 977 + seed
     ref = reference.verify_sampled(logits, draft_logits, drafts, cu, temperature, seeds)
     tri = triton_verify.verify_sampled(logits, draft_logits, drafts, cu, temperature, seeds)
     assert torch.equal(ref[0], tri[0]) and torch.equal(ref[1], tri[1])
