@@ -60,11 +60,11 @@ def run_recipe(cfg: RecipeConfig) -> dict[str, Any]:
     from nld_lora.data import collect, read_prompts
     from nld_lora.report import build_report
     from nld_lora.train import train
-    from nld_lora.train.trainer import FINAL_ADAPTER, _mixed_precision
+    from nld_lora.train.trainer import FINAL_ADAPTER, mixed_precision_for
 
     cfg.train.validate()
     out = Path(cfg.out)
-    accelerator = Accelerator(mixed_precision=_mixed_precision(cfg.train.mixed_precision),
+    accelerator = Accelerator(mixed_precision=mixed_precision_for(cfg.train.mixed_precision),
                               gradient_accumulation_steps=cfg.train.grad_accum,
                               log_with=["wandb"] if cfg.train.wandb else None, project_dir=str(out))
     say = accelerator.print

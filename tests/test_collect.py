@@ -113,3 +113,18 @@ def test_two_processes_merge_without_duplicates(tmp_path):
     ds = load_collected(out)
     assert len(ds) == len(set(ds["prompt_id"])) == 20
     assert dict(zip(ds["prompt_id"], ds["target_ids"])) == _expected(model_dir, prompts, 12)
+
+
+def test_length_policy_skips_or_truncates_with_counts(tmp_path):
+    model = nld_lora.load(saved_tiny_model(tmp_path / "m"))
+    records, _ = read_prompts(_prompts(tmp_path / "p.jsonl", 6))
+    lengths = [len(model.tokenizer(r.prompt)["input_ids"]) for r in records[:6]]
+    limit = sorted(lengths)[2]
+    too_long = sum(n > limit for n in lengths)
+    skip = collect(model, records, tmp_path / "skip", CollectConfig(max_new_tokens=4, max_prompt_tokens=limit),
+                   progress=False)
+    assert skip.skipped["too_long"] == too_long > 0 and skip.generated == 6 - too_long
+    cut = collect(model, records, tmp_path / "cut", CollectConfig(max_new_tokens=4, max_prompt_tokens=limit,
+                                                                  length_policy="truncate_left"), progress=False)
+    assert cut.truncated == too_long and cut.generated == 6
+    assert max(len(ids) for ids in load_collected(tmp_path / "cut")["prompt_ids"]) <= limit

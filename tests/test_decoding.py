@@ -188,3 +188,17 @@ def test_errors_are_clear(tmp_path):
     mismatched = make_adapter(wide, tmp_path / "wide")
     with pytest.raises(AdapterError, match=r"encoder.layers.0.self_attn.o_proj: lora_B expects out_features 48"):
         model.attach_adapter(mismatched)
+
+
+def test_generate_cli_prints_stats(tmp_path, capsys):
+    from nld_lora.cli import main
+    from tests.helpers import saved_tiny_model
+
+    model_dir = saved_tiny_model(tmp_path / "m")
+    assert main(["generate", "--model", model_dir, "--prompt", "def f(a):\\n", "--mode", "self_spec",
+                 "--block-size", "4", "--max-new-tokens", "6"]) == 0
+    out = capsys.readouterr().out
+    stats = __import__("json").loads(out[out.index('{\n  "mode"'):])
+    assert stats["new_tokens"] == 6 and stats["forwards"]["verify"] >= 1 and "--- self_spec ---" in out
+    assert main(["generate", "--model", model_dir, "--prompt", "x", "--max-new-tokens", "0"]) == 2
+    assert "max_new_tokens must be > 0" in capsys.readouterr().err

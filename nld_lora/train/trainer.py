@@ -45,7 +45,8 @@ class TrainResult:
     wall_s: float
 
 
-def _mixed_precision(setting: str) -> str:
+def mixed_precision_for(setting: str) -> str:
+    """'auto' -> bf16 on a CUDA device that has it, else no mixed precision."""
     if setting != "auto":
         return setting
     return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
@@ -61,9 +62,8 @@ def add_lora(model, cfg: TrainConfig):
         raise ConfigError(f"lora.target_modules {missing} not in the model; its Linear modules: {sorted(names)}")
     for p in model.parameters():
         p.requires_grad_(False)
-    target = [t for t in cfg.lora.target_modules]
     lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout, bias="none",
-                      target_modules=target, exclude_modules=["diffusion_head"])
+                      target_modules=list(cfg.lora.target_modules), exclude_modules=["diffusion_head"])
     peft_model = get_peft_model(model, lora, adapter_name=ADAPTER_NAME)
     register_peft(model, peft_model, ADAPTER_NAME)
     return peft_model
@@ -135,7 +135,7 @@ def train(model_or_path: Any, dataset_dir: str | Path, out_dir: str | Path, cfg:
     if cfg.wandb:
         os.environ.setdefault("WANDB_MODE", cfg.wandb_mode)
     if accelerator is None:
-        accelerator = Accelerator(mixed_precision=_mixed_precision(cfg.mixed_precision),
+        accelerator = Accelerator(mixed_precision=mixed_precision_for(cfg.mixed_precision),
                                   gradient_accumulation_steps=cfg.grad_accum,
                                   log_with=["wandb"] if cfg.wandb else None, project_dir=str(out))
     set_seed(cfg.seed)
