@@ -90,7 +90,8 @@ def prompts_from_source(source: str, rel_path: str, rng: random.Random) -> list[
         cut = min(after_doc + n_extra, fn.end_lineno - 1)
         if cut <= after_doc:
             return
-        prompt = textwrap.dedent("".join(lines[start:cut]))
+        # no trailing newline: a bare "\n" token is a boundary BPE never saw mid-function (token healing)
+        prompt = textwrap.dedent("".join(lines[start:cut])).rstrip("\n")
         rest = textwrap.dedent("".join(lines[start:fn.end_lineno]))[len(prompt):]
         if not prompt.strip() or not rest.strip() or len(prompt) > MAX_PROMPT_CHARS:
             return
