@@ -86,15 +86,15 @@ def test_training_recomputes_exactly_the_runtime_drafts(tmp_path):
 def collected(tmp_path_factory):
     out = tmp_path_factory.mktemp("collected")
     model = nld_lora.load(EMBEDDED)
-    records, _ = read_prompts(ROOT / "data" / "prompts" / "code_train.jsonl", limit=48)
-    collect(model, records, out, CollectConfig(max_new_tokens=48, batch_size=16), progress=False)
+    records, _ = read_prompts(ROOT / "data" / "prompts" / "code_train.jsonl", limit=64)
+    collect(model, records, out, CollectConfig(max_new_tokens=64, batch_size=32), progress=False)
     return out
 
 
 def _small_cfg(**kw) -> TrainConfig:
-    base = dict(lora=LoraSettings(r=16, alpha=32, target_modules=["o_proj", "v_proj"]), steps=24, batch_size=4,
-                blocks_per_seq=4, eval_every=12, save_every=12, log_every=4, lr=3e-3, eval_fraction=0.2,
-                eval_blocks_per_seq=8)
+    base = dict(lora=LoraSettings(r=16, alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
+                steps=40, batch_size=8, blocks_per_seq=8, eval_every=20, save_every=20, log_every=4, lr=2e-3,
+                eval_fraction=0.25, eval_blocks_per_seq=16)
     base.update(kw)
     return TrainConfig(**base)
 
@@ -103,7 +103,7 @@ def test_few_steps_reduce_loss_and_raise_simulated_acceptance(collected, tmp_pat
     res = train(EMBEDDED, collected, tmp_path / "run", _small_cfg(), progress=False)
     log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in log if "loss" in r]
-    assert losses[-1] < losses[0]
+    assert sum(losses[-3:]) < sum(losses[:3])
     assert res.best_simulated_acceptance > res.baseline_simulated_acceptance
     meta = json.loads((Path(res.adapter_dir) / "nld_adapter.json").read_text())
     assert meta["base_weights_hash"] == nld_lora.load(EMBEDDED).weights_hash
@@ -138,11 +138,11 @@ def test_bad_configs_fail_at_start(collected, tmp_path):
 
 
 def test_two_processes_match_one_process_quality(collected, tmp_path):
-    overrides = ["steps=16", "batch_size=2", "blocks_per_seq=4", "lora.r=16", "lora.alpha=32", "lr=3e-3",
-                 "eval_every=16", "save_every=16", "eval_fraction=0.2", "eval_blocks_per_seq=8",
-                 "lora.target_modules=[o_proj, v_proj]"]
+    overrides = ["steps=30", "batch_size=4", "blocks_per_seq=8", "lora.r=16", "lora.alpha=32", "lr=2e-3",
+                 "eval_every=30", "save_every=30", "eval_fraction=0.25", "eval_blocks_per_seq=16",
+                 "lora.target_modules=[q_proj, k_proj, v_proj, o_proj]"]
     one = train(EMBEDDED, collected, tmp_path / "one",
-                load_config(TrainConfig, None, [*overrides, "batch_size=4"]), progress=False)
+                load_config(TrainConfig, None, [*overrides, "batch_size=8"]), progress=False)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "nld_lora.cli", "train",
            "--model", EMBEDDED, "--data", str(collected), "--out", str(tmp_path / "two"), *overrides]
     res = subprocess.run(cmd, env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True, cwd=ROOT)
