@@ -261,14 +261,10 @@ def load_collected(out_dir: str | Path, *, model: Any = None):
     if not shards:
         raise CollectError(f"{out}: no shards in {SHARD_DIR}/")
     ds = Dataset.from_parquet(shards)
-    seen: set[str] = set()
-    keep = []
+    first: dict[str, int] = {}
     for i, pid in enumerate(ds["prompt_id"]):
-        if pid not in seen:
-            seen.add(pid)
-            keep.append(i)
-    ds = ds.select(keep)
-    return ds.sort("prompt_id")
+        first.setdefault(pid, i)
+    return ds.select([first[pid] for pid in sorted(first)])
 
 
 def collect_meta(out_dir: str | Path) -> dict:
