@@ -71,15 +71,19 @@ def cmd_collect(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from accelerate import PartialState
+
     from nld_lora.config import load_config
     from nld_lora.train import TrainConfig, train
 
     cfg = load_config(TrainConfig, args.config, args.overrides)
     res = train(args.model, args.data, args.out, cfg)
+    if not PartialState().is_main_process:
+        return 0
     print(json.dumps({"adapter": res.adapter_dir, "steps": res.steps, "best_step": res.best_step,
                       "simulated_acceptance_before": round(res.baseline_simulated_acceptance, 4),
                       "simulated_acceptance_after": round(res.best_simulated_acceptance, 4),
-                      "wall_s": round(res.wall_s, 1)}, indent=2))
+                      "wall_s": round(res.wall_s, 1), "processes": res.world_size}, indent=2))
     return 0
 
 

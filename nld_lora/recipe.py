@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from nld_lora.config import to_dict
 from nld_lora.data.collect import CollectConfig
 from nld_lora.report.runner import ReportConfig
@@ -64,7 +66,8 @@ def run_recipe(cfg: RecipeConfig) -> dict[str, Any]:
 
     cfg.train.validate()
     out = Path(cfg.out)
-    accelerator = Accelerator(mixed_precision=mixed_precision_for(cfg.train.mixed_precision),
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(),
+                              mixed_precision=mixed_precision_for(cfg.train.mixed_precision),
                               gradient_accumulation_steps=cfg.train.grad_accum,
                               log_with=["wandb"] if cfg.train.wandb else None, project_dir=str(out))
     say = accelerator.print

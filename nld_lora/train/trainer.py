@@ -43,6 +43,7 @@ class TrainResult:
     baseline_simulated_acceptance: float
     steps: int
     wall_s: float
+    world_size: int = 1
 
 
 def mixed_precision_for(setting: str) -> str:
@@ -135,7 +136,8 @@ def train(model_or_path: Any, dataset_dir: str | Path, out_dir: str | Path, cfg:
     if cfg.wandb:
         os.environ.setdefault("WANDB_MODE", cfg.wandb_mode)
     if accelerator is None:
-        accelerator = Accelerator(mixed_precision=mixed_precision_for(cfg.mixed_precision),
+        accelerator = Accelerator(cpu=not torch.cuda.is_available(),
+                                  mixed_precision=mixed_precision_for(cfg.mixed_precision),
                                   gradient_accumulation_steps=cfg.grad_accum,
                                   log_with=["wandb"] if cfg.wandb else None, project_dir=str(out))
     set_seed(cfg.seed)
@@ -243,7 +245,7 @@ def train(model_or_path: Any, dataset_dir: str | Path, out_dir: str | Path, cfg:
     if cfg.wandb:
         accelerator.end_training()
     return TrainResult(str(final), state["best_step"], state["best"] or 0.0, state["baseline"] or 0.0,
-                       state["step"], wall)
+                       state["step"], wall, accelerator.num_processes)
 
 
 def _save_state(accelerator, ckpt_dir: Path, state: dict) -> None:
