@@ -21,16 +21,10 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 @dataclass
-class CollectSection:
+class CollectSection(CollectConfig):
+    """Collection settings plus how many training prompts to read (None: all)."""
+
     limit: int | None = None
-    max_new_tokens: int = 128
-    temperature: float = 0.0
-    batch_size: int = 16
-    shard_size: int = 64
-    max_prompt_tokens: int | None = None
-    length_policy: str = "skip"
-    system_prompt: str | None = None
-    backend: str = "runtime"
 
 
 @dataclass

@@ -13,6 +13,14 @@ from typing import Any
 FORWARD_KINDS = ("prefill", "ar", "draft", "verify", "denoise", "commit")
 
 
+def _mean(values: list[int]) -> float:
+    return sum(values) / len(values) if values else 0.0
+
+
+def _ratio(num: float, den: float) -> float:
+    return num / den if den else 0.0
+
+
 @dataclass
 class RequestStats:
     new_tokens: int = 0
@@ -31,16 +39,15 @@ class RequestStats:
 
     @property
     def tpf(self) -> float:
-        return self.new_tokens / self.total_forwards if self.total_forwards else 0.0
+        return _ratio(self.new_tokens, self.total_forwards)
 
     @property
     def acceptance_length(self) -> float:
-        a = self.acceptance_lengths
-        return sum(a) / len(a) if a else 0.0
+        return _mean(self.acceptance_lengths)
 
     @property
     def per_position_acceptance(self) -> list[float]:
-        return [acc / att if att else 0.0 for acc, att in zip(self.position_accepts, self.position_attempts)]
+        return [_ratio(acc, att) for acc, att in zip(self.position_accepts, self.position_attempts)]
 
     def record_cycle(self, start: int, n_accepted: int, drafts: list[int]) -> None:
         """One draft+verify cycle at seed position `start` that accepted n_accepted of its drafts."""
@@ -83,8 +90,7 @@ class GenerationStats:
 
     @property
     def tpf(self) -> float:
-        total = sum(self.forwards.values())
-        return self.new_tokens / total if total else 0.0
+        return _ratio(self.new_tokens, sum(self.forwards.values()))
 
     @property
     def acceptance_lengths(self) -> list[int]:
@@ -92,8 +98,7 @@ class GenerationStats:
 
     @property
     def acceptance_length(self) -> float:
-        a = self.acceptance_lengths
-        return sum(a) / len(a) if a else 0.0
+        return _mean(self.acceptance_lengths)
 
     @property
     def per_position_acceptance(self) -> list[float]:
@@ -103,11 +108,11 @@ class GenerationStats:
             for j, (t, a) in enumerate(zip(r.position_attempts, r.position_accepts)):
                 att[j] += t
                 acc[j] += a
-        return [a / t if t else 0.0 for a, t in zip(acc, att)]
+        return [_ratio(a, t) for a, t in zip(acc, att)]
 
     @property
     def tokens_per_s(self) -> float:
-        return self.new_tokens / self.wall_s if self.wall_s > 0 else 0.0
+        return _ratio(self.new_tokens, self.wall_s)
 
     def as_dict(self) -> dict[str, Any]:
         return {

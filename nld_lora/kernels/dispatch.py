@@ -29,7 +29,9 @@ def _use_triton(t: torch.Tensor) -> bool:
     return t.is_cuda
 
 
-def verify_greedy(target_logits, draft_tokens, cu_draft_lens):
+def verify_greedy(
+    target_logits: torch.Tensor, draft_tokens: torch.Tensor, cu_draft_lens: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """See nld_lora.kernels.reference.verify_greedy."""
     if _use_triton(target_logits):
         from nld_lora.kernels import triton_verify
@@ -38,7 +40,10 @@ def verify_greedy(target_logits, draft_tokens, cu_draft_lens):
     return reference.verify_greedy(target_logits, draft_tokens, cu_draft_lens)
 
 
-def verify_sampled(target_logits, draft_logits, draft_tokens, cu_draft_lens, temperature, seeds):
+def verify_sampled(
+    target_logits: torch.Tensor, draft_logits: torch.Tensor, draft_tokens: torch.Tensor,
+    cu_draft_lens: torch.Tensor, temperature: torch.Tensor, seeds: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """See nld_lora.kernels.reference.verify_sampled."""
     if _use_triton(target_logits):
         from nld_lora.kernels import triton_verify

@@ -187,7 +187,10 @@ def verify_greedy(target_logits: torch.Tensor, draft_tokens: torch.Tensor, cu_dr
     return tokens, n_acc
 
 
-def verify_sampled(target_logits, draft_logits, draft_tokens, cu_draft_lens, temperature, seeds):
+def verify_sampled(
+    target_logits: torch.Tensor, draft_logits: torch.Tensor, draft_tokens: torch.Tensor,
+    cu_draft_lens: torch.Tensor, temperature: torch.Tensor, seeds: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton twin of reference.verify_sampled."""
     check_verify_inputs(target_logits, draft_tokens, cu_draft_lens, draft_logits, temperature, seeds)
     target_logits = _rows_contiguous(target_logits)

@@ -10,8 +10,8 @@ from nld_lora.decoding.stats import GenerationStats, RequestStats
 
 
 def pooled_acceptance(requests: list[RequestStats]) -> float:
-    cycles = [a for r in requests for a in r.acceptance_lengths]
-    return sum(cycles) / len(cycles) if cycles else 0.0
+    """Mean acceptance over all cycles of these requests (the same pooling as GenerationStats)."""
+    return GenerationStats(requests, 0.0).acceptance_length
 
 
 def bootstrap_ci(requests: list[RequestStats], n_boot: int = 1000, seed: int = 0,

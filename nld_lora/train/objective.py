@@ -38,15 +38,15 @@ class DraftLossOutput:
     position_accepts: torch.Tensor  # (k,)
 
 
-def block_layout(batch: DraftBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Student input ids, positions and the (B, 1, Q, L + Q) mask for all blocks of every sequence."""
+def block_layout(batch: DraftBatch, mask_token_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Student input ids [x_s, mask x k] per block, positions, and the (B, 1, Q, L + Q) attention mask."""
     ids, starts, k = batch.input_ids, batch.starts, batch.draft_len
     bsz, length = ids.shape
     nb = starts.shape[1]
     width = k + 1
     safe = starts.clamp(min=0)
     seeds = torch.gather(ids, 1, safe)
-    block_ids = torch.full((bsz, nb, width), -1, dtype=torch.long, device=ids.device)
+    block_ids = torch.full((bsz, nb, width), mask_token_id, dtype=torch.long, device=ids.device)
     block_ids[:, :, 0] = seeds
     positions = (safe[:, :, None] + torch.arange(width, device=ids.device)).reshape(bsz, nb * width)
     prefix = torch.arange(length, device=ids.device)
@@ -75,8 +75,7 @@ def teacher_pass(model, batch: DraftBatch, adapter: str | None) -> tuple[Dynamic
 
 def student_logits(model, batch: DraftBatch, cache: DynamicCache, mask_token_id: int) -> torch.Tensor:
     """Draft logits (B, nb, k, V) for rows 1..k of every block, in one forward over the teacher's cache."""
-    block_ids, positions, mask = block_layout(batch)
-    block_ids = torch.where(block_ids < 0, torch.full_like(block_ids, mask_token_id), block_ids)
+    block_ids, positions, mask = block_layout(batch, mask_token_id)
     bsz, q = block_ids.shape
     k = batch.draft_len
     nb = q // (k + 1)
