@@ -78,6 +78,10 @@ def test_report_files_exist_parse_and_agree(tmp_path):
 
         assert matplotlib.image.imread(tmp_path / "rep" / name).shape[0] > 100
     assert model.adapters == {}  # the report leaves the model as it found it
+    second = make_adapter(model, tmp_path / "lora2", r=4, seed=5)
+    both = build_report(model, [adapter, second], tmp_path / "p.jsonl", tmp_path / "rep2", cfg, progress=False)
+    assert {"adapter0", "adapter1"} <= set(both["runs"]) and both["after"] == both["runs"]["adapter0"]
+    assert "| j | before | adapter0 | adapter1 |" in (tmp_path / "rep2" / "report.md").read_text()
 
 
 def test_lossless_mismatch_is_loud_with_strict(tmp_path):
