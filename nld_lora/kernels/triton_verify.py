@@ -17,6 +17,7 @@ from nld_lora.kernels.rng import C_LANE, C_POS, C_STREAM, M1, M2, MASK32, STREAM
 from nld_lora.kernels.validate import check_verify_inputs
 
 BLOCK_V = 1024
+MAX_SPLITS = 32
 
 
 @triton.jit
@@ -38,22 +39,25 @@ def _uniform(seed, pos, lane, stream: tl.constexpr):
 
 @triton.jit
 def _row_stats_kernel(
-    logits_ptr, stride_row, vocab, inv_temp_ptr, token_ptr,
-    argmax_ptr, lse_ptr, tok_logit_ptr,
+    logits_ptr, stride_row, vocab, chunks_per_split, n_splits, inv_temp_ptr, token_ptr,
+    part_max_ptr, part_idx_ptr, part_lmax_ptr, part_lsum_ptr, tok_logit_ptr,
     WITH_LSE: tl.constexpr, BLOCK: tl.constexpr,
 ):
+    """Program (row, split): max/first argmax and (optionally) max/sum-exp of x/T over one vocabulary slice."""
     row = tl.program_id(0)
+    split = tl.program_id(1)
     base = logits_ptr + row.to(tl.int64) * stride_row
     offs = tl.arange(0, BLOCK)
+    lo = split * chunks_per_split * BLOCK
     best = tl.full((), float("-inf"), tl.float32)
-    best_idx = tl.full((), 0, tl.int32)
+    best_idx = lo.to(tl.int32)
     run_max = tl.full((), float("-inf"), tl.float32)
     run_sum = tl.full((), 0.0, tl.float32)
     inv_t = 1.0
     if WITH_LSE:
         inv_t = tl.load(inv_temp_ptr + row)
-    for start in range(0, vocab, BLOCK):
-        idx = start + offs
+    for c in range(0, chunks_per_split):
+        idx = lo + c * BLOCK + offs
         x = tl.load(base + idx, mask=idx < vocab, other=float("-inf")).to(tl.float32)
         m = tl.max(x, axis=0)
         first = tl.min(tl.where(x == m, idx, vocab + BLOCK), axis=0)
@@ -67,13 +71,17 @@ def _row_stats_kernel(
             safe = tl.where(new_max == float("-inf"), 0.0, new_max)
             run_sum = run_sum * tl.exp(run_max - safe) + tl.sum(tl.exp(xs - safe), axis=0)
             run_max = new_max
-    tl.store(argmax_ptr + row, best_idx)
+    out = row * n_splits + split
+    tl.store(part_max_ptr + out, best)
+    tl.store(part_idx_ptr + out, best_idx)
     if WITH_LSE:
-        tl.store(lse_ptr + row, run_max + tl.log(run_sum))
-        tok = tl.load(token_ptr + row)
-        has_tok = tok >= 0
-        val = tl.load(base + tl.where(has_tok, tok, 0)).to(tl.float32) * inv_t
-        tl.store(tok_logit_ptr + row, tl.where(has_tok, val, 0.0))
+        tl.store(part_lmax_ptr + out, run_max)
+        tl.store(part_lsum_ptr + out, run_sum)
+        if split == 0:
+            tok = tl.load(token_ptr + row)
+            has_tok = tok >= 0
+            val = tl.load(base + tl.where(has_tok, tok, 0)).to(tl.float32) * inv_t
+            tl.store(tok_logit_ptr + row, tl.where(has_tok, val, 0.0))
 
 
 @triton.jit
@@ -146,19 +154,39 @@ def _rows_contiguous(x: torch.Tensor) -> torch.Tensor:
 
 
 def _row_stats(logits: torch.Tensor, inv_temp: torch.Tensor | None, row_tokens: torch.Tensor | None):
-    """argmax, logsumexp(x/T) and x[token]/T per row; lse gets one spare slot for in-bounds scalar loads."""
+    """argmax, logsumexp(x/T) and x[token]/T per row; lse gets one spare slot for in-bounds scalar loads.
+
+    The vocabulary is split over up to MAX_SPLITS programs per row (a GPU stays busy with few rows); the
+    per-split partials are combined here: the first split holding the maximum keeps torch.argmax's tie rule.
+    """
     rows, vocab = logits.shape
     dev = logits.device
-    argmax = torch.empty(rows, dtype=torch.int32, device=dev)
-    lse = torch.zeros(rows + 1, dtype=torch.float32, device=dev)
-    tok = torch.empty(rows, dtype=torch.float32, device=dev)
+    block = min(BLOCK_V, triton.next_power_of_2(vocab))
+    chunks = triton.cdiv(vocab, block)
+    n_splits = min(MAX_SPLITS, chunks)
+    per_split = triton.cdiv(chunks, n_splits)
+    part_max = torch.empty((rows, n_splits), dtype=torch.float32, device=dev)
+    part_idx = torch.empty((rows, n_splits), dtype=torch.int32, device=dev)
     with_lse = inv_temp is not None
-    if rows:
-        _row_stats_kernel[(rows,)](
-            logits, logits.stride(0), vocab,
-            inv_temp if with_lse else lse, row_tokens if with_lse else argmax,
-            argmax, lse, tok, WITH_LSE=with_lse, BLOCK=min(BLOCK_V, triton.next_power_of_2(vocab)),
-        )
+    part_lmax = torch.empty((rows, n_splits), dtype=torch.float32, device=dev) if with_lse else part_max
+    part_lsum = torch.empty((rows, n_splits), dtype=torch.float32, device=dev) if with_lse else part_max
+    tok = torch.zeros(rows, dtype=torch.float32, device=dev)
+    lse = torch.zeros(rows + 1, dtype=torch.float32, device=dev)
+    if rows == 0:
+        return torch.empty(0, dtype=torch.int32, device=dev), lse, tok
+    _row_stats_kernel[(rows, n_splits)](
+        logits, logits.stride(0), vocab, per_split, n_splits,
+        inv_temp if with_lse else part_max, row_tokens if with_lse else part_idx,
+        part_max, part_idx, part_lmax, part_lsum, tok, WITH_LSE=with_lse, BLOCK=block,
+    )
+    top = part_max.max(dim=1, keepdim=True).values
+    first_split = (part_max == top).to(torch.int8).argmax(dim=1, keepdim=True)
+    argmax = part_idx.gather(1, first_split).squeeze(1).contiguous()
+    if with_lse:
+        m = part_lmax.max(dim=1, keepdim=True).values
+        safe = torch.where(torch.isinf(m) & (m < 0), torch.zeros_like(m), m)
+        total = (part_lsum * torch.exp(part_lmax - safe)).sum(dim=1)
+        lse[:rows] = m.squeeze(1) + torch.log(total)
     return argmax, lse, tok
 
 
