@@ -14,6 +14,7 @@ import torch
 
 from nld_lora.config import to_dict
 from nld_lora.data.collect import CollectConfig
+from nld_lora.decoding.adapters import adapter_metadata
 from nld_lora.report.runner import ReportConfig
 from nld_lora.train.config import TrainConfig
 
@@ -101,25 +102,17 @@ def run_recipe(cfg: RecipeConfig) -> dict[str, Any]:
 
 
 def _adapter_matches(adapter: Path, train_cfg: TrainConfig, weights_hash: str) -> bool:
-    meta_path = adapter / "nld_adapter.json"
-    if not meta_path.exists():
-        return False
-    meta = json.loads(meta_path.read_text())
+    meta = adapter_metadata(adapter)
     return meta.get("base_weights_hash") == weights_hash and meta.get("train_config") == to_dict(train_cfg)
 
 
-def _report_matches(report: dict[str, Any], cfg: RecipeConfig, model: Any, adapter: Path) -> bool:
-    meta_path = adapter / "nld_adapter.json"
-    adapter_meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
-    saved = report.get("recipe", {})
-    return (report.get("model", {}).get("weights_hash") == model.weights_hash
-            and saved.get("report") == to_dict(cfg.report) and saved.get("eval_prompts") == cfg.eval_prompts
-            and saved.get("adapter_step") == adapter_meta.get("step")
-            and saved.get("train_config") == adapter_meta.get("train_config"))
-
-
 def recipe_stamp(cfg: RecipeConfig, adapter: Path) -> dict[str, Any]:
-    meta_path = adapter / "nld_adapter.json"
-    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    """What produced a report: report settings, eval prompts, and the adapter's step and training config."""
+    meta = adapter_metadata(adapter)
     return {"report": to_dict(cfg.report), "eval_prompts": cfg.eval_prompts, "adapter_step": meta.get("step"),
             "train_config": meta.get("train_config")}
+
+
+def _report_matches(report: dict[str, Any], cfg: RecipeConfig, model: Any, adapter: Path) -> bool:
+    return (report.get("model", {}).get("weights_hash") == model.weights_hash
+            and report.get("recipe") == recipe_stamp(cfg, adapter))

@@ -1,0 +1,37 @@
+"""The end-to-end recipe: collect -> train -> report, and a re-run that skips every finished stage."""
+
+import json
+
+import pytest
+
+from nld_lora.config import ConfigError, load_config
+from nld_lora.recipe import RecipeConfig, run_recipe
+from tests.helpers import saved_tiny_model
+
+
+def test_recipe_runs_and_resumes(tmp_path):
+    model_dir = saved_tiny_model(tmp_path / "m")
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"p{i}", "prompt": f"def f{i}(a):\n    return a" + " + a" * i})
+                               + "\n" for i in range(12)))
+    overrides = [f"model={model_dir}", f"train_prompts={prompts}", f"eval_prompts={prompts}",
+                 f"out={tmp_path / 'run'}", "collect.max_new_tokens=16", "train.steps=4", "train.eval_every=2",
+                 "train.save_every=2", "train.lora.r=4", "train.lora.alpha=8", "train.draft_len=3",
+                 "train.eval_fraction=0.25", "report.block_size=4", "report.max_new_tokens=8",
+                 "report.speed_prompts=1", "report.diffusion=false"]
+    cfg = load_config(RecipeConfig, None, overrides)
+    report = run_recipe(cfg)
+    run = tmp_path / "run"
+    assert (run / "train" / "linear_spec_lora" / "adapter_model.safetensors").exists()
+    assert report["n_prompts"] == 12 and report["lossless"]["mismatches"] == 0
+    stamp = (run / "report" / "report.json").stat().st_mtime_ns
+    adapter_stamp = (run / "train" / "linear_spec_lora" / "adapter_model.safetensors").stat().st_mtime_ns
+    again = run_recipe(load_config(RecipeConfig, None, overrides))
+    assert again["before"] == report["before"]
+    assert (run / "report" / "report.json").stat().st_mtime_ns == stamp
+    assert (run / "train" / "linear_spec_lora" / "adapter_model.safetensors").stat().st_mtime_ns == adapter_stamp
+
+
+def test_recipe_config_errors_name_the_key():
+    with pytest.raises(ConfigError, match=r"unknown config key\(s\): train\.lora\.rank"):
+        load_config(RecipeConfig, None, ["train.lora.rank=4"])
