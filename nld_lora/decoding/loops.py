@@ -9,7 +9,7 @@ import torch
 from nld_lora.decoding.adapters import lora_enabled
 from nld_lora.decoding.batch import DecodeBatch
 from nld_lora.decoding.outputs import Outputs
-from nld_lora.decoding.sampling import filter_logits, select_tokens
+from nld_lora.decoding.sampling import filter_logits, select_tokens, select_with_confidence
 from nld_lora.kernels import verify_greedy, verify_sampled
 from nld_lora.kernels.rng import mix32
 
@@ -94,9 +94,7 @@ def run_diffusion(batch: DecodeBatch, out: Outputs, cfg: DecodeSettings, gen: to
             for i, rid in enumerate(batch.rows):
                 if bool(masked[i].any()):
                     out.stats[rid].forwards["denoise"] += 1
-            pred = select_tokens(logits, cfg.temperature, gen, cfg.top_k, cfg.top_p)
-            probs = filter_logits(logits, cfg.top_k, cfg.top_p).softmax(-1)
-            conf = probs.gather(-1, pred[..., None])[..., 0]
+            pred, conf = select_with_confidence(logits, cfg.temperature, gen, cfg.top_k, cfg.top_p)
             choose = _pick_positions(conf, masked, cfg, last_step=step >= max_steps)
             block = torch.where(choose, pred, block)
             commits += choose.to(torch.int32)

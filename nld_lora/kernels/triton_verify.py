@@ -229,16 +229,13 @@ def verify_sampled(
     temp = temperature.to(torch.float32).contiguous()
     inv = torch.where(temp > 0, 1.0 / temp.clamp(min=1e-30), torch.ones_like(temp))
     drafts = draft_tokens.to(torch.int32).contiguous()
-    # row token: the draft each target row is asked about (-1 for the bonus row); draft rows: their own token
-    req_of_row = torch.repeat_interleave(torch.arange(len(counts), device=dev), counts + 1)
-    row_in_req = torch.arange(len(req_of_row), device=dev) - torch.repeat_interleave(cu[:-1].long() + torch.arange(
-        len(counts), device=dev), counts + 1)
-    draft_index = cu[:-1].long()[req_of_row] + row_in_req
-    is_bonus = row_in_req == counts[req_of_row]
-    t_tokens = torch.where(is_bonus, -1, drafts.long()[draft_index.clamp(max=max(drafts.numel() - 1, 0))]
-                           if drafts.numel() else torch.full_like(draft_index, -1)).to(torch.int32)
-    t_argmax, t_lse, t_tok = _row_stats(target_logits, inv[req_of_row].contiguous(), t_tokens.contiguous())
-    d_req = torch.repeat_interleave(torch.arange(len(counts), device=dev), counts)
+    # target row of draft d is d + (its request index): the row before it; bonus rows keep -1
+    req = torch.arange(len(counts), device=dev)
+    d_req = torch.repeat_interleave(req, counts)
+    t_tokens = torch.full((target_logits.shape[0],), -1, dtype=torch.int32, device=dev)
+    t_tokens[torch.arange(drafts.numel(), device=dev) + d_req] = drafts
+    t_req = torch.repeat_interleave(req, counts + 1)
+    t_argmax, t_lse, t_tok = _row_stats(target_logits, inv[t_req].contiguous(), t_tokens)
     _, d_lse, d_tok = _row_stats(draft_logits, inv[d_req].contiguous(), drafts)
     n, width, tokens, n_acc = _outputs(cu)
     if n:

@@ -107,15 +107,18 @@ def _check_and_load(model: TriModeModel, state: dict[str, torch.Tensor], source:
 
 
 def _wrap_plain_causal_lm(
-    config: Any, state: dict[str, torch.Tensor], tokenizer: Any, source: str
+    config: Any, state: dict[str, torch.Tensor], tokenizer: Any, source: str,
+    prefix: str = "model.", head_key: str = "lm_head.weight",
 ) -> tuple[TriModeModel, dict[str, torch.Tensor]]:
-    """Map model.* -> encoder.*, lm_head -> diffusion_head (untied copy), add a mask token row."""
-    prefix = "model."
+    """Map {prefix}* -> encoder.*, the head -> diffusion_head (untied copy), add a mask token row.
+
+    Serves plain causal LMs (model.*, lm_head) and NLD-layout folders that lack a mask token (encoder.*, diffusion_head).
+    """
     if not any(k.startswith(prefix) for k in state):
         raise CheckpointError(f"{source}: neither NLD layout (encoder.*, diffusion_head) nor a causal LM (model.*)")
     mapped = {"encoder." + k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     embed = mapped["encoder.embed_tokens.weight"]
-    head = state.get("lm_head.weight", embed).clone()
+    head = state.get(head_key, embed).clone()
     rows = embed.shape[0]
     used = len(tokenizer) if tokenizer is not None else rows
     if tokenizer is not None and MASK_TOKEN not in tokenizer.get_vocab():
@@ -163,9 +166,8 @@ def load(
     tokenizer = _load_tokenizer(folder)
     if _is_nld_layout(state):
         if wrap and getattr(config, "mask_token_id", None) is None:
-            state = {("model." + k[len("encoder."):] if k.startswith("encoder.") else k): v for k, v in state.items()}
-            state["lm_head.weight"] = state.pop("diffusion_head.weight")
-            model, state = _wrap_plain_causal_lm(config, state, tokenizer, str(folder))
+            model, state = _wrap_plain_causal_lm(config, state, tokenizer, str(folder), "encoder.",
+                                                 "diffusion_head.weight")
         else:
             validate_mask_token(config, str(config_path))
             model = TriModeModel(config)
