@@ -177,12 +177,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from nld_lora.parallel import finish_processes
+
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        code = args.func(args)
     except (ValueError, OSError) as err:
         print(f"nld-lora {args.command}: error: {err}", file=sys.stderr)
+        finish_processes(barrier=False)
         return 2
+    finish_processes()
+    return code
 
 
 if __name__ == "__main__":

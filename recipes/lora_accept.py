@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from nld_lora.config import ConfigError, load_config
+from nld_lora.parallel import finish_processes
 from nld_lora.recipe import RecipeConfig, run_recipe
 from nld_lora.report import headline
 
@@ -30,7 +31,9 @@ def main(argv: list[str] | None = None) -> int:
         report = run_recipe(cfg)
     except (ConfigError, ValueError, OSError) as err:
         print(f"lora_accept: error: {err}", file=sys.stderr)
+        finish_processes(barrier=False)
         return 2
+    finish_processes()
     if report:
         print("\n=== before -> after (self-speculation, greedy, held-out prompts) ===")
         print(headline(report))

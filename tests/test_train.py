@@ -52,7 +52,7 @@ def test_distillation_has_zero_gradient_when_student_equals_teacher():
         student = teacher.clone().requires_grad_()
         out = draft_loss(student, teacher, valid, ce_weight=0.0, distill=distill, position_weighting="uniform")
         out.loss.backward()
-        assert float(out.loss) < 1e-6 and float(student.grad.abs().max()) < 1e-6
+        assert out.loss.item() < 1e-6 and float(student.grad.abs().max()) < 1e-6
     student = (teacher + torch.randn_like(teacher)).requires_grad_()
     draft_loss(student, teacher, valid, ce_weight=0.0).loss.backward()
     assert float(student.grad.abs().max()) > 1e-4
