@@ -1,5 +1,8 @@
 """Measure the embedded tiny base for its model card: held-out AR loss, denoising accuracy, native acceptance.
 
+Acceptance is also given in bytes per draft cycle (acceptance length x UTF-8 bytes per generated token), the unit
+that compares a BPE model with a byte-level one.
+
     python scripts/eval_tiny.py [--model data/tiny-nld-code] [--corpus .cache/corpus] [--n 200]
 
 Needs the held-out corpus from `python scripts/make_domain_data.py`.
@@ -42,8 +45,12 @@ def main() -> None:
     records, _ = read_prompts(args.prompts, limit=args.n)
     prompts = [r.prompt for r in records]
     res = model.generate(prompts, mode="self_spec", max_new_tokens=args.max_new_tokens, batch_size=16)
+    new_bytes = sum(len(text.encode("utf-8")) for text in res.texts)
+    bytes_per_token = new_bytes / max(res.stats.new_tokens, 1)
     metrics["native_self_spec"] = {"block_size": model.block_size, "prompts": len(prompts),
-                                   "acceptance_length": res.stats.acceptance_length, "tpf": res.stats.tpf}
+                                   "acceptance_length": res.stats.acceptance_length, "tpf": res.stats.tpf,
+                                   "generated_bytes_per_token": bytes_per_token,
+                                   "bytes_per_cycle": res.stats.acceptance_length * bytes_per_token}
     ar = model.generate(prompts[:3], mode="ar", max_new_tokens=64)
     print(json.dumps(metrics, indent=2))
     for prompt, cont in zip(prompts[:3], ar.texts):
