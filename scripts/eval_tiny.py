@@ -42,8 +42,16 @@ def main() -> None:
     bytes_per_token = len(text.replace(DOC_SEPARATOR, "").encode()) / n_tokens
     rows = pack(tok, held, 256)
     metrics = evaluate(model, rows, tok, bytes_per_token, model.block_size)
-    records, _ = read_prompts(args.prompts, limit=args.n)
-    prompts = [r.prompt for r in records]
+    prompts, skipped = [], 0
+    for record in read_prompts(args.prompts)[0]:
+        if len(prompts) == args.n:
+            break
+        if len(tok(record.prompt)["input_ids"]) + args.max_new_tokens + model.block_size <= model.max_positions:
+            prompts.append(record.prompt)
+        else:
+            skipped += 1
+    if skipped:
+        print(f"skipped {skipped} prompts too long for {model.max_positions} positions with {args.max_new_tokens} new tokens")
     res = model.generate(prompts, mode="self_spec", max_new_tokens=args.max_new_tokens, batch_size=16)
     new_bytes = sum(len(text.encode("utf-8")) for text in res.texts)
     bytes_per_token = new_bytes / max(res.stats.new_tokens, 1)
