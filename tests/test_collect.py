@@ -109,7 +109,7 @@ def test_two_processes_merge_without_duplicates(tmp_path):
     model_dir = saved_tiny_model(tmp_path / "m")
     prompts = _prompts(tmp_path / "p.jsonl", 20)
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "nld_lora.cli", "collect",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "nld_lora.cli", "collect",
            "--model", model_dir, "--prompts", str(prompts), "--out", str(out), "--shard-size", "3",
            "--max-new-tokens", "12", "--device", "cpu"]
     res = subprocess.run(cmd, env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True, cwd=ROOT)

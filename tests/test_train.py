@@ -143,7 +143,7 @@ def test_two_processes_match_one_process_quality(collected, tmp_path):
                  "lora.target_modules=[q_proj, k_proj, v_proj, o_proj]"]
     one = train(EMBEDDED, collected, tmp_path / "one",
                 load_config(TrainConfig, None, [*overrides, "batch_size=8"]), progress=False)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "nld_lora.cli", "train",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "nld_lora.cli", "train",
            "--model", EMBEDDED, "--data", str(collected), "--out", str(tmp_path / "two"), *overrides]
     res = subprocess.run(cmd, env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True, cwd=ROOT)
     assert res.returncode == 0, res.stderr[-3000:]
