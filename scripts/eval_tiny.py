@@ -23,6 +23,7 @@ from pretrain_tiny import DOC_SEPARATOR, evaluate, pack  # noqa: E402
 
 import nld_lora  # noqa: E402
 from nld_lora.data.readers import read_prompts  # noqa: E402
+from nld_lora.decoding.api import max_prompt_tokens  # noqa: E402
 
 
 def main() -> None:
@@ -42,11 +43,12 @@ def main() -> None:
     bytes_per_token = len(text.replace(DOC_SEPARATOR, "").encode()) / n_tokens
     rows = pack(tok, held, 256)
     metrics = evaluate(model, rows, tok, bytes_per_token, model.block_size)
+    budget = max_prompt_tokens(model, "self_spec", args.max_new_tokens)
     prompts, skipped = [], 0
     for record in read_prompts(args.prompts)[0]:
         if len(prompts) == args.n:
             break
-        if len(tok(record.prompt)["input_ids"]) + args.max_new_tokens + model.block_size <= model.max_positions:
+        if len(tok(record.prompt)["input_ids"]) <= budget:
             prompts.append(record.prompt)
         else:
             skipped += 1

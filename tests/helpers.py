@@ -2,12 +2,31 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import torch
 from transformers import Ministral3Config
 
 from nld_lora.model import new_model
 
-EMBEDDED = str(__import__("pathlib").Path(__file__).resolve().parents[1] / "data" / "tiny-nld-code")
+ROOT = Path(__file__).resolve().parents[1]
+EMBEDDED = str(ROOT / "data" / "tiny-nld-code")
+
+
+def run_two_processes(*cli_args: str) -> subprocess.CompletedProcess:
+    """`nld-lora ...` under a 2-process gloo launch (free rendezvous port), output captured."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "nld_lora.cli", *cli_args]
+    return subprocess.run(cmd, env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True, cwd=ROOT)
+
+
+def rank_errors(stderr: str) -> str:
+    """The ranks' own error lines (the launcher's summary alone hides why a rank died)."""
+    keys = ("Error", "error", "terminate", "what()", "Traceback", "Abort")
+    return "\n".join(line for line in stderr.splitlines() if any(k in line for k in keys))[-4000:]
 
 
 def tiny_rope(max_pos: int = 256) -> dict:

@@ -13,9 +13,7 @@ import pytest
 import nld_lora
 from nld_lora.data import CollectConfig, CollectError, collect, load_collected, read_prompts
 from nld_lora.data.collect import SHARD_DIR
-from tests.helpers import saved_tiny_model
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import ROOT, rank_errors, run_two_processes, saved_tiny_model
 
 
 def _prompts(path: Path, n: int) -> Path:
@@ -99,21 +97,13 @@ def test_kill_9_then_resume_gives_every_prompt_once(tmp_path):
     assert dict(zip(ds["prompt_id"], ds["target_ids"])) == _expected(model_dir, prompts, 32)
 
 
-def _child_errors(stderr: str) -> str:
-    """The ranks' own error lines (the launcher's summary alone hides why a rank died)."""
-    keys = ("Error", "error", "terminate", "what()", "Traceback", "Abort")
-    return "\n".join(line for line in stderr.splitlines() if any(k in line for k in keys))[-4000:]
-
-
 def test_two_processes_merge_without_duplicates(tmp_path):
     model_dir = saved_tiny_model(tmp_path / "m")
     prompts = _prompts(tmp_path / "p.jsonl", 20)
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "nld_lora.cli", "collect",
-           "--model", model_dir, "--prompts", str(prompts), "--out", str(out), "--shard-size", "3",
-           "--max-new-tokens", "12", "--device", "cpu"]
-    res = subprocess.run(cmd, env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True, cwd=ROOT)
-    assert res.returncode == 0, _child_errors(res.stderr)
+    res = run_two_processes("collect", "--model", model_dir, "--prompts", str(prompts), "--out", str(out),
+                            "--shard-size", "3", "--max-new-tokens", "12", "--device", "cpu")
+    assert res.returncode == 0, rank_errors(res.stderr)
     shards = list((out / SHARD_DIR).glob("*.parquet"))
     assert {p.name.split("-")[1] for p in shards} == {"r0", "r1"}
     ds = load_collected(out)

@@ -9,9 +9,7 @@ import torch
 
 import nld_lora
 from nld_lora.model.masks import causal_mask, draft_mask, dual_stream_mask, dual_stream_positions
-from tests.helpers import EMBEDDED
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import EMBEDDED, ROOT
 
 
 def _builder():

@@ -11,9 +11,8 @@ import pytest
 from nld_lora.decoding.stats import GenerationStats, RequestStats
 from nld_lora.report import ReportConfig, build_report
 from nld_lora.report.metrics import bootstrap_ci, histogram, pooled_acceptance, summarize_run, token_agreement
-from tests.helpers import make_adapter, saved_tiny_model
+from tests.helpers import ROOT, make_adapter, saved_tiny_model
 
-ROOT = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 

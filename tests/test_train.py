@@ -1,9 +1,6 @@
 """Drafter objective and training loop: training sees exactly what deployment does."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,9 +15,8 @@ from nld_lora.decoding.adapters import lora_enabled
 from nld_lora.model.masks import causal_mask, draft_mask
 from nld_lora.train import LoraSettings, TrainConfig, train
 from nld_lora.train.objective import DraftBatch, draft_loss, student_logits, teacher_pass
-from tests.helpers import EMBEDDED, make_adapter, tiny_model
+from tests.helpers import EMBEDDED, ROOT, make_adapter, rank_errors, run_two_processes, tiny_model
 
-ROOT = Path(__file__).resolve().parents[1]
 EVAL_PROMPTS = ROOT / "data" / "prompts" / "code_eval.jsonl"
 
 
@@ -143,10 +139,9 @@ def test_two_processes_match_one_process_quality(collected, tmp_path):
                  "lora.target_modules=[q_proj, k_proj, v_proj, o_proj]"]
     one = train(EMBEDDED, collected, tmp_path / "one",
                 load_config(TrainConfig, None, [*overrides, "batch_size=8"]), progress=False)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "nld_lora.cli", "train",
-           "--model", EMBEDDED, "--data", str(collected), "--out", str(tmp_path / "two"), *overrides]
-    res = subprocess.run(cmd, env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True, cwd=ROOT)
-    assert res.returncode == 0, res.stderr[-3000:]
+    res = run_two_processes("train", "--model", EMBEDDED, "--data", str(collected), "--out", str(tmp_path / "two"),
+                            *overrides)
+    assert res.returncode == 0, rank_errors(res.stderr)
     two = json.loads(res.stdout[res.stdout.index("{"):])
     assert two["processes"] == 2 and one.world_size == 1
     assert two["simulated_acceptance_before"] == pytest.approx(one.baseline_simulated_acceptance, abs=1e-3)

@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from nld_lora.data.readers import PromptRecord
 from nld_lora.data.templates import render_prompt
+from nld_lora.decoding.api import max_prompt_tokens
 
 META_FILE = "nld_collect.json"
 SHARD_DIR = "data"
@@ -78,7 +79,7 @@ def prepare(model: Any, records: list[PromptRecord], cfg: CollectConfig,
         raise CollectError("collection needs a tokenizer in the model folder")
     if cfg.length_policy not in ("skip", "truncate_left"):
         raise CollectError(f"length_policy={cfg.length_policy!r}; expected 'skip' or 'truncate_left'")
-    limit = cfg.max_prompt_tokens or (model.max_positions - cfg.max_new_tokens - 1)
+    limit = cfg.max_prompt_tokens or max_prompt_tokens(model, "ar", cfg.max_new_tokens)
     seen_text: set[str] = set()
     seen_ids: set[str] = set()
     out = []

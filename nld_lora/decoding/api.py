@@ -53,6 +53,19 @@ def normalize_prompts(model, prompts_or_ids: Any, add_special_tokens: bool = Tru
     return out
 
 
+def lookahead(mode: str, block: int, draft_len: int) -> int:
+    """Positions a mode may write past the last kept token (the block or draft it runs ahead)."""
+    return {"ar": 1, "diffusion": block, "self_spec": draft_len + 1}[mode]
+
+
+def max_prompt_tokens(model, mode: str, max_new_tokens: int, *, block_size: int | None = None,
+                      draft_len: int | None = None) -> int:
+    """The longest prompt `generate` accepts for this mode and budget (same defaults as generate)."""
+    block = block_size or model.block_size
+    k = draft_len if draft_len is not None else max(block - 1, 1)
+    return model.max_positions - max_new_tokens - lookahead(mode, block, k)
+
+
 def _validate(model, prompts: list[list[int]], mode: str, max_new_tokens: int, draft_len: int, block: int,
               policy: str, acceptance: str) -> None:
     if mode not in MODES:
@@ -68,16 +81,16 @@ def _validate(model, prompts: list[list[int]], mode: str, max_new_tokens: int, d
         raise ValueError(f"draft_len must be in [1, {limit}) (the model's max positions); got {draft_len}")
     if block < 1:
         raise ValueError(f"block_size must be >= 1; got {block}")
-    lookahead = {"ar": 1, "diffusion": block, "self_spec": draft_len + 1}[mode]
+    ahead = lookahead(mode, block, draft_len)
     vocab = model.config.vocab_size
     for i, p in enumerate(prompts):
         if not p:
             raise ValueError(f"prompt {i} is empty")
         if any(not 0 <= t < vocab for t in p):
             raise ValueError(f"prompt {i} has token ids outside [0, {vocab})")
-        if len(p) + max_new_tokens + lookahead > limit:
+        if len(p) + max_new_tokens + ahead > limit:
             raise ValueError(
-                f"prompt {i}: {len(p)} tokens + max_new_tokens {max_new_tokens} + lookahead {lookahead} exceeds "
+                f"prompt {i}: {len(p)} tokens + max_new_tokens {max_new_tokens} + lookahead {ahead} exceeds "
                 f"the model's {limit} positions"
             )
 

@@ -43,7 +43,7 @@ def _prefill(batch: DecodeBatch, out: Outputs, cfg: DecodeSettings, gen: torch.G
     for rid in batch.rows:
         out.stats[rid].forwards["prefill"] += 1
     seeds = select_tokens(batch.prefill_logits[:, -1], cfg.temperature, gen, cfg.top_k, cfg.top_p)
-    return _commit_rows(batch, out, [[int(t)] for t in seeds], seeds)
+    return _commit_rows(batch, out, [[t] for t in seeds.tolist()], seeds)
 
 
 def run_ar(batch: DecodeBatch, out: Outputs, cfg: DecodeSettings, gen: torch.Generator) -> None:
@@ -55,7 +55,7 @@ def run_ar(batch: DecodeBatch, out: Outputs, cfg: DecodeSettings, gen: torch.Gen
         for rid in batch.rows:
             out.stats[rid].forwards["ar"] += 1
         seeds = select_tokens(logits[:, -1], cfg.temperature, gen, cfg.top_k, cfg.top_p)
-        seeds = _commit_rows(batch, out, [[int(t)] for t in seeds], seeds)
+        seeds = _commit_rows(batch, out, [[t] for t in seeds.tolist()], seeds)
 
 
 def _pick_positions(conf: torch.Tensor, masked: torch.Tensor, cfg: DecodeSettings, last_step: bool) -> torch.Tensor:
@@ -87,13 +87,12 @@ def run_diffusion(batch: DecodeBatch, out: Outputs, cfg: DecodeSettings, gen: to
         masked[:, 0] = False
         commits = torch.zeros_like(block, dtype=torch.int32)
         step = 0
-        while bool(masked.any()):
+        while any(pending := masked.any(1).tolist()):
             step += 1
             with lora_enabled(batch.model, cfg.adapter, on=True):
                 logits = batch.forward(block, write=False, bidirectional=True)
-            for i, rid in enumerate(batch.rows):
-                if bool(masked[i].any()):
-                    out.stats[rid].forwards["denoise"] += 1
+            for rid, busy in zip(batch.rows, pending):
+                out.stats[rid].forwards["denoise"] += busy
             pred, conf = select_with_confidence(logits, cfg.temperature, gen, cfg.top_k, cfg.top_p)
             choose = _pick_positions(conf, masked, cfg, last_step=step >= max_steps)
             block = torch.where(choose, pred, block)
@@ -107,8 +106,7 @@ def run_diffusion(batch: DecodeBatch, out: Outputs, cfg: DecodeSettings, gen: to
         for rid in batch.rows:
             out.stats[rid].forwards["commit"] += 1
         seeds = select_tokens(logits[:, -1], cfg.temperature, gen, cfg.top_k, cfg.top_p)
-        new = [block[i, 1:].tolist() + [int(seeds[i])] for i in range(len(batch))]
-        seeds = _commit_rows(batch, out, new, seeds)
+        seeds = _commit_rows(batch, out, torch.cat([block[:, 1:], seeds[:, None]], 1).tolist(), seeds)
 
 
 def _cycle_seeds(cfg: DecodeSettings, rows: list[int], cycle: int, device) -> torch.Tensor:
@@ -122,10 +120,9 @@ def _exact_match(target: torch.Tensor, drafts: torch.Tensor, cfg: DecodeSettings
     k = drafts.shape[1]
     n = (ar[:, :k] == drafts).to(torch.int32).cumprod(1).sum(1)
     tokens = torch.full_like(ar, -1, dtype=torch.int32)
-    for i in range(len(ar)):
-        a = int(n[i])
-        tokens[i, :a] = drafts[i, :a].to(torch.int32)
-        tokens[i, a] = ar[i, a]
+    tokens[:, :k] = torch.where(torch.arange(k, device=ar.device) < n[:, None], drafts, -1)
+    rows = torch.arange(len(ar), device=ar.device)
+    tokens[rows, n] = ar[rows, n].to(torch.int32)
     return tokens, n
 
 
@@ -160,14 +157,14 @@ def run_self_spec(batch: DecodeBatch, out: Outputs, cfg: DecodeSettings, gen: to
             )
         n_acc = n_acc.long()
         batch.keep_written(k + 1, n_acc + 1)
+        accepted, drafted, emitted = n_acc.tolist(), drafts.tolist(), tokens.tolist()
         new = []
         for i, rid in enumerate(batch.rows):
-            a = int(n_acc[i])
             st = out.stats[rid]
             st.forwards["draft"] += 1
             st.forwards["verify"] += 1
-            st.record_cycle(starts[i], a, drafts[i].tolist())
-            new.append(tokens[i, : a + 1].tolist())
-        seeds = torch.tensor([row[-1] for row in new], dtype=torch.long, device=seeds.device)
+            st.record_cycle(starts[i], accepted[i], drafted[i])
+            new.append(emitted[i][: accepted[i] + 1])
+        seeds = tokens[torch.arange(n_rows, device=tokens.device), n_acc].long()
         seeds = _commit_rows(batch, out, new, seeds)
         cycle += 1

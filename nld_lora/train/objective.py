@@ -129,8 +129,10 @@ def draft_loss(
     """CE to the teacher's argmax + distillation, on valid rows (only "accepted + 1" rows by default)."""
     k = student.shape[-2]
     accepted = greedy_acceptance(student.detach(), teacher, valid)
+    offsets = torch.arange(k, device=student.device)
+    attempted = (offsets <= accepted[..., None]) & valid  # rows the deployed loop reaches: accepted + 1
     if position_weighting == "accepted_plus_one":
-        weights = (torch.arange(k, device=student.device) <= accepted[..., None]) & valid
+        weights = attempted
     elif position_weighting == "uniform":
         weights = valid
     else:
@@ -151,8 +153,8 @@ def draft_loss(
     ce_mean = (ce * w).sum() / denom
     dist_mean = (dist * w).sum() / denom
     block_ok = valid[..., 0]
-    attempts = ((torch.arange(k, device=student.device) <= accepted[..., None]) & valid)[block_ok].sum(0)
-    accepts = ((torch.arange(k, device=student.device) < accepted[..., None]) & valid)[block_ok].sum(0)
+    attempts = attempted[block_ok].sum(0)
+    accepts = ((offsets < accepted[..., None]) & valid)[block_ok].sum(0)
     return DraftLossOutput(ce_weight * ce_mean + distill_weight * dist_mean, ce_mean.detach(), dist_mean.detach(),
                            (accepted[block_ok] + 1).detach(), attempts.detach(), accepts.detach())
 
