@@ -17,7 +17,8 @@ def _mean(values: list[int]) -> float:
     return sum(values) / len(values) if values else 0.0
 
 
-def _ratio(num: float, den: float) -> float:
+def safe_ratio(num: float, den: float) -> float:
+    """num / den, or 0.0 when den is 0 (no forwards, no attempts, no time)."""
     return num / den if den else 0.0
 
 
@@ -39,7 +40,7 @@ class RequestStats:
 
     @property
     def tpf(self) -> float:
-        return _ratio(self.new_tokens, self.total_forwards)
+        return safe_ratio(self.new_tokens, self.total_forwards)
 
     @property
     def acceptance_length(self) -> float:
@@ -47,7 +48,7 @@ class RequestStats:
 
     @property
     def per_position_acceptance(self) -> list[float]:
-        return [_ratio(acc, att) for acc, att in zip(self.position_accepts, self.position_attempts)]
+        return [safe_ratio(acc, att) for acc, att in zip(self.position_accepts, self.position_attempts)]
 
     def record_cycle(self, start: int, n_accepted: int, drafts: list[int]) -> None:
         """One draft+verify cycle at seed position `start` that accepted n_accepted of its drafts."""
@@ -90,7 +91,7 @@ class GenerationStats:
 
     @property
     def tpf(self) -> float:
-        return _ratio(self.new_tokens, sum(self.forwards.values()))
+        return safe_ratio(self.new_tokens, sum(self.forwards.values()))
 
     @property
     def acceptance_lengths(self) -> list[int]:
@@ -108,11 +109,11 @@ class GenerationStats:
             for j, (t, a) in enumerate(zip(r.position_attempts, r.position_accepts)):
                 att[j] += t
                 acc[j] += a
-        return [_ratio(a, t) for a, t in zip(acc, att)]
+        return [safe_ratio(a, t) for a, t in zip(acc, att)]
 
     @property
     def tokens_per_s(self) -> float:
-        return _ratio(self.new_tokens, self.wall_s)
+        return safe_ratio(self.new_tokens, self.wall_s)
 
     def as_dict(self) -> dict[str, Any]:
         return {

@@ -6,7 +6,7 @@ import random
 from collections import Counter, defaultdict
 from typing import Any
 
-from nld_lora.decoding.stats import GenerationStats, RequestStats
+from nld_lora.decoding.stats import GenerationStats, RequestStats, safe_ratio
 
 
 def pooled_acceptance(requests: list[RequestStats]) -> float:
@@ -50,9 +50,9 @@ def summarize_run(stats: GenerationStats, draft_len: int | None, categories: lis
     }
     if draft_len is not None:
         out.update({
-            "acceptance_length": pooled_acceptance(reqs),
+            "acceptance_length": stats.acceptance_length,
             "acceptance_length_ci95": list(bootstrap_ci(reqs, seed=boot_seed)),
-            "cycles": sum(len(r.acceptance_lengths) for r in reqs),
+            "cycles": len(stats.acceptance_lengths),
             "per_position_acceptance": stats.per_position_acceptance,
             "histogram": histogram(reqs, draft_len + 1),
         })
@@ -84,4 +84,4 @@ def token_agreement(reference: list[list[int]], candidate: list[list[int]]) -> d
 
 
 def relative_gain(before: float, after: float) -> float:
-    return (after - before) / before if before else 0.0
+    return safe_ratio(after - before, before)

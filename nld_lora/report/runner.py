@@ -14,6 +14,7 @@ import torch
 from nld_lora.data.readers import read_prompts
 from nld_lora.data.templates import render_prompt
 from nld_lora.decoding.adapters import adapter_metadata
+from nld_lora.decoding.stats import safe_ratio
 from nld_lora.report.metrics import lossless_mismatches, relative_gain, summarize_run, token_agreement
 from nld_lora.report.plots import plot_categories, plot_histograms, plot_per_position
 from nld_lora.report.writers import write_markdown
@@ -80,9 +81,8 @@ def build_report(model: Any, adapters: list[str], prompts: str | Path, out_dir: 
         speed = model.generate(texts[: cfg.speed_prompts], batch_size=1, **plan, **{**common, "progress": False})
         runs[label]["tokens_per_s_batch1"] = speed.stats.tokens_per_s
     for run in runs.values():
-        run["speedup_vs_ar"] = run["tokens_per_s"] / runs["ar"]["tokens_per_s"] if runs["ar"]["tokens_per_s"] else 0
-        run["speedup_vs_ar_batch1"] = (run["tokens_per_s_batch1"] / runs["ar"]["tokens_per_s_batch1"]
-                                       if runs["ar"]["tokens_per_s_batch1"] else 0)
+        run["speedup_vs_ar"] = safe_ratio(run["tokens_per_s"], runs["ar"]["tokens_per_s"])
+        run["speedup_vs_ar_batch1"] = safe_ratio(run["tokens_per_s_batch1"], runs["ar"]["tokens_per_s_batch1"])
 
     spec_labels = ["before", *names]
     greedy = cfg.temperature <= 0
