@@ -34,13 +34,18 @@ class DecodeBatch:
     def __len__(self) -> int:
         return len(self.rows)
 
-    def forward(self, tokens: torch.Tensor, *, write: bool, bidirectional: bool) -> torch.Tensor:
-        """Run tokens (B, Q) after each row's valid prefix. write=False leaves the cache as it was (draft)."""
+    def forward(self, tokens: torch.Tensor, *, write: bool, bidirectional: bool,
+                logits_index: slice | None = None) -> torch.Tensor:
+        """Run tokens (B, Q) after each row's valid prefix. write=False leaves the cache as it was (draft).
+
+        logits_index: the query positions that need logits (the vocabulary projection skips the others).
+        """
         q = tokens.shape[1]
         key_valid = torch.cat([self.valid, torch.ones(len(self), q, dtype=torch.bool, device=self.valid.device)], 1)
         mask = draft_mask(key_valid, q) if bidirectional else causal_mask(key_valid, q)
         positions = self.next_pos[:, None] + torch.arange(q, device=tokens.device)
-        logits, _ = self.model(tokens, attention_mask=mask, position_ids=positions, cache=self.cache)
+        logits, _ = self.model(tokens, attention_mask=mask, position_ids=positions, cache=self.cache,
+                               logits_index=logits_index)
         if write:
             self.valid = key_valid
         else:

@@ -101,7 +101,7 @@ def run_diffusion(batch: DecodeBatch, out: Outputs, cfg: DecodeSettings, gen: to
         if commit_log is not None:
             commit_log.append(commits.clone())
         with lora_enabled(batch.model, cfg.adapter, on=cfg.lora_mode == "both"):
-            logits = batch.forward(block, write=True, bidirectional=False)
+            logits = batch.forward(block, write=True, bidirectional=False, logits_index=slice(width - 1, width))
         batch.keep_written(width, torch.full((len(batch),), width, dtype=torch.long, device=seeds.device))
         for rid in batch.rows:
             out.stats[rid].forwards["commit"] += 1
@@ -137,7 +137,7 @@ def run_self_spec(batch: DecodeBatch, out: Outputs, cfg: DecodeSettings, gen: to
         block = torch.full((n_rows, k + 1), mask_id, dtype=torch.long, device=seeds.device)
         block[:, 0] = seeds
         with lora_enabled(batch.model, cfg.adapter, on=True):
-            draft_logits = batch.forward(block, write=False, bidirectional=True)[:, 1:]
+            draft_logits = batch.forward(block, write=False, bidirectional=True, logits_index=slice(1, None))
         drafts = select_tokens(draft_logits, cfg.temperature, gen, cfg.top_k, cfg.top_p)
         starts = batch.next_pos.tolist()
         verify_in = torch.cat([seeds[:, None], drafts], 1)
