@@ -34,8 +34,9 @@ def split_eval(seqs: list[Sequence], fraction: float, seed: int) -> tuple[list[S
     def is_eval(pid: str) -> bool:
         return int(hashlib.sha256(f"{seed}:{pid}".encode()).hexdigest()[:8], 16) / 0xFFFFFFFF < fraction
 
-    train = [s for s in seqs if not is_eval(s.prompt_id)]
-    held = [s for s in seqs if is_eval(s.prompt_id)]
+    held_out = [is_eval(s.prompt_id) for s in seqs]
+    train = [s for s, h in zip(seqs, held_out) if not h]
+    held = [s for s, h in zip(seqs, held_out) if h]
     if not held:
         held = train[-max(1, len(train) // 20):]
         train = train[: len(train) - len(held)]
