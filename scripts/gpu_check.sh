@@ -1,11 +1,25 @@
 #!/usr/bin/env bash
 # One-shot GPU check (device tool): compiled Triton kernels vs the references, then both benchmarks.
-# Usage on the GPU machine, from the repo root: bash scripts/gpu_check.sh  (writes logs to $OUT when set)
+# Usage on the GPU machine, from the repo root: bash scripts/gpu_check.sh  (writes $OUT/gpu_check.log when OUT is set)
+# Runs from the source tree (PYTHONPATH), so a machine without network access needs only its own packages.
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_check}
 mkdir -p "$OUT"
-python -m pip install -q -e ".[test]" 2>&1 | tail -2
-nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpu.txt"
-TRITON_INTERPRET=0 python -m pytest tests/test_kernels.py -q -p no:cacheprovider 2>&1 | tee "$OUT/kernel_tests.txt" | tail -5
-python scripts/bench_verify.py 2>&1 | tee "$OUT/bench_verify.txt"
-python scripts/bench_decode.py --device cuda --n 32 2>&1 | tee "$OUT/bench_decode.txt"
+LOG="$OUT/gpu_check.log"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+  python -c "import torch, transformers, peft, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'triton', triton.__version__)"
+} 2>&1 | tee "$LOG"
+echo "== kernel tests (compiled, TRITON_INTERPRET=0) ==" | tee -a "$LOG"
+TRITON_INTERPRET=0 python -m pytest tests/test_kernels.py -q -p no:cacheprovider 2>&1 | tail -15 | tee -a "$LOG"
+echo "== bench_verify ==" | tee -a "$LOG"
+python scripts/bench_verify.py 2>&1 | tee -a "$LOG"
+echo "== bench_decode ==" | tee -a "$LOG"
+ADAPTER=runs/tiny_code/train/linear_spec_lora
+if [ -d "$ADAPTER" ]; then
+  python scripts/bench_decode.py --device cuda --n 32 --adapter "$ADAPTER" 2>&1 | tee -a "$LOG" \
+    || python scripts/bench_decode.py --device cuda --n 32 2>&1 | tee -a "$LOG"
+else
+  python scripts/bench_decode.py --device cuda --n 32 2>&1 | tee -a "$LOG"
+fi

@@ -80,6 +80,38 @@ def lr_at(step: int, args: argparse.Namespace) -> float:
     return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
 
 
+class Plan:
+    """Wall-clock budget (--minutes): stage 1 ends at --ar-fraction of the budget; stage 2's step count is set
+    from the speed of PROBE of its steps so that training, with its full LR decay, ends on time."""
+
+    PROBE = 50
+    UNSET = 10**9
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args, self.on = args, args.minutes is not None
+        self.probe_start: tuple[int, float] | None = None
+        if self.on:
+            args.ar_steps, args.joint_steps = self.UNSET, self.UNSET
+
+    def resolve(self, step: int, elapsed_s: float) -> bool:
+        """Fix a stage length once it is known; True when the plan changed."""
+        args, budget_s = self.args, self.args.minutes * 60
+        if args.ar_steps == self.UNSET:
+            if elapsed_s < args.ar_fraction * budget_s:
+                return False
+            args.ar_steps = step
+            return True
+        if args.joint_steps != self.UNSET:
+            return False
+        if self.probe_start is None:
+            self.probe_start = (step, elapsed_s)
+        elif step == self.probe_start[0] + self.PROBE:
+            per_step = (elapsed_s - self.probe_start[1]) / self.PROBE
+            args.joint_steps = step - args.ar_steps + max(int((budget_s - elapsed_s) / per_step), 0)
+            return True
+        return False
+
+
 def batch_for(step: int, rows: int, batch: int, seed: int) -> torch.Tensor:
     """Row indices of a step: a seeded permutation per epoch, so resume replays the same order."""
     per_epoch = rows // batch
@@ -89,7 +121,7 @@ def batch_for(step: int, rows: int, batch: int, seed: int) -> torch.Tensor:
 
 
 def ar_loss(model, ids: torch.Tensor) -> torch.Tensor:
-    pos = torch.arange(ids.shape[1])[None].expand(ids.shape[0], -1)
+    pos = torch.arange(ids.shape[1], device=ids.device)[None].expand(ids.shape[0], -1)
     logits, _ = model(ids, position_ids=pos)
     return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), ids[:, 1:].flatten())
 
@@ -108,11 +140,11 @@ def evaluate(model, data: torch.Tensor, tokenizer, eval_bytes_per_token: float, 
         correct = total = 0
         for i in range(0, len(rows), 16):
             x0 = rows[i:i + 16]
-            masked = torch.rand(x0.shape, generator=gen) < ratio
+            masked = (torch.rand(x0.shape, generator=gen) < ratio).to(x0.device)
             xt = torch.where(masked, torch.full_like(x0, model.mask_token_id), x0)
-            mask = dual_stream_mask(length, block).expand(len(x0), -1, -1, -1)
+            mask = dual_stream_mask(length, block, x0.device).expand(len(x0), -1, -1, -1)
             logits, _ = model(torch.cat([xt, x0], 1), attention_mask=mask,
-                              position_ids=dual_stream_positions(length, len(x0)))
+                              position_ids=dual_stream_positions(length, len(x0), x0.device))
             pred = logits[:, :length].argmax(-1)
             correct += int((pred == x0)[masked].sum())
             total += int(masked.sum())
@@ -140,6 +172,10 @@ def main() -> None:
     p.add_argument("--alpha", type=float, default=0.3)
     p.add_argument("--ar-steps", type=int, default=1200)
     p.add_argument("--joint-steps", type=int, default=800)
+    p.add_argument("--minutes", type=float, default=None,
+                   help="train for this wall-clock budget instead of fixed step counts (the counts reached are saved "
+                        "in pretrain_metrics.json, so the run can be repeated by steps)")
+    p.add_argument("--ar-fraction", type=float, default=0.4, help="share of --minutes spent in stage 1 (AR only)")
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--ckpt-every", type=int, default=100)
@@ -165,9 +201,11 @@ def main() -> None:
     print(f"train rows {len(train_rows)} x {args.seq_len}; eval {len(eval_rows)} rows; {bytes_per_token:.2f} bytes/token")
 
     device = torch.device(args.device)
+    train_rows = train_rows.to(device)
     model = new_model(model_config(tokenizer, args)).to(device).train()
     model.tokenizer = tokenizer
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
+    budget = Plan(args)
     ckpt = work / "state.pt"
     step, elapsed, log = 0, 0.0, []
     if ckpt.exists():
@@ -175,45 +213,50 @@ def main() -> None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         step, elapsed, log = state["step"], state["elapsed"], state["log"]
+        args.ar_steps, args.joint_steps = state["plan"]
         torch.set_rng_state(state["rng"])
         print(f"resumed at step {step}")
-    total = args.ar_steps + args.joint_steps
     autocast = not args.no_autocast
     gen = torch.Generator(device=device)
-    bar = tqdm(total=total, initial=step, desc="pretrain", unit="step")
+    bar = tqdm(total=None if budget.on else args.ar_steps + args.joint_steps, initial=step, desc="pretrain",
+               unit="step")
     t0 = time.time() - elapsed
-    while step < total:
-        ids = train_rows[batch_for(step, len(train_rows), args.batch, args.seed)].to(device)
+    while step < args.ar_steps + args.joint_steps:
+        ids = train_rows[batch_for(step, len(train_rows), args.batch, args.seed)]
         for group in opt.param_groups:
             group["lr"] = lr_at(step, args)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             if step < args.ar_steps:
                 loss = ar_loss(model, ids)
-                parts = {"ar": float(loss)}
+                parts = {"ar": loss.detach()}
             else:
                 gen.manual_seed(args.seed * 100003 + step)
                 out = joint_loss(model, ids, alpha=args.alpha, block_size=args.block_size, generator=gen)
-                loss, parts = out.loss, {"ar": float(out.ar_loss), "diff": float(out.diff_loss)}
+                loss, parts = out.loss, {"ar": out.ar_loss.detach(), "diff": out.diff_loss.detach()}
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         step += 1
         bar.update(1)
-        bar.set_postfix(stage=1 if step <= args.ar_steps else 2, **{k: f"{v:.3f}" for k, v in parts.items()})
+        if budget.on and budget.resolve(step, time.time() - t0):
+            bar.total = args.ar_steps + args.joint_steps
         if step % 20 == 0:
-            log.append({"step": step, "lr": lr_at(step - 1, args), **parts})
-        if step % args.ckpt_every == 0 or step == total:
+            values = {k: float(v) for k, v in parts.items()}
+            bar.set_postfix(stage=1 if step <= args.ar_steps else 2, **{k: f"{v:.3f}" for k, v in values.items()})
+            log.append({"step": step, "lr": lr_at(step - 1, args), **values})
+        if step % args.ckpt_every == 0 or step == args.ar_steps + args.joint_steps:
             tmp = work / "state.pt.tmp"
             torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step,
-                        "elapsed": time.time() - t0, "log": log, "rng": torch.get_rng_state()}, tmp)
+                        "elapsed": time.time() - t0, "log": log, "rng": torch.get_rng_state(),
+                        "plan": (args.ar_steps, args.joint_steps)}, tmp)
             os.replace(tmp, ckpt)
     bar.close()
     wall = time.time() - t0
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=False):
         metrics = evaluate(model.float(), eval_rows.to(device), tokenizer, bytes_per_token, args.block_size)
     metrics.update({
-        "wall_s": wall, "tokens_seen": total * args.batch * args.seq_len,
+        "wall_s": wall, "tokens_seen": (args.ar_steps + args.joint_steps) * args.batch * args.seq_len,
         "parameters": sum(p.numel() for p in model.parameters()), "args": vars(args),
     })
     model.cpu().save_pretrained(args.out)

@@ -110,19 +110,29 @@ def test_sampled_emits_target_distribution(q_style):
 
 
 def test_bad_input_is_rejected_clearly():
-    logits = torch.randn(5, 10)
+    def on_device(values, dtype=torch.int64):
+        return torch.tensor(values, dtype=dtype, device=DEVICE)
+
+    logits = torch.randn(5, 10, device=DEVICE)
     with pytest.raises(ValueError, match="expected sum"):
-        verify_greedy(logits, torch.tensor([1, 2]), torch.tensor([0, 2], dtype=torch.int32))
+        verify_greedy(logits, on_device([1, 2]), on_device([0, 2], torch.int32))
     with pytest.raises(ValueError, match=r"must lie in \[0, 10\)"):
-        verify_greedy(logits, torch.tensor([1, 2, 3, 11]), torch.tensor([0, 4], dtype=torch.int32))
+        verify_greedy(logits, on_device([1, 2, 3, 11]), on_device([0, 4], torch.int32))
     with pytest.raises(ValueError, match="non-decreasing"):
-        verify_greedy(torch.randn(3, 10), torch.tensor([1]), torch.tensor([0, 2, 1], dtype=torch.int32))
-    wide = torch.randn(10, 5).t()  # non-contiguous rows: handled by copying
-    drafts = torch.tensor([1, 2, 3, 4])
-    cu = torch.tensor([0, 4], dtype=torch.int32)
+        verify_greedy(torch.randn(3, 10, device=DEVICE), on_device([1]), on_device([0, 2, 1], torch.int32))
+    wide = torch.randn(10, 5, device=DEVICE).t()  # non-contiguous rows: handled by copying
+    drafts = torch.tensor([1, 2, 3, 4], device=DEVICE)
+    cu = torch.tensor([0, 4], dtype=torch.int32, device=DEVICE)
     ref = reference.verify_greedy(wide.contiguous(), drafts, cu)
     tri = triton_verify.verify_greedy(wide, drafts, cu)
     assert torch.equal(ref[0], tri[0])
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA tensor beside a CPU one")
+def test_inputs_on_two_devices_are_rejected():
+    logits = torch.randn(5, 10, device="cuda")
+    with pytest.raises(ValueError, match="draft_tokens is on cpu"):
+        verify_greedy(logits, torch.tensor([1, 2, 3]), torch.tensor([0, 3], dtype=torch.int32, device="cuda"))
 
 
 def test_dispatcher_override():

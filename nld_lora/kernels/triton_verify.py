@@ -13,8 +13,18 @@ import torch
 import triton
 import triton.language as tl
 
-from nld_lora.kernels.rng import C_LANE, C_POS, C_STREAM, M1, M2, MASK32, STREAM_ACCEPT, STREAM_RACE
+from nld_lora.kernels import rng
 from nld_lora.kernels.validate import check_verify_inputs
+
+# compiled kernels may read module globals only when they are tl.constexpr (the interpreter does not check this)
+MASK32 = tl.constexpr(rng.MASK32)
+C_POS = tl.constexpr(rng.C_POS)
+C_LANE = tl.constexpr(rng.C_LANE)
+C_STREAM = tl.constexpr(rng.C_STREAM)
+M1 = tl.constexpr(rng.M1)
+M2 = tl.constexpr(rng.M2)
+STREAM_ACCEPT = tl.constexpr(rng.STREAM_ACCEPT)
+STREAM_RACE = tl.constexpr(rng.STREAM_RACE)
 
 BLOCK_V = 1024
 MAX_SPLITS = 32

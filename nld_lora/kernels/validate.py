@@ -19,6 +19,12 @@ def check_verify_inputs(
         raise ValueError(f"target_logits must be 2D (rows, vocab); got shape {tuple(target_logits.shape)}")
     if target_logits.dtype not in FLOAT_DTYPES:
         raise ValueError(f"target_logits dtype {target_logits.dtype} not in {FLOAT_DTYPES}")
+    given = {"draft_tokens": draft_tokens, "cu_draft_lens": cu_draft_lens, "draft_logits": draft_logits,
+             "temperature": temperature, "seeds": seeds}
+    for name, t in given.items():
+        if t is not None and t.device != target_logits.device:
+            raise ValueError(f"{name} is on {t.device} but target_logits is on {target_logits.device}; "
+                             "put every verify input on one device")
     if cu_draft_lens.dim() != 1 or cu_draft_lens.numel() < 1:
         raise ValueError("cu_draft_lens must be 1D cumulative draft counts starting at 0 (length num_requests + 1)")
     cu = cu_draft_lens.tolist()

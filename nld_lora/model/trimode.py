@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -25,6 +26,9 @@ class TriModeModel(nn.Module):
         self.config = apply_nld_defaults(config)
         self.encoder = AutoModel.from_config(config, attn_implementation="sdpa")
         self.diffusion_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        # transformers renamed the backbone's `past_key_values` argument to `cache` (5.2x); accept both
+        params = inspect.signature(self.encoder.forward).parameters
+        self._cache_arg = "cache" if "cache" in params else "past_key_values"
         self.tokenizer: Any = None
         self.name_or_path: str = ""
         self.weights_hash: str = ""
@@ -77,8 +81,8 @@ class TriModeModel(nn.Module):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            cache=cache,
             use_cache=cache is not None,
+            **{self._cache_arg: cache},
         )
         hidden = out.last_hidden_state
         if logits_index is not None:
