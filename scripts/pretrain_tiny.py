@@ -225,7 +225,8 @@ def main() -> None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         step, elapsed, log = state["step"], state["elapsed"], state["log"]
-        args.ar_steps, args.joint_steps = state["plan"]
+        if budget.on:  # the stage lengths a budget run has fixed so far; fixed-step runs take the command line's
+            args.ar_steps, args.joint_steps = state.get("plan", (args.ar_steps, args.joint_steps))
         torch.set_rng_state(state["rng"])
         print(f"resumed at step {step}")
     autocast = not args.no_autocast
