@@ -24,6 +24,7 @@ from pretrain_tiny import DOC_SEPARATOR, evaluate, pack  # noqa: E402
 import nld_lora  # noqa: E402
 from nld_lora.data.readers import read_prompts  # noqa: E402
 from nld_lora.decoding.api import max_prompt_tokens  # noqa: E402
+from nld_lora.decoding.stats import safe_ratio  # noqa: E402
 
 
 def main() -> None:
@@ -55,12 +56,12 @@ def main() -> None:
     if skipped:
         print(f"skipped {skipped} prompts too long for {model.max_positions} positions with {args.max_new_tokens} new tokens")
     res = model.generate(prompts, mode="self_spec", max_new_tokens=args.max_new_tokens, batch_size=16)
-    new_bytes = sum(len(text.encode("utf-8")) for text in res.texts)
-    bytes_per_token = new_bytes / max(res.stats.new_tokens, 1)
+    generated_bytes = sum(len(continuation.encode("utf-8")) for continuation in res.texts)
+    generated_bytes_per_token = safe_ratio(generated_bytes, res.stats.new_tokens)
     metrics["native_self_spec"] = {"block_size": model.block_size, "prompts": len(prompts),
                                    "acceptance_length": res.stats.acceptance_length, "tpf": res.stats.tpf,
-                                   "generated_bytes_per_token": bytes_per_token,
-                                   "bytes_per_cycle": res.stats.acceptance_length * bytes_per_token}
+                                   "generated_bytes_per_token": generated_bytes_per_token,
+                                   "bytes_per_cycle": res.stats.acceptance_length * generated_bytes_per_token}
     ar = model.generate(prompts[:3], mode="ar", max_new_tokens=64)
     print(json.dumps(metrics, indent=2))
     for prompt, cont in zip(prompts[:3], ar.texts):

@@ -16,10 +16,7 @@ TRITON_INTERPRET=0 python -m pytest tests/test_kernels.py -q -p no:cacheprovider
 echo "== bench_verify ==" | tee -a "$LOG"
 python scripts/bench_verify.py 2>&1 | tee -a "$LOG"
 echo "== bench_decode ==" | tee -a "$LOG"
-ADAPTER=runs/tiny_code/train/linear_spec_lora
-if [ -d "$ADAPTER" ]; then
-  python scripts/bench_decode.py --device cuda --n 32 --adapter "$ADAPTER" 2>&1 | tee -a "$LOG" \
-    || python scripts/bench_decode.py --device cuda --n 32 2>&1 | tee -a "$LOG"
-else
-  python scripts/bench_decode.py --device cuda --n 32 2>&1 | tee -a "$LOG"
-fi
+ADAPTER=runs/tiny_code/train/linear_spec_lora  # the default recipe's adapter, when carried along
+ADAPTER_ARGS=()
+[ -d "$ADAPTER" ] && ADAPTER_ARGS=(--adapter "$ADAPTER")
+python scripts/bench_decode.py --device cuda --n 32 "${ADAPTER_ARGS[@]}" 2>&1 | tee -a "$LOG"

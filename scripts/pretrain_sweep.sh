@@ -4,6 +4,9 @@
 # tokenizer, metrics, logs) and <dest>/<name>.safetensors (weights rounded to bf16 to fit the device tool's transfer
 # limits). Usage (needs .cache/corpus from scripts/make_domain_data.py):
 #   bash scripts/pretrain_sweep.sh DEST NAME "ARGS" [NAME "ARGS" ...]
+# A variant becomes a loadable model folder again with
+#   tar -xzf DEST/sweep.tgz -C DIR && cp DEST/NAME.safetensors DIR/NAME/model/model.safetensors
+# (nld_lora.load casts the bf16 weights to the config's fp32).
 set -uo pipefail
 DEST=${1:?destination folder}
 shift

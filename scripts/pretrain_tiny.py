@@ -74,9 +74,14 @@ def model_config(tokenizer: PreTrainedTokenizerFast, args: argparse.Namespace) -
     )
 
 
+def total_steps(args: argparse.Namespace) -> int:
+    """Stage 1 + stage 2 steps (a budget run fixes them while it trains)."""
+    return args.ar_steps + args.joint_steps
+
+
 def lr_at(step: int, args: argparse.Namespace) -> float:
     """Warmup-stable-decay: linear warmup, constant through stage 1, cosine decay to 10% over stage 2."""
-    total = args.ar_steps + args.joint_steps
+    total = total_steps(args)
     if step < args.warmup:
         return args.lr * (step + 1) / args.warmup
     if step < args.ar_steps:
@@ -231,10 +236,9 @@ def main() -> None:
         print(f"resumed at step {step}")
     autocast = not args.no_autocast
     gen = torch.Generator(device=device)
-    bar = tqdm(total=None if budget.on else args.ar_steps + args.joint_steps, initial=step, desc="pretrain",
-               unit="step")
+    bar = tqdm(total=None if budget.on else total_steps(args), initial=step, desc="pretrain", unit="step")
     t0 = time.time() - elapsed
-    while step < args.ar_steps + args.joint_steps:
+    while step < total_steps(args):
         ids = train_rows[batch_for(step, len(train_rows), args.batch, args.seed)]
         for group in opt.param_groups:
             group["lr"] = lr_at(step, args)
@@ -253,12 +257,12 @@ def main() -> None:
         step += 1
         bar.update(1)
         if budget.resolve(step, time.time() - t0):
-            bar.total = args.ar_steps + args.joint_steps
+            bar.total = total_steps(args)
         if step % 20 == 0:
             values = {k: float(v) for k, v in parts.items()}
             bar.set_postfix(stage=1 if step <= args.ar_steps else 2, **{k: f"{v:.3f}" for k, v in values.items()})
             log.append({"step": step, "lr": lr_at(step - 1, args), **values})
-        if step % args.ckpt_every == 0 or step == args.ar_steps + args.joint_steps:
+        if step % args.ckpt_every == 0 or step == total_steps(args):
             tmp = work / "state.pt.tmp"
             torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step,
                         "elapsed": time.time() - t0, "log": log, "rng": torch.get_rng_state(),
@@ -269,7 +273,7 @@ def main() -> None:
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=False):
         metrics = evaluate(model.float(), eval_rows.to(device), tokenizer, bytes_per_token, args.block_size)
     metrics.update({
-        "wall_s": wall, "tokens_seen": (args.ar_steps + args.joint_steps) * args.batch * args.seq_len,
+        "wall_s": wall, "tokens_seen": total_steps(args) * args.batch * args.seq_len,
         "parameters": sum(p.numel() for p in model.parameters()), "args": vars(args),
     })
     model.cpu().save_pretrained(args.out)

@@ -121,8 +121,8 @@ def test_bad_input_is_rejected_clearly():
     with pytest.raises(ValueError, match="non-decreasing"):
         verify_greedy(torch.randn(3, 10, device=DEVICE), on_device([1]), on_device([0, 2, 1], torch.int32))
     wide = torch.randn(10, 5, device=DEVICE).t()  # non-contiguous rows: handled by copying
-    drafts = torch.tensor([1, 2, 3, 4], device=DEVICE)
-    cu = torch.tensor([0, 4], dtype=torch.int32, device=DEVICE)
+    drafts = on_device([1, 2, 3, 4])
+    cu = on_device([0, 4], torch.int32)
     ref = reference.verify_greedy(wide.contiguous(), drafts, cu)
     tri = triton_verify.verify_greedy(wide, drafts, cu)
     assert torch.equal(ref[0], tri[0])

@@ -14,18 +14,16 @@ from nld_lora.kernels.rng import STREAM_ACCEPT, STREAM_RACE, uniform
 from nld_lora.kernels.validate import check_verify_inputs
 
 
-def _layout(cu: torch.Tensor) -> tuple[list[int], list[int]]:
-    cu_list = cu.tolist()
-    counts = [cu_list[i + 1] - cu_list[i] for i in range(len(cu_list) - 1)]
-    return cu_list, counts
+def _counts(cu: list[int]) -> list[int]:
+    return [b - a for a, b in zip(cu, cu[1:])]
 
 
 def verify_greedy(
     target_logits: torch.Tensor, draft_tokens: torch.Tensor, cu_draft_lens: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Accept the longest prefix with draft_j == argmax(row j-1); emit it plus argmax of the next row."""
-    check_verify_inputs(target_logits, draft_tokens, cu_draft_lens)
-    cu, counts = _layout(cu_draft_lens)
+    cu = check_verify_inputs(target_logits, draft_tokens, cu_draft_lens)
+    counts = _counts(cu)
     n = len(counts)
     width = max(counts, default=0) + 1
     tokens = torch.full((n, width), -1, dtype=torch.int32, device=target_logits.device)
@@ -71,8 +69,8 @@ def verify_sampled(
     p = softmax(target/T), q = softmax(draft/T); requests with T <= 0 follow the greedy rule. Random numbers
     are keyed on (seeds[i], position j, lane) so the Triton kernel replays them exactly.
     """
-    check_verify_inputs(target_logits, draft_tokens, cu_draft_lens, draft_logits, temperature, seeds)
-    cu, counts = _layout(cu_draft_lens)
+    cu = check_verify_inputs(target_logits, draft_tokens, cu_draft_lens, draft_logits, temperature, seeds)
+    counts = _counts(cu)
     n = len(counts)
     width = max(counts, default=0) + 1
     tokens = torch.full((n, width), -1, dtype=torch.int32, device=target_logits.device)

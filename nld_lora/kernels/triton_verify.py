@@ -200,22 +200,22 @@ def _row_stats(logits: torch.Tensor, inv_temp: torch.Tensor | None, row_tokens: 
     return argmax, lse, tok
 
 
-def _outputs(cu: torch.Tensor):
-    n = cu.numel() - 1
-    width = int((cu[1:] - cu[:-1]).max()) + 1 if n else 1
-    dev = cu.device
+def _outputs(cu_host: list[int], dev: torch.device):
+    """Request count, output width (longest draft + 1) and the output buffers, sized from the host offsets."""
+    n = len(cu_host) - 1
+    width = max((b - a for a, b in zip(cu_host, cu_host[1:])), default=0) + 1
     return n, width, torch.empty((n, width), dtype=torch.int32, device=dev), torch.empty(n, dtype=torch.int32,
                                                                                           device=dev)
 
 
 def verify_greedy(target_logits: torch.Tensor, draft_tokens: torch.Tensor, cu_draft_lens: torch.Tensor):
     """Triton twin of reference.verify_greedy."""
-    check_verify_inputs(target_logits, draft_tokens, cu_draft_lens)
+    cu_host = check_verify_inputs(target_logits, draft_tokens, cu_draft_lens)
     target_logits = _rows_contiguous(target_logits)
     cu = cu_draft_lens.to(torch.int32)
     drafts = draft_tokens.to(torch.int32).contiguous()
     argmax, _, _ = _row_stats(target_logits, None, None)
-    n, width, tokens, n_acc = _outputs(cu)
+    n, width, tokens, n_acc = _outputs(cu_host, target_logits.device)
     if n:
         _accept_kernel[(n,)](
             cu, drafts, argmax, argmax, argmax, argmax, argmax, argmax, argmax, target_logits, 0,
@@ -230,7 +230,7 @@ def verify_sampled(
     cu_draft_lens: torch.Tensor, temperature: torch.Tensor, seeds: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton twin of reference.verify_sampled."""
-    check_verify_inputs(target_logits, draft_tokens, cu_draft_lens, draft_logits, temperature, seeds)
+    cu_host = check_verify_inputs(target_logits, draft_tokens, cu_draft_lens, draft_logits, temperature, seeds)
     target_logits = _rows_contiguous(target_logits)
     draft_logits = _rows_contiguous(draft_logits)
     dev = target_logits.device
@@ -241,13 +241,14 @@ def verify_sampled(
     drafts = draft_tokens.to(torch.int32).contiguous()
     # target row of draft d is d + (its request index): the row before it; bonus rows keep -1
     req = torch.arange(len(counts), device=dev)
-    d_req = torch.repeat_interleave(req, counts)
+    # output_size from the host offsets: repeat_interleave would otherwise sync to size its result
+    d_req = torch.repeat_interleave(req, counts, output_size=cu_host[-1])
     t_tokens = torch.full((target_logits.shape[0],), -1, dtype=torch.int32, device=dev)
     t_tokens[torch.arange(drafts.numel(), device=dev) + d_req] = drafts
-    t_req = torch.repeat_interleave(req, counts + 1)
+    t_req = torch.repeat_interleave(req, counts + 1, output_size=target_logits.shape[0])
     t_argmax, t_lse, t_tok = _row_stats(target_logits, inv[t_req].contiguous(), t_tokens)
     _, d_lse, d_tok = _row_stats(draft_logits, inv[d_req].contiguous(), drafts)
-    n, width, tokens, n_acc = _outputs(cu)
+    n, width, tokens, n_acc = _outputs(cu_host, dev)
     if n:
         _accept_kernel[(n,)](
             cu, drafts, t_argmax, t_lse, t_tok, d_lse, d_tok, temp, seeds.to(torch.int64).contiguous(),

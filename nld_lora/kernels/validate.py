@@ -14,7 +14,12 @@ def check_verify_inputs(
     draft_logits: torch.Tensor | None = None,
     temperature: torch.Tensor | None = None,
     seeds: torch.Tensor | None = None,
-) -> None:
+) -> list[int]:
+    """Raise ValueError naming the bad input; return cu_draft_lens as a host list.
+
+    Everything the checks need from the device (the offsets and the draft range) comes over in one copy, so a
+    verify step pays one host sync here, and the callers reuse the list instead of reading the offsets again.
+    """
     if target_logits.dim() != 2:
         raise ValueError(f"target_logits must be 2D (rows, vocab); got shape {tuple(target_logits.shape)}")
     if target_logits.dtype not in FLOAT_DTYPES:
@@ -27,7 +32,10 @@ def check_verify_inputs(
                              "put every verify input on one device")
     if cu_draft_lens.dim() != 1 or cu_draft_lens.numel() < 1:
         raise ValueError("cu_draft_lens must be 1D cumulative draft counts starting at 0 (length num_requests + 1)")
-    cu = cu_draft_lens.tolist()
+    flat = draft_tokens.reshape(-1).long()
+    bounds = torch.stack(torch.aminmax(flat)) if flat.numel() else flat
+    host = torch.cat([cu_draft_lens.long(), bounds]).tolist()
+    cu, (lo, hi) = host[: cu_draft_lens.numel()], (host[cu_draft_lens.numel():] or [0, 0])
     if cu[0] != 0 or any(b < a for a, b in zip(cu, cu[1:])):
         raise ValueError(f"cu_draft_lens must start at 0 and be non-decreasing; got {cu[:8]}...")
     n = len(cu) - 1
@@ -36,12 +44,12 @@ def check_verify_inputs(
         raise ValueError(f"target_logits has {rows} rows; expected sum(draft_len_i + 1) = {cu[-1] + n}")
     if draft_tokens.dim() != 1 or draft_tokens.numel() != cu[-1]:
         raise ValueError(f"draft_tokens must be 1D with {cu[-1]} entries; got shape {tuple(draft_tokens.shape)}")
-    if draft_tokens.numel() and (int(draft_tokens.min()) < 0 or int(draft_tokens.max()) >= vocab):
-        raise ValueError(f"draft_tokens must lie in [0, {vocab}); got range [{int(draft_tokens.min())}, "
-                         f"{int(draft_tokens.max())}]")
+    if lo < 0 or hi >= vocab:
+        raise ValueError(f"draft_tokens must lie in [0, {vocab}); got range [{lo}, {hi}]")
     if draft_logits is not None:
         if tuple(draft_logits.shape) != (cu[-1], vocab):
             raise ValueError(f"draft_logits must have shape ({cu[-1]}, {vocab}); got {tuple(draft_logits.shape)}")
     for name, t in (("temperature", temperature), ("seeds", seeds)):
         if t is not None and (t.dim() != 1 or t.numel() != n):
             raise ValueError(f"{name} must be 1D with one entry per request ({n}); got shape {tuple(t.shape)}")
+    return cu
