@@ -227,7 +227,7 @@ def train(model_or_path: Any, dataset_dir: str | Path, out_dir: str | Path, cfg:
         bar.update(1)
         if step % cfg.log_every == 0 and accelerator.is_main_process:
             acc = float(res.accept_lengths.float().mean()) if len(res.accept_lengths) else 0.0
-            record = {"step": step, "loss": float(res.loss), "ce": float(res.ce), "distill": float(res.distill),
+            record = {"step": step, "loss": res.loss.item(), "ce": float(res.ce), "distill": float(res.distill),
                       "train_acceptance": acc, "lr": scheduler.get_last_lr()[0]}
             bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{acc:.2f}")
             _log(accelerator, log_path, record)
