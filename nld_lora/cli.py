@@ -105,6 +105,20 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from nld_lora.model.export import export_adapter, export_ar_view
+
+    if bool(args.adapter) == bool(args.ar_view):
+        raise ValueError("export: give either --adapter A --into MODEL_DIR, or --ar-view OUT (with --model)")
+    if args.adapter:
+        if not args.into:
+            raise ValueError("export --adapter needs --into MODEL_DIR")
+        print(json.dumps({"adapter": str(export_adapter(args.adapter, args.into))}))
+    else:
+        print(json.dumps({"ar_view": str(export_ar_view(args.model, args.ar_view))}))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nld-lora", description="Draft-pathway LoRA for tri-mode LMs.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -173,6 +187,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="'both' also applies the adapter to verify (not lossless; the check will say so)")
     r.add_argument("--strict", action="store_true", help="exit 3 when the lossless check finds a mismatch")
     r.set_defaults(func=cmd_report)
+
+    e = sub.add_parser("export", help="put an adapter into a model folder, or write the model's AR view")
+    e.add_argument("--adapter", help="trained adapter folder to install as MODEL_DIR/linear_spec_lora")
+    e.add_argument("--into", help="model folder that receives the adapter (an existing one is kept aside)")
+    e.add_argument("--ar-view", help="output folder for a plain Ministral3ForCausalLM copy of the AR pathway")
+    e.add_argument("--model", default="data/tiny-nld-code", help="NLD folder or hub id (for --ar-view)")
+    e.set_defaults(func=cmd_export)
     return parser
 
 

@@ -50,7 +50,7 @@ def check_adapter_matches(model, path: str | Path) -> None:
 
 def attach_adapter(model, path: str | Path, *, name: str | None = None, lora_mode: str = "draft_only") -> str:
     """Load a PEFT folder onto the model (several may be loaded); it becomes the active adapter."""
-    from peft import PeftModel
+    from peft import PeftConfig, PeftModel
 
     if lora_mode not in LORA_MODES:
         raise AdapterError(f"lora_mode={lora_mode!r}; expected one of {LORA_MODES}")
@@ -58,7 +58,11 @@ def attach_adapter(model, path: str | Path, *, name: str | None = None, lora_mod
     name = name or Path(path).name or "default"
     peft = _peft(model)
     if peft is None:
-        peft = PeftModel.from_pretrained(model, str(path), adapter_name=name, is_trainable=False)
+        # Any task_type loads (NVIDIA ships CAUSAL_LM): the runtime drives the model itself, so PEFT's plain
+        # wrapper is used instead of a task wrapper that expects transformers' generate hooks.
+        config = PeftConfig.from_pretrained(str(path))
+        config.task_type = None
+        peft = PeftModel.from_pretrained(model, str(path), adapter_name=name, is_trainable=False, config=config)
         object.__setattr__(model, "_peft", peft)
     else:
         peft.load_adapter(str(path), adapter_name=name, is_trainable=False)

@@ -24,12 +24,17 @@ class DecodeBatch:
         for i, p in enumerate(prompts):
             ids[i, width - len(p):] = torch.tensor(p, device=device)
             self.valid[i, width - len(p):] = True
+        self.prompt_ids = ids
         self.cache = DynamicCache(config=model.config)
-        positions = (self.valid.long().cumsum(1) - 1).clamp(min=0)
-        mask = causal_mask(self.valid, width)
-        self.prefill_logits, _ = model(ids, attention_mask=mask, position_ids=positions, cache=self.cache,
-                                       logits_index=slice(width - 1, width))
         self.next_pos = self.valid.sum(1)
+
+    def prefill(self) -> torch.Tensor:
+        """Causal forward over the left-padded prompts (writes the cache); logits of each row's last token."""
+        width = self.prompt_ids.shape[1]
+        positions = (self.valid.long().cumsum(1) - 1).clamp(min=0)
+        logits, _ = self.model(self.prompt_ids, attention_mask=causal_mask(self.valid, width), position_ids=positions,
+                               cache=self.cache, logits_index=slice(width - 1, width))
+        return logits
 
     def __len__(self) -> int:
         return len(self.rows)

@@ -40,9 +40,11 @@ def _commit_rows(batch: DecodeBatch, out: Outputs, new_tokens: list[list[int]], 
 
 
 def _prefill(batch: DecodeBatch, out: Outputs, cfg: DecodeSettings, gen: torch.Generator) -> torch.Tensor:
+    with lora_enabled(batch.model, cfg.adapter, on=cfg.lora_mode == "both"):
+        logits = batch.prefill()
     for rid in batch.rows:
         out.stats[rid].forwards["prefill"] += 1
-    seeds = select_tokens(batch.prefill_logits[:, -1], cfg.temperature, gen, cfg.top_k, cfg.top_p)
+    seeds = select_tokens(logits[:, -1], cfg.temperature, gen, cfg.top_k, cfg.top_p)
     return _commit_rows(batch, out, [[t] for t in seeds.tolist()], seeds)
 
 

@@ -1,16 +1,21 @@
-"""Checkpoint I/O: the NLD layout (encoder.* + diffusion_head), and wrapping plain HF causal LM folders."""
+"""Checkpoint I/O: NLD-layout folders (ours and NVIDIA's release), wrapping plain HF causal LMs, saving back.
+
+Loading builds the model on the meta device and streams each safetensors shard into it in the target dtype,
+so peak host memory stays near one copy of the weights; nothing is initialised randomly first.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import shutil
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from nld_lora.model.config import (
     NLD_ARCHITECTURE,
@@ -19,14 +24,19 @@ from nld_lora.model.config import (
     backbone_config_from_dict,
     validate_mask_token,
 )
+from nld_lora.model.release import ADAPTER_SUBFOLDER, RELEASE_IDENTITY_KEYS, RELEASE_MODEL_TYPE
 from nld_lora.model.trimode import TriModeModel
 
 MASK_TOKEN = "<|mask|>"
 _FULL_HASH_LIMIT = 512 * 2**20
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.py", "tekken.json", "tokenizer*",
+                f"{ADAPTER_SUBFOLDER}/*"]
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
+_KEPT_FILES = ("generation_config.json",)
 
 
 def resolve_folder(name_or_path: str) -> Path:
-    """A local folder, or a hub snapshot when the name looks like 'org/model' and the hub is reachable."""
+    """A local folder, or a hub snapshot (weights, tokenizer, chat template, remote code, adapter subfolder)."""
     path = Path(name_or_path)
     if path.exists():
         if not path.is_dir():
@@ -36,16 +46,32 @@ def resolve_folder(name_or_path: str) -> Path:
         try:
             from huggingface_hub import snapshot_download
 
-            return Path(snapshot_download(name_or_path, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
+            return Path(snapshot_download(name_or_path, allow_patterns=HUB_PATTERNS))
         except Exception as err:
             raise CheckpointError(f"{name_or_path}: not a local folder and the hub download failed: {err}") from err
     raise CheckpointError(f"{name_or_path}: no such checkpoint folder")
 
 
+def read_config(folder: Path) -> dict[str, Any]:
+    path = folder / "config.json"
+    if not path.exists():
+        raise CheckpointError(f"{folder}: not a checkpoint (no config.json)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path}: invalid JSON at line {err.lineno}: {err.msg}") from err
+
+
 def weight_files(folder: Path) -> list[Path]:
     index = folder / "model.safetensors.index.json"
     if index.exists():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, AttributeError) as err:
+            raise CheckpointError(f"{index}: not a valid safetensors index (needs a 'weight_map'): {err}") from err
+        missing = [s for s in shards if not (folder / s).exists()]
+        if missing:
+            raise CheckpointError(f"{index}: lists shard(s) that are not in the folder: {missing}")
         return [folder / s for s in shards]
     single = folder / "model.safetensors"
     if single.exists():
@@ -53,12 +79,43 @@ def weight_files(folder: Path) -> list[Path]:
     raise CheckpointError(f"{folder}: not a checkpoint (no model.safetensors or model.safetensors.index.json)")
 
 
+@contextmanager
+def open_weights(file: Path):
+    """safe_open with errors that name the file (a corrupt or truncated download is the usual cause)."""
+    try:
+        handle = safe_open(str(file), framework="pt")
+    except Exception as err:  # safetensors raises SafetensorError / OSError for bad headers and short files
+        raise CheckpointError(f"{file}: cannot read this safetensors file ({err}); it is corrupt or truncated, "
+                              "re-download or re-save it") from err
+    with handle:
+        yield handle
+
+
+def _read_tensor(handle, key: str, file: Path) -> torch.Tensor:
+    try:
+        return handle.get_tensor(key)
+    except Exception as err:
+        raise CheckpointError(f"{file}: tensor {key!r} cannot be read ({err}); the file is corrupt or truncated") \
+            from err
+
+
+def weight_shapes_on_disk(files: list[Path]) -> dict[str, tuple[tuple[int, ...], str, Path]]:
+    """key -> (shape, safetensors dtype, file), from the headers only."""
+    found: dict[str, tuple[tuple[int, ...], str, Path]] = {}
+    for f in files:
+        with open_weights(f) as handle:
+            for key in handle.keys():
+                piece = handle.get_slice(key)
+                found[key] = (tuple(piece.get_shape()), piece.get_dtype(), f)
+    return found
+
+
 def read_state_dict(files: list[Path]) -> dict[str, torch.Tensor]:
     state: dict[str, torch.Tensor] = {}
     for f in files:
-        with safe_open(str(f), framework="pt") as handle:
+        with open_weights(f) as handle:
             for key in handle.keys():
-                state[key] = handle.get_tensor(key)
+                state[key] = _read_tensor(handle, key, f)
     return state
 
 
@@ -78,39 +135,91 @@ def weights_fingerprint(files: list[Path]) -> str:
     return digest.hexdigest()[:16]
 
 
-def _load_tokenizer(folder: Path) -> Any:
+def to_torch_dtype(value: Any, field: str = "dtype") -> torch.dtype:
+    """'bfloat16' / 'torch.bfloat16' / torch.bfloat16 -> torch.bfloat16; anything else non-float is an error."""
+    if isinstance(value, torch.dtype):
+        dtype = value
+    else:
+        dtype = getattr(torch, str(value).removeprefix("torch."), None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise CheckpointError(f"{field}={value!r}: expected a floating dtype (float32, bfloat16, float16)")
+    return dtype
+
+
+def resolve_dtype(requested: Any, config_dict: dict[str, Any], on_disk: dict[str, tuple], source: str) -> torch.dtype:
+    """dtype= wins; else the config's `dtype` / `torch_dtype`; else the weights' stored dtype. Never mixed."""
+    if requested is not None:
+        return to_torch_dtype(requested)
+    for field in ("dtype", "torch_dtype"):
+        value = config_dict.get(field)
+        if value not in (None, "auto"):
+            return to_torch_dtype(value, f"{source}: config field {field}")
+    stored = {_SAFETENSORS_DTYPES.get(d) for _, d, _ in on_disk.values()} - {None}
+    return stored.pop() if len(stored) == 1 else torch.float32
+
+
+def _load_tokenizer(folder: Path, config: Any) -> Any:
+    """The folder's tokenizer (chat_template.jinja included); the backbone config is passed so that a release's
+    auto_map never triggers a remote-code prompt."""
     if not any((folder / n).exists() for n in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
         return None
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(folder))
+    return AutoTokenizer.from_pretrained(str(folder), config=config, trust_remote_code=False)
 
 
-def _is_nld_layout(state: dict[str, torch.Tensor]) -> bool:
-    return "diffusion_head.weight" in state and any(k.startswith("encoder.") for k in state)
+def stop_token_ids(folder: Path, tokenizer: Any) -> set[int]:
+    """EOS ids a release declares outside config.json: generation_config.json (int or list) and the tokenizer."""
+    ids: set[int] = set()
+    gen_path = folder / "generation_config.json"
+    if gen_path.exists():
+        try:
+            eos = json.loads(gen_path.read_text()).get("eos_token_id")
+        except json.JSONDecodeError as err:
+            raise CheckpointError(f"{gen_path}: invalid JSON at line {err.lineno}: {err.msg}") from err
+        if eos is not None:
+            ids |= {int(e) for e in eos} if isinstance(eos, list) else {int(eos)}
+    if tokenizer is not None and getattr(tokenizer, "eos_token_id", None) is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return ids
 
 
-def _check_and_load(model: TriModeModel, state: dict[str, torch.Tensor], source: str) -> None:
-    expected = model.state_dict()
+def empty_model(config: Any) -> TriModeModel:
+    """The model skeleton on the meta device (rotary buffers stay real): no memory, no random init."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():
+        return TriModeModel(config)
+
+
+def _check_shapes(model: TriModeModel, shapes: dict[str, tuple[int, ...]], source: str) -> None:
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if "rotary_emb" not in k}
     problems = []
-    for key, tensor in state.items():
+    for key, shape in shapes.items():
         if key not in expected:
             problems.append(f"unexpected tensor {key!r}")
-        elif tuple(tensor.shape) != tuple(expected[key].shape):
-            problems.append(f"{key}: shape {tuple(tensor.shape)} in file, model expects {tuple(expected[key].shape)}")
-    missing = [k for k in expected if k not in state and "rotary_emb" not in k]
-    problems += [f"missing tensor {k!r}" for k in missing]
+        elif shape != expected[key]:
+            problems.append(f"{key}: shape {shape} in file, model expects {expected[key]}")
+    problems += [f"missing tensor {k!r}" for k in expected if k not in shapes]
     if problems:
         shown = "; ".join(problems[:8]) + (f"; ... ({len(problems)} problems)" if len(problems) > 8 else "")
         raise CheckpointError(f"{source}: weights do not match the config: {shown}")
-    model.load_state_dict(state, strict=False)
+
+
+def _stream_weights(model: TriModeModel, files: list[Path], dtype: torch.dtype) -> None:
+    """One shard at a time: read, cast, assign into the meta skeleton (the shard's copy is the model's copy)."""
+    for f in files:
+        with open_weights(f) as handle:
+            part = {k: _read_tensor(handle, k, f).to(dtype) for k in handle.keys()}
+        model.load_state_dict(part, strict=False, assign=True)
+        del part
 
 
 def _wrap_plain_causal_lm(
     config: Any, state: dict[str, torch.Tensor], tokenizer: Any, source: str,
     prefix: str = "model.", head_key: str = "lm_head.weight",
-) -> tuple[TriModeModel, dict[str, torch.Tensor]]:
-    """Map {prefix}* -> encoder.*, the head -> diffusion_head (untied copy), add a mask token row.
+) -> dict[str, torch.Tensor]:
+    """Map {prefix}* -> encoder.*, the head -> diffusion_head (untied copy), add a mask token row (edits config).
 
     Serves plain causal LMs (model.*, lm_head) and NLD-layout folders that lack a mask token (encoder.*, diffusion_head).
     """
@@ -136,7 +245,7 @@ def _wrap_plain_causal_lm(
     mapped["diffusion_head.weight"] = head
     config.mask_token_id = int(mask_id)
     config.tie_word_embeddings = False
-    return TriModeModel(config), mapped
+    return mapped
 
 
 def load(
@@ -147,42 +256,44 @@ def load(
     quantization: str | None = None,
     wrap: bool = False,
 ) -> TriModeModel:
-    """Load a tri-mode model from an NLD-layout folder, a hub id, or (wrap=True) a plain HF causal LM folder.
+    """Load a tri-mode model from an NLD-layout folder (ours or NVIDIA's release), a hub id, or (wrap=True) a plain
+    HF causal LM folder.
 
-    quantization: None, "4bit" or "8bit" (bitsandbytes, CUDA only) for a frozen QLoRA base.
-    The tokenizer is attached as `.tokenizer` when the folder has one.
+    dtype: the whole model's dtype (default: the config's `dtype`, else the stored one). quantization: None, "4bit"
+    or "8bit" (bitsandbytes, CUDA only) for a frozen QLoRA base. The tokenizer is attached as `.tokenizer`.
     """
     folder = resolve_folder(name_or_path)
-    config_path = folder / "config.json"
-    if not config_path.exists():
-        raise CheckpointError(f"{folder}: not a checkpoint (no config.json)")
-    try:
-        config_dict = json.loads(config_path.read_text())
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{config_path}: invalid JSON at line {err.lineno}: {err.msg}") from err
+    config_dict = read_config(folder)
+    config_path = str(folder / "config.json")
     files = weight_files(folder)
-    config = backbone_config_from_dict(config_dict, str(config_path))
-    state = read_state_dict(files)
-    tokenizer = _load_tokenizer(folder)
-    if _is_nld_layout(state):
-        if wrap and getattr(config, "mask_token_id", None) is None:
-            model, state = _wrap_plain_causal_lm(config, state, tokenizer, str(folder), "encoder.",
-                                                 "diffusion_head.weight")
-        else:
-            validate_mask_token(config, str(config_path))
-            model = TriModeModel(config)
+    on_disk = weight_shapes_on_disk(files)
+    target = resolve_dtype(dtype, config_dict, on_disk, config_path)
+    config = backbone_config_from_dict(config_dict, config_path)
+    config.dtype = target
+    tokenizer = _load_tokenizer(folder, config)
+    nld_layout = "diffusion_head.weight" in on_disk and any(k.startswith("encoder.") for k in on_disk)
+    needs_mask = getattr(config, "mask_token_id", None) in (None, -1)
+    if nld_layout and not (wrap and needs_mask):
+        validate_mask_token(config, config_path)
+        model = empty_model(config)
+        _check_shapes(model, {k: v[0] for k, v in on_disk.items()}, str(folder))
+        _stream_weights(model, files, target)
     elif wrap:
-        model, state = _wrap_plain_causal_lm(config, state, tokenizer, str(folder))
+        prefix, head = ("encoder.", "diffusion_head.weight") if nld_layout else ("model.", "lm_head.weight")
+        state = _wrap_plain_causal_lm(config, read_state_dict(files), tokenizer, str(folder), prefix, head)
+        validate_mask_token(config, config_path)
+        model = empty_model(config)
+        _check_shapes(model, {k: tuple(v.shape) for k, v in state.items()}, str(folder))
+        model.load_state_dict({k: v.to(target) for k, v in state.items()}, strict=False, assign=True)
     else:
-        validate_mask_token(config, str(config_path))
+        validate_mask_token(config, config_path)
         raise CheckpointError(f"{folder}: weights are not in the NLD layout; pass wrap=True to convert a causal LM")
-    validate_mask_token(model.config, str(config_path))
-    _check_and_load(model, state, str(folder))
     model.tokenizer = tokenizer
     model.name_or_path = str(name_or_path)
+    model.source_folder = str(folder)
+    model.source_config = config_dict
+    model.extra_eos_ids = stop_token_ids(folder, tokenizer)
     model.weights_hash = weights_fingerprint(files)
-    if dtype is not None:
-        model.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
     if quantization is not None:
         from nld_lora.model.quantize import quantize_frozen_base
 
@@ -193,17 +304,54 @@ def load(
     return model
 
 
-def save_checkpoint(model: TriModeModel, path: str | os.PathLike) -> None:
-    """Write the NLD layout atomically enough for our use: weights then config, tokenizer when attached."""
+def load_skeleton(name_or_path: str) -> TriModeModel:
+    """The model of a checkpoint folder on the meta device (module names and shapes, no weights read)."""
+    folder = resolve_folder(name_or_path)
+    config_dict = read_config(folder)
+    config = backbone_config_from_dict(config_dict, str(folder / "config.json"))
+    apply_nld_defaults(config)
+    return empty_model(config)
+
+
+def saved_config(model: TriModeModel) -> dict[str, Any]:
+    """config.json for a save: the release's identity fields when the model came from one, else ours."""
+    config = model.config.to_dict()
+    source = getattr(model, "source_config", None) or {}
+    if source.get("model_type") == RELEASE_MODEL_TYPE:
+        for key in RELEASE_IDENTITY_KEYS:
+            if key in source:
+                config[key] = source[key]
+    else:
+        config["architectures"] = [NLD_ARCHITECTURE]
+    config["dtype"] = str(model.dtype).removeprefix("torch.")
+    config.pop("torch_dtype", None)
+    return config
+
+
+def save_checkpoint(model: TriModeModel, path: str | os.PathLike, *, max_shard_size: int | str = "5GB") -> None:
+    """Write the NLD layout: shards (+ index when several) staged then moved in, config, tokenizer, and from a
+    release folder its remote-code files and generation_config.json, so NVIDIA's loader still opens it."""
+    from huggingface_hub import save_torch_state_dict
+
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
+    stage = out / ".saving"
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir()
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if "rotary_emb" not in k}
-    tmp = out / "model.safetensors.tmp"
-    save_file(state, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, out / "model.safetensors")
-    config = model.config.to_dict()
-    config["architectures"] = [NLD_ARCHITECTURE]
-    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    save_torch_state_dict(state, stage, max_shard_size=max_shard_size, metadata={"format": "pt"})
+    for old in list(out.glob("model*.safetensors")) + list(out.glob("model.safetensors.index.json")):
+        if not (stage / old.name).exists():
+            old.unlink()
+    for new in stage.iterdir():
+        os.replace(new, out / new.name)
+    stage.rmdir()
+    (out / "config.json").write_text(json.dumps(saved_config(model), indent=2, sort_keys=True) + "\n")
+    source = Path(getattr(model, "source_folder", "") or "")
+    if source.is_dir() and source.resolve() != out.resolve():
+        for f in [*source.glob("*.py"), *(source / n for n in _KEPT_FILES)]:
+            if f.exists():
+                shutil.copy2(f, out / f.name)
     if model.tokenizer is not None:
         model.tokenizer.save_pretrained(str(out))
 

@@ -10,10 +10,11 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 NLD_DEFAULTS: dict[str, Any] = {
     "block_size": 32,
     "dlm_paradigm": "bidirectional",
-    "dlm_loss_weight": 0.3,
     "ar_loss_weight": 1.0,
     "dp_varying_mask_ratio": False,
 }
+# Fields whose null is meaningful in NVIDIA's config class (dlm_loss_weight null = weight 1): filled only when absent.
+NLD_OPTIONAL: dict[str, Any] = {"dlm_loss_weight": None}
 NLD_ARCHITECTURE = "NemotronLabsDiffusionModel"
 DLM_PARADIGMS = ("bidirectional", "autoregressive", "block_diff")
 
@@ -40,6 +41,9 @@ def apply_nld_defaults(config: PretrainedConfig) -> PretrainedConfig:
     """Fill the NLD fields a config lacks (mask_token_id excepted: that one must be decided by the caller)."""
     for key, value in NLD_DEFAULTS.items():
         if getattr(config, key, None) is None:
+            setattr(config, key, value)
+    for key, value in NLD_OPTIONAL.items():
+        if not hasattr(config, key):
             setattr(config, key, value)
     if config.dlm_paradigm not in DLM_PARADIGMS:
         raise CheckpointError(f"config field dlm_paradigm={config.dlm_paradigm!r}; expected one of {DLM_PARADIGMS}")

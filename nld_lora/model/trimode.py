@@ -32,6 +32,9 @@ class TriModeModel(nn.Module):
         self.tokenizer: Any = None
         self.name_or_path: str = ""
         self.weights_hash: str = ""
+        self.source_folder: str = ""  # the folder it was loaded from (release files are carried on save)
+        self.source_config: dict[str, Any] = {}  # that folder's config.json as written
+        self.extra_eos_ids: set[int] = set()  # stop ids from generation_config.json / the tokenizer
         self.adapters: dict[str, str] = {}
         self.active_adapter: str | None = None
         self.lora_mode: str = "draft_only"
@@ -59,10 +62,12 @@ class TriModeModel(nn.Module):
 
     @property
     def eos_token_ids(self) -> set[int]:
+        """Stop on any of these: config.json's eos_token_id (int or list) plus generation_config / tokenizer ones."""
         eos = getattr(self.config, "eos_token_id", None)
-        if eos is None:
-            return set()
-        return {int(e) for e in eos} if isinstance(eos, (list, tuple)) else {int(eos)}
+        ids = set(self.extra_eos_ids)
+        if eos is not None:
+            ids |= {int(e) for e in eos} if isinstance(eos, (list, tuple)) else {int(eos)}
+        return ids
 
     def forward(
         self,
@@ -88,6 +93,11 @@ class TriModeModel(nn.Module):
         if logits_index is not None:
             hidden = hidden[:, logits_index] if isinstance(logits_index, slice) else _gather_rows(hidden, logits_index)
         return self.diffusion_head(hidden), cache
+
+    def prepare_inputs_for_generation(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """Present so that plain PEFT can wrap this model for a CAUSAL_LM adapter (NVIDIA's task_type); decoding
+        always goes through `generate(mode=...)`, never transformers' generation loop."""
+        raise NotImplementedError("TriModeModel decodes with .generate(mode='ar'|'diffusion'|'self_spec')")
 
     def save_pretrained(self, path: str) -> None:
         """Write config.json + model.safetensors (+ tokenizer) in the NLD layout."""

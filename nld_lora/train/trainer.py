@@ -102,12 +102,21 @@ def save_adapter(peft_model, out: Path, model, cfg: TrainConfig, draft_len: int,
     shutil.rmtree(tmp, ignore_errors=True)
     peft_model.save_pretrained(str(tmp), selected_adapters=[ADAPTER_NAME])
     src = tmp / ADAPTER_NAME if (tmp / ADAPTER_NAME).is_dir() else tmp
+    release_style_config(src / "adapter_config.json", model.name_or_path)
     meta = {"base_model": model.name_or_path, "base_weights_hash": model.weights_hash, "lora_mode": "draft_only",
             "draft_len": draft_len, "block_size": model.block_size, "train_config": to_dict(cfg), **extra}
     (src / ADAPTER_META).write_text(json.dumps(meta, indent=2) + "\n")
     shutil.rmtree(out, ignore_errors=True)
     os.replace(src, out)
     shutil.rmtree(tmp, ignore_errors=True)
+
+
+def release_style_config(path: Path, base_model: str) -> None:
+    """Write adapter_config.json as NVIDIA's `linear_spec_lora/` has it (task_type CAUSAL_LM, inference_mode true),
+    so the trained adapter can replace the released one; the runtime loads either way."""
+    config = json.loads(path.read_text())
+    config.update(task_type="CAUSAL_LM", inference_mode=True, base_model_name_or_path=base_model)
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def _latest_checkpoint(ckpt_dir: Path) -> Path | None:

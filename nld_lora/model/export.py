@@ -1,0 +1,102 @@
+"""Exports of a tri-mode checkpoint: a trained adapter into the model folder, and a plain causal-LM "AR view".
+
+The AR view lets AR-only engines (vLLM, transformers' generate) serve the AR pathway of an NLD folder without
+its remote code, which could otherwise decode in a diffusion mode: `encoder.*` -> `model.*`,
+`diffusion_head` -> `lm_head`, config `ministral3` / `Ministral3ForCausalLM`, same tokenizer and chat template.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+from safetensors.torch import save_file
+
+from nld_lora.model.checkpoint import open_weights, read_config, resolve_folder, weight_files
+from nld_lora.model.config import CheckpointError
+from nld_lora.model.release import ADAPTER_SUBFOLDER
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "nld_adapter.json", "README.md")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "tokenizer.model", "tekken.json", "generation_config.json")
+NLD_ONLY_FIELDS = ("auto_map", "mask_token_id", "dlm_paradigm", "block_size", "dlm_loss_weight", "ar_loss_weight",
+                   "dp_varying_mask_ratio")
+AR_VIEW_ARCHITECTURE = "Ministral3ForCausalLM"
+
+
+def export_adapter(adapter: str | os.PathLike, model_dir: str | os.PathLike) -> Path:
+    """Put a trained adapter at MODEL_DIR/linear_spec_lora (where NVIDIA's loader and SGLang look for it).
+
+    The adapter is checked against the model's modules first; an adapter already there is moved aside to
+    `linear_spec_lora.previous-<time>` (never deleted). Returns the new adapter folder.
+    """
+    from nld_lora.decoding.adapters import AdapterError, check_adapter_matches
+    from nld_lora.model.checkpoint import load_skeleton
+
+    src, dest_root = Path(adapter), Path(model_dir)
+    if not dest_root.is_dir():
+        raise CheckpointError(f"{dest_root}: no such model folder")
+    try:
+        check_adapter_matches(load_skeleton(str(dest_root)), src)
+    except AdapterError as err:
+        raise CheckpointError(f"cannot export into {dest_root}: {err}") from err
+    dest = dest_root / ADAPTER_SUBFOLDER
+    stage = dest_root / f".{ADAPTER_SUBFOLDER}.incoming"
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir()
+    for name in ADAPTER_FILES:
+        if (src / name).exists():
+            shutil.copy2(src / name, stage / name)
+    if dest.exists():
+        os.replace(dest, dest_root / f"{ADAPTER_SUBFOLDER}.previous-{time.strftime('%Y%m%d-%H%M%S')}")
+    os.replace(stage, dest)
+    return dest
+
+
+def ar_view_config(config: dict) -> dict:
+    """The checkpoint's config as a plain Ministral3 causal LM (NLD-only fields dropped)."""
+    out = {k: v for k, v in config.items() if k not in NLD_ONLY_FIELDS}
+    out["model_type"] = "ministral3"
+    out["architectures"] = [AR_VIEW_ARCHITECTURE]
+    out["tie_word_embeddings"] = False
+    return out
+
+
+def _ar_key(key: str, source: Path) -> str:
+    if key.startswith("encoder."):
+        return "model." + key[len("encoder."):]
+    if key == "diffusion_head.weight":
+        return "lm_head.weight"
+    raise CheckpointError(f"{source}: tensor {key!r} is not in the NLD layout (encoder.* / diffusion_head)")
+
+
+def export_ar_view(model_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+    """Write the AR view of an NLD folder, shard by shard (one shard in memory at a time). Returns out_dir."""
+    src = resolve_folder(str(model_dir))
+    out = Path(out_dir)
+    if out.resolve() == src.resolve():
+        raise CheckpointError(f"{out}: the AR view must go to another folder than the model")
+    files = weight_files(src)
+    out.mkdir(parents=True, exist_ok=True)
+    weight_map: dict[str, str] = {}
+    total = 0
+    for i, f in enumerate(files):
+        name = "model.safetensors" if len(files) == 1 else f"model-{i + 1:05d}-of-{len(files):05d}.safetensors"
+        with open_weights(f) as handle:
+            part = {_ar_key(k, f): handle.get_tensor(k) for k in handle.keys()}
+        total += sum(t.numel() * t.element_size() for t in part.values())
+        save_file(part, str(out / f".{name}.tmp"), metadata={"format": "pt"})
+        os.replace(out / f".{name}.tmp", out / name)
+        weight_map.update(dict.fromkeys(part, name))
+        del part
+    if len(files) > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    (out / "config.json").write_text(json.dumps(ar_view_config(read_config(src)), indent=2, sort_keys=True) + "\n")
+    for name in TOKENIZER_FILES:
+        if (src / name).exists():
+            shutil.copy2(src / name, out / name)
+    return out

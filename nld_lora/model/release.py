@@ -1,0 +1,228 @@
+"""NVIDIA's NLD release layout: its config fields, the named model shapes, and random-weight folders in that layout.
+
+The writer serves the fixture script (tests) and the scale check: a folder that loads like a downloaded
+Nemotron-Labs-Diffusion checkpoint (sharded safetensors + index, tokenizer with chat_template.jinja,
+generation_config.json, a `linear_spec_lora/` PEFT adapter), with random weights of any named shape.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+RELEASE_MODEL_TYPE = "nemotron_labs_diffusion"
+RELEASE_ARCHITECTURE = "NemotronLabsDiffusionModel"
+RELEASE_AUTO_MAP = {
+    "AutoConfig": "configuration_nemotron_labs_diffusion.NemotronLabsDiffusionConfig",
+    "AutoModel": "modeling_nemotron_labs_diffusion.NemotronLabsDiffusionModel",
+}
+RELEASE_IDENTITY_KEYS = ("model_type", "architectures", "auto_map")
+ADAPTER_SUBFOLDER = "linear_spec_lora"
+RELEASE_MASK_TOKEN_ID = 100
+RELEASE_INSTRUCT_EOS = 11
+THINK_TOKENS = ("[THINK]", "[/THINK]")
+
+
+@dataclass(frozen=True)
+class Shape:
+    layers: int
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int = 131072
+
+
+# 3b/8b: the released shapes (model cards); 1b: the 3B's layer shape scaled down to run on a CPU; tiny: for tests.
+SHAPES: dict[str, Shape] = {
+    "tiny": Shape(layers=2, hidden=64, intermediate=128, heads=4, kv_heads=2, head_dim=16, vocab=512),
+    "1b": Shape(layers=12, hidden=2048, intermediate=6144, heads=16, kv_heads=8, head_dim=128),
+    "3b": Shape(layers=26, hidden=3072, intermediate=9216, heads=32, kv_heads=8, head_dim=128),
+    "8b": Shape(layers=34, hidden=4096, intermediate=14336, heads=32, kv_heads=8, head_dim=128),
+}
+
+
+def release_config(shape: str | Shape, *, vocab_size: int | None = None, original_max_positions: int = 16384,
+                   yarn_factor: float = 16.0, dtype: str = "bfloat16", eos_token_id: int = RELEASE_INSTRUCT_EOS,
+                   mask_token_id: int = RELEASE_MASK_TOKEN_ID, block_size: int = 32) -> dict[str, Any]:
+    """config.json of a released NLD model (8B's fields) with the given shape; smaller positions for tests."""
+    s = SHAPES[shape] if isinstance(shape, str) else shape
+    max_positions = int(original_max_positions * yarn_factor)
+    return {
+        "model_type": RELEASE_MODEL_TYPE,
+        "architectures": [RELEASE_ARCHITECTURE],
+        "auto_map": dict(RELEASE_AUTO_MAP),
+        "vocab_size": vocab_size or s.vocab,
+        "hidden_size": s.hidden,
+        "intermediate_size": s.intermediate,
+        "num_hidden_layers": s.layers,
+        "num_attention_heads": s.heads,
+        "num_key_value_heads": s.kv_heads,
+        "head_dim": s.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": max_positions,
+        "initializer_range": 0.02,
+        "rms_norm_eps": 1e-5,
+        "use_cache": False,
+        "pad_token_id": None,
+        "bos_token_id": 1,
+        "eos_token_id": eos_token_id,
+        "tie_word_embeddings": False,
+        "rope_parameters": {
+            "rope_type": "yarn", "rope_theta": 1000000.0, "factor": yarn_factor,
+            "original_max_position_embeddings": original_max_positions, "max_position_embeddings": max_positions,
+            "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0,
+            "llama_4_scaling_beta": 0.1,
+        },
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "mlp_bias": False,
+        "sliding_window": None,
+        "mask_token_id": mask_token_id,
+        "dlm_paradigm": "bidirectional",
+        "block_size": block_size,
+        "dlm_loss_weight": None,
+        "ar_loss_weight": 1.0,
+        "dp_varying_mask_ratio": False,
+        "dtype": dtype,
+    }
+
+
+def weight_shapes(config_dict: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """Tensor names and shapes of the NLD layout for this config (built on the meta device: no memory)."""
+    from accelerate import init_empty_weights
+
+    from nld_lora.model.config import backbone_config_from_dict
+    from nld_lora.model.trimode import TriModeModel
+
+    with init_empty_weights():
+        skeleton = TriModeModel(backbone_config_from_dict(config_dict, "config"))
+    return {k: tuple(v.shape) for k, v in skeleton.state_dict().items() if "rotary_emb" not in k}
+
+
+def _random_tensor(name: str, shape: tuple[int, ...], dtype: torch.dtype, gen: torch.Generator,
+                   std: float) -> torch.Tensor:
+    if name.endswith("norm.weight"):
+        return torch.ones(shape, dtype=dtype)
+    scale = std * (8.0 if name == "diffusion_head.weight" else 1.0)  # a sharper head: argmax paths are non-trivial
+    return (torch.randn(shape, generator=gen) * scale).to(dtype)
+
+
+def write_random_weights(folder: Path, config_dict: dict[str, Any], *, seed: int = 0,
+                         shard_bytes: int = 2 * 2**30, min_shards: int = 2) -> int:
+    """Sharded safetensors + model.safetensors.index.json, one shard in memory at a time; returns total bytes."""
+    dtype = getattr(torch, config_dict.get("dtype") or "float32")
+    shapes = weight_shapes(config_dict)
+    elem = torch.empty((), dtype=dtype).element_size()
+    total = sum(torch.Size(s).numel() for s in shapes.values()) * elem
+    shard_bytes = min(shard_bytes, max(total // min_shards + 1, 1))
+    groups: list[list[str]] = [[]]
+    size = 0
+    for name, shape in shapes.items():
+        nbytes = torch.Size(shape).numel() * elem
+        if groups[-1] and size + nbytes > shard_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(name)
+        size += nbytes
+    gen = torch.Generator().manual_seed(seed)
+    std = float(config_dict.get("initializer_range", 0.02))
+    weight_map = {}
+    for i, names in enumerate(groups):
+        file = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
+        shard = {n: _random_tensor(n, shapes[n], dtype, gen, std) for n in names}
+        save_file(shard, str(folder / file), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(names, file))
+        del shard
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return total
+
+
+def write_release_adapter(folder: Path, config_dict: dict[str, Any], *, r: int = 8, alpha: int = 32,
+                          seed: int = 1, base_model: str = "") -> Path:
+    """A `linear_spec_lora/` PEFT LoRA on o_proj as NVIDIA ships it (task_type CAUSAL_LM, inference_mode true)."""
+    from peft import LoraConfig
+
+    out = folder / ADAPTER_SUBFOLDER
+    out.mkdir(parents=True, exist_ok=True)
+    lora = LoraConfig(r=r, lora_alpha=alpha, target_modules=["o_proj"], lora_dropout=0.0, bias="none",
+                      task_type="CAUSAL_LM", inference_mode=True, base_model_name_or_path=base_model)
+    meta = lora.to_dict()
+    meta["target_modules"] = ["o_proj"]
+    meta["peft_type"] = "LORA"
+    meta["task_type"] = "CAUSAL_LM"
+    (out / "adapter_config.json").write_text(json.dumps(meta, indent=2) + "\n")
+    dtype = getattr(torch, config_dict.get("dtype") or "float32")
+    hidden = config_dict["hidden_size"]
+    width = config_dict["num_attention_heads"] * config_dict["head_dim"]
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for layer in range(config_dict["num_hidden_layers"]):
+        key = f"base_model.model.encoder.layers.{layer}.self_attn.o_proj"
+        tensors[f"{key}.lora_A.weight"] = (torch.randn(r, width, generator=gen) / width**0.5).to(dtype)
+        tensors[f"{key}.lora_B.weight"] = (torch.randn(hidden, r, generator=gen) * 0.05).to(dtype)
+    save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    return out
+
+
+def _fixture_tokenizer(vocab_size: int) -> Any:
+    """A byte-level BPE tokenizer laid out like Tekken's specials (bos 1, eos 2, [INST] 3, end-of-turn 11, mask 100)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = [f"<SPECIAL_{i}>" for i in range(RELEASE_MASK_TOKEN_ID + 1)]
+    named = {0: "<unk>", 1: "<s>", 2: "</s>", 3: "[INST]", 4: "[/INST]", 5: "[SYSTEM_PROMPT]",
+             6: "[/SYSTEM_PROMPT]", 7: THINK_TOKENS[0], 8: THINK_TOKENS[1], 9: "<pad>",
+             RELEASE_INSTRUCT_EOS: "<|im_end|>", RELEASE_MASK_TOKEN_ID: "<|mask|>"}
+    for i, tok in named.items():
+        specials[i] = tok
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    corpus = ["def add(a, b):\n    return a + b\n", "Write a function that reverses a list.",
+              "class Stack:\n    def push(self, x):\n        self.items.append(x)\n", "The answer is 42."]
+    tok.train_from_iterator(corpus * 20, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="<|im_end|>",
+                                   unk_token="<unk>", pad_token="<pad>", mask_token="<|mask|>")
+
+
+FIXTURE_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}"
+    "{% if m['role'] == 'system' %}[SYSTEM_PROMPT]{{ m['content'] }}[/SYSTEM_PROMPT]"
+    "{% elif m['role'] == 'user' %}[INST]{{ m['content'] }}[/INST]"
+    "{% else %}{{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}"
+)
+
+
+def write_release_folder(folder: str | Path, shape: str | Shape = "tiny", *, dtype: str = "bfloat16",
+                         seed: int = 0, original_max_positions: int | None = None, adapter: bool = True,
+                         tokenizer: bool = True, min_shards: int = 2) -> Path:
+    """Write a random-weight NLD folder in the release layout; returns the folder."""
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    s = SHAPES[shape] if isinstance(shape, str) else shape
+    tok = _fixture_tokenizer(s.vocab) if tokenizer else None
+    vocab = max(len(tok), s.vocab) if tok is not None else s.vocab
+    small = s.vocab < 131072
+    cfg = release_config(s, vocab_size=vocab, dtype=dtype,
+                         original_max_positions=original_max_positions or (64 if small else 16384))
+    (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    gen_cfg = {"bos_token_id": 1, "eos_token_id": [2, RELEASE_INSTRUCT_EOS], "do_sample": False}
+    (out / "generation_config.json").write_text(json.dumps(gen_cfg, indent=2) + "\n")
+    if tok is not None:
+        tok.chat_template = FIXTURE_CHAT_TEMPLATE
+        tok.save_pretrained(str(out))
+    write_random_weights(out, cfg, seed=seed, min_shards=min_shards)
+    if adapter:
+        write_release_adapter(out, cfg, seed=seed + 1, r=min(128, max(4, s.hidden // 16)),
+                              alpha=4 * min(128, max(4, s.hidden // 16)))
+    return out
