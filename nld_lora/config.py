@@ -13,6 +13,9 @@ import yaml
 T = TypeVar("T")
 
 
+_YAML11_WORDS = ("yes", "no", "on", "off", "y", "n")
+
+
 class ConfigError(ValueError):
     """A config file or override that does not fit the schema."""
 
@@ -34,9 +37,9 @@ def _coerce(value: Any, annotation: Any, path: str) -> Any:
             raise ConfigError(f"{path}: expected a list, got {value!r}")
         return [_coerce(v, args[0], f"{path}[{i}]") for i, v in enumerate(value)] if args else list(value)
     if annotation is bool and isinstance(value, str):
-        if value.lower() in ("true", "1", "yes"):
+        if value.lower() in ("true", "1", "yes", "on"):
             return True
-        if value.lower() in ("false", "0", "no"):
+        if value.lower() in ("false", "0", "no", "off"):
             return False
         raise ConfigError(f"{path}: expected true/false, got {value!r}")
     if annotation in (int, float) and isinstance(value, str):
@@ -46,6 +49,8 @@ def _coerce(value: Any, annotation: Any, path: str) -> Any:
             raise ConfigError(f"{path}: expected {annotation.__name__}, got {value!r}") from err
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if annotation is str and isinstance(value, bool):
+        raise ConfigError(f"{path}: YAML read {value!r} as a boolean; quote the word (e.g. \"no\")")
     if annotation in (int, float, str, bool) and not isinstance(value, annotation):
         raise ConfigError(f"{path}: expected {annotation.__name__}, got {value!r}")
     return value
@@ -80,7 +85,10 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: {part!r} is not a section")
-        node[parts[-1]] = yaml.safe_load(raw)
+        value = yaml.safe_load(raw)
+        if isinstance(value, bool) and raw.strip().lower() in _YAML11_WORDS:
+            value = raw.strip()  # `mixed_precision=no` means the string; bool fields accept these words too
+        node[parts[-1]] = value
     return data
 
 

@@ -60,6 +60,7 @@ def run_recipe(cfg: RecipeConfig) -> dict[str, Any]:
     from nld_lora.train.trainer import FINAL_ADAPTER, mixed_precision_for
 
     cfg.train.validate()
+    inherit_prompt_format(cfg)
     out = Path(cfg.out)
     accelerator = Accelerator(cpu=not torch.cuda.is_available(),
                               mixed_precision=mixed_precision_for(cfg.train.mixed_precision),
@@ -101,6 +102,14 @@ def run_recipe(cfg: RecipeConfig) -> dict[str, Any]:
     return report
 
 
+def inherit_prompt_format(cfg: RecipeConfig) -> None:
+    """The report renders held-out prompts as collection rendered training prompts, unless told otherwise."""
+    if cfg.report.system_prompt is None:
+        cfg.report.system_prompt = cfg.collect.system_prompt
+    if cfg.report.use_chat_template is None:
+        cfg.report.use_chat_template = cfg.collect.use_chat_template
+
+
 def _adapter_matches(adapter: Path, train_cfg: TrainConfig, weights_hash: str) -> bool:
     meta = adapter_metadata(adapter)
     return meta.get("base_weights_hash") == weights_hash and meta.get("train_config") == to_dict(train_cfg)
@@ -109,8 +118,10 @@ def _adapter_matches(adapter: Path, train_cfg: TrainConfig, weights_hash: str) -
 def recipe_stamp(cfg: RecipeConfig, adapter: Path) -> dict[str, Any]:
     """What produced a report: report settings, eval prompts, and the adapter's step and training config."""
     meta = adapter_metadata(adapter)
+    prompt_keys = ("system_prompt", "use_chat_template", "thinking", "max_thinking_tokens", "end_think_token")
     return {"report": to_dict(cfg.report), "eval_prompts": cfg.eval_prompts, "adapter_step": meta.get("step"),
-            "train_config": meta.get("train_config")}
+            "train_config": meta.get("train_config"),
+            "collect": {k: getattr(cfg.collect, k) for k in prompt_keys}}
 
 
 def _report_matches(report: dict[str, Any], cfg: RecipeConfig, model: Any, adapter: Path) -> bool:

@@ -42,8 +42,26 @@ class CollectConfig:
     max_prompt_tokens: int | None = None
     length_policy: str = "skip"
     system_prompt: str | None = None
-    use_chat_template: bool | None = None
+    use_chat_template: bool | None = None  # None: only for conversations, or when a system prompt is given
+    thinking: str = "keep"  # keep: reasoning text stays in targets as generated | cap: cut at max_thinking_tokens
+    max_thinking_tokens: int | None = None  # cap: force end_think_token after this many tokens without one
+    end_think_token: str = "[/THINK]"
     backend: str = "runtime"
+    tensor_parallel_size: int | None = None  # vllm backend: GPUs per engine (None: all visible)
+
+    def validate(self, tokenizer: Any) -> None:
+        if self.backend not in ("runtime", "vllm"):
+            raise CollectError(f"backend={self.backend!r}; expected 'runtime' or 'vllm'")
+        if self.thinking not in ("keep", "cap"):
+            raise CollectError(f"thinking={self.thinking!r}; expected 'keep' or 'cap'")
+        if self.thinking == "cap":
+            if not self.max_thinking_tokens or self.max_thinking_tokens < 1:
+                raise CollectError("thinking='cap' needs max_thinking_tokens >= 1")
+            if self.max_thinking_tokens >= self.max_new_tokens:
+                raise CollectError(f"max_thinking_tokens={self.max_thinking_tokens} must be below "
+                                   f"max_new_tokens={self.max_new_tokens} (room for the answer)")
+            if tokenizer is not None and self.end_think_token not in tokenizer.get_vocab():
+                raise CollectError(f"end_think_token={self.end_think_token!r} is not a token of this tokenizer")
 
 
 @dataclass
@@ -53,6 +71,7 @@ class CollectSummary:
     generated: int = 0
     skipped: dict[str, int] = field(default_factory=dict)
     truncated: int = 0
+    thinking_capped: int = 0
     target_tokens: int = 0
     wall_s: float = 0.0
 
@@ -67,7 +86,8 @@ class PreparedPrompt:
 def generator_fingerprint(model: Any, cfg: CollectConfig) -> dict[str, Any]:
     """What determines the targets: model identity and weights, decoding and templating parameters."""
     decoding = {k: getattr(cfg, k) for k in ("max_new_tokens", "temperature", "top_k", "top_p", "seed",
-                                             "system_prompt", "use_chat_template", "backend")}
+                                             "system_prompt", "use_chat_template", "thinking",
+                                             "max_thinking_tokens", "end_think_token", "backend")}
     return {"model": model.name_or_path, "weights_hash": model.weights_hash, "decoding": decoding}
 
 
@@ -140,24 +160,32 @@ def _write_shard(out_dir: Path, rows: list[dict[str, Any]], rank: int) -> None:
     os.replace(tmp, out_dir / SHARD_DIR / name)
 
 
-def _generate_runtime(model: Any, batch: list[PreparedPrompt], cfg: CollectConfig) -> tuple[list, list]:
-    res = model.generate([p.ids for p in batch], mode="ar", adapter=False, max_new_tokens=cfg.max_new_tokens,
+def _generate_runtime(model: Any, prompts: list[list[int]], cfg: CollectConfig, max_new_tokens: int,
+                      out_dir: Path) -> tuple[list, list]:
+    res = model.generate(prompts, mode="ar", adapter=False, max_new_tokens=max_new_tokens,
                          temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, seed=cfg.seed)
     return res.sequences, res.finish_reasons
 
 
-def _generate_vllm(model: Any, batch: list[PreparedPrompt], cfg: CollectConfig) -> tuple[list, list]:
-    """Collect with vLLM (serves NLD checkpoints on GPUs) when it is installed."""
+def _generate_vllm(model: Any, prompts: list[list[int]], cfg: CollectConfig, max_new_tokens: int,
+                   out_dir: Path) -> tuple[list, list]:
+    """Collect with vLLM on the model's AR view (a plain Ministral3 causal LM), so only the AR pathway decodes."""
     try:
         import vllm
     except ImportError as err:
         raise CollectError("backend='vllm' needs vLLM and a GPU: pip install vllm (or use backend='runtime')") from err
-    llm = _VLLM_CACHE.get(model.name_or_path)
+    llm = _VLLM_CACHE.get(model.weights_hash)
     if llm is None:
-        llm = _VLLM_CACHE[model.name_or_path] = vllm.LLM(model=model.name_or_path, trust_remote_code=True)
+        import torch
+
+        from nld_lora.model.export import export_ar_view
+
+        view = export_ar_view(model.source_folder or model.name_or_path, out_dir / "ar_view")
+        tp = cfg.tensor_parallel_size or max(torch.cuda.device_count(), 1)
+        llm = _VLLM_CACHE[model.weights_hash] = vllm.LLM(model=str(view), tensor_parallel_size=tp)
     params = vllm.SamplingParams(temperature=cfg.temperature, top_k=cfg.top_k or -1, top_p=cfg.top_p or 1.0,
-                                 max_tokens=cfg.max_new_tokens, seed=cfg.seed)
-    outs = llm.generate([{"prompt_token_ids": p.ids} for p in batch], params, use_tqdm=False)
+                                 max_tokens=max_new_tokens, seed=cfg.seed, stop_token_ids=sorted(model.eos_token_ids))
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     seqs = [list(o.outputs[0].token_ids) for o in outs]
     reasons = ["eos" if o.outputs[0].finish_reason == "stop" else "length" for o in outs]
     return seqs, reasons
@@ -166,15 +194,35 @@ def _generate_vllm(model: Any, batch: list[PreparedPrompt], cfg: CollectConfig) 
 _VLLM_CACHE: dict[str, Any] = {}
 
 
+def cap_thinking(model: Any, prompts: list[list[int]], seqs: list[list[int]], reasons: list[str],
+                 cfg: CollectConfig, generate: Any, out_dir: Path) -> int:
+    """thinking='cap': a target that ran max_thinking_tokens without the end-think token is cut there, the token is
+    forced (as NVIDIA's decoding does with a thinking budget), and the answer is generated from that point.
+    Edits seqs/reasons in place; returns how many targets were capped."""
+    end_id = model.tokenizer.convert_tokens_to_ids(cfg.end_think_token)
+    budget = cfg.max_thinking_tokens
+    redo = [i for i, s in enumerate(seqs) if len(s) > budget and end_id not in s[:budget]]
+    if not redo:
+        return 0
+    heads = {i: seqs[i][:budget] + [end_id] for i in redo}
+    tails, tail_reasons = generate(model, [prompts[i] + heads[i] for i in redo], cfg,
+                                   cfg.max_new_tokens - budget - 1, out_dir)
+    for i, tail, reason in zip(redo, tails, tail_reasons):
+        seqs[i] = heads[i] + tail
+        reasons[i] = reason
+    return len(redo)
+
+
 def collect(model: Any, records: list[PromptRecord], out_dir: str | Path, cfg: CollectConfig | None = None, *,
             accelerator: Any = None, progress: bool = True, overwrite_mismatch: bool = False) -> CollectSummary:
     """Generate AR targets for every prompt not yet in out_dir; returns the run's summary."""
     cfg = cfg or CollectConfig()
-    if cfg.backend not in ("runtime", "vllm"):
-        raise CollectError(f"backend={cfg.backend!r}; expected 'runtime' or 'vllm'")
+    cfg.validate(model.tokenizer)
     out = Path(out_dir)
     rank = accelerator.process_index if accelerator is not None else 0
     world = accelerator.num_processes if accelerator is not None else 1
+    if cfg.backend == "vllm" and world > 1:
+        raise CollectError("backend='vllm' runs one engine over all GPUs (tensor_parallel_size): launch one process")
     is_main = rank == 0
     t0 = time.perf_counter()
     summary = CollectSummary(prompts_total=len(records))
@@ -202,7 +250,10 @@ def collect(model: Any, records: list[PromptRecord], out_dir: str | Path, cfg: C
     bar = tqdm(total=len(pending), desc=f"collect[rank {rank}]", unit="prompt", disable=not progress)
     for start in range(0, len(pending), cfg.batch_size):
         batch = pending[start:start + cfg.batch_size]
-        seqs, reasons = generate(model, batch, cfg)
+        prompt_ids = [p.ids for p in batch]
+        seqs, reasons = generate(model, prompt_ids, cfg, cfg.max_new_tokens, out)
+        if cfg.thinking == "cap":
+            summary.thinking_capped += cap_thinking(model, prompt_ids, seqs, reasons, cfg, generate, out)
         for p, seq, reason in zip(batch, seqs, reasons):
             buffer.append({
                 "prompt_id": p.record.id, "category": p.record.category, "prompt_text": p.text,
@@ -225,6 +276,7 @@ def collect(model: Any, records: list[PromptRecord], out_dir: str | Path, cfg: C
         accelerator.wait_for_everyone()
         summary.generated = int(accelerator.reduce(_tensor(summary.generated, accelerator), "sum"))
         summary.target_tokens = int(accelerator.reduce(_tensor(tokens, accelerator), "sum"))
+        summary.thinking_capped = int(accelerator.reduce(_tensor(summary.thinking_capped, accelerator), "sum"))
     summary.wall_s = time.perf_counter() - t0
     if is_main:
         _write_meta(out, fingerprint, summary, complete=True)
@@ -267,6 +319,3 @@ def load_collected(out_dir: str | Path, *, model: Any = None):
         first.setdefault(pid, i)
     return ds.select([first[pid] for pid in sorted(first)])
 
-
-def collect_meta(out_dir: str | Path) -> dict:
-    return json.loads((Path(out_dir) / META_FILE).read_text())

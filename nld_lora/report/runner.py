@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -35,6 +36,7 @@ class ReportConfig:
     limit: int | None = None
     seed: int = 0
     system_prompt: str | None = None
+    use_chat_template: bool | None = None  # as in collection: None = only conversations / with a system prompt
     lora_mode: str = "draft_only"  # "both" also runs verify with the adapter: output then differs from AR
 
 
@@ -57,7 +59,8 @@ def build_report(model: Any, adapters: list[str], prompts: str | Path, out_dir: 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     records, _ = read_prompts(prompts, limit=cfg.limit)
-    texts = [render_prompt(r, model.tokenizer, system_prompt=cfg.system_prompt) for r in records]
+    texts = [render_prompt(r, model.tokenizer, system_prompt=cfg.system_prompt,
+                           use_chat_template=cfg.use_chat_template) for r in records]
     categories = [r.category for r in records]
     names = [model.attach_adapter(path, name=f"adapter{i}" if len(adapters) > 1 else "after",
                                   lora_mode=cfg.lora_mode) for i, path in enumerate(adapters)]
@@ -104,6 +107,7 @@ def build_report(model: Any, adapters: list[str], prompts: str | Path, out_dir: 
         "model": {"path": model.name_or_path, "weights_hash": model.weights_hash},
         "adapters": [{"name": n, "path": p, "meta": _adapter_summary(p)} for n, p in zip(names, adapters)],
         "machine": machine_info(),
+        "prompt_format": prompt_format(model.tokenizer, records, cfg),
         "settings": {"max_new_tokens": cfg.max_new_tokens, "batch_size": cfg.batch_size, "block_size": block,
                      "draft_len": k, "temperature": cfg.temperature, "threshold": cfg.threshold,
                      "speed_prompts": min(cfg.speed_prompts, len(records)), "lora_mode": cfg.lora_mode},
@@ -135,6 +139,16 @@ def build_report(model: Any, adapters: list[str], prompts: str | Path, out_dir: 
     for name in names:
         model.detach_adapter(name)
     return report
+
+
+def prompt_format(tokenizer: Any, records: list, cfg: ReportConfig) -> dict[str, Any]:
+    """How prompts became model input: whether the chat template applied (and which, by hash), system prompt."""
+    template = getattr(tokenizer, "chat_template", None) if tokenizer is not None else None
+    applied = any(r.messages is not None for r in records) or bool(
+        cfg.use_chat_template or (cfg.use_chat_template is None and cfg.system_prompt and template))
+    return {"chat_template_applied": applied,
+            "chat_template_sha256": hashlib.sha256(template.encode()).hexdigest()[:12] if template else None,
+            "use_chat_template": cfg.use_chat_template, "system_prompt": cfg.system_prompt}
 
 
 def _adapter_summary(path: str) -> dict[str, Any]:

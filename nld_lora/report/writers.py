@@ -17,6 +17,22 @@ def _pct(x: float) -> str:
     return f"{100 * x:+.1f}%"
 
 
+def _format_line(report: dict[str, Any]) -> str:
+    """Prompt format (chat template, system prompt) and, from the recipe, how thinking text was collected."""
+    fmt = report.get("prompt_format", {})
+    template = (f"chat template applied (sha256 {fmt.get('chat_template_sha256')})"
+                if fmt.get("chat_template_applied") else "prompts used as plain text (no chat template)")
+    system = f"system prompt {fmt['system_prompt']!r}" if fmt.get("system_prompt") else "no system prompt"
+    parts = [f"Prompt format: {template}, {system}"]
+    collect = report.get("recipe", {}).get("collect")
+    if collect:
+        thinking = ("thinking kept in targets" if collect.get("thinking", "keep") == "keep" else
+                    f"thinking capped at {collect.get('max_thinking_tokens')} tokens "
+                    f"(then {collect.get('end_think_token')} forced)")
+        parts.append(f"training targets: {thinking}")
+    return "; ".join(parts) + "."
+
+
 def write_markdown(report: dict[str, Any], path: Path) -> None:
     s = report["settings"]
     runs = report["runs"]
@@ -28,6 +44,8 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
         f"{report['n_prompts']} prompts from `{report['prompts']}`; block {s['block_size']}, draft length "
         f"{s['draft_len']}, max {s['max_new_tokens']} new tokens, temperature {s['temperature']}, batch "
         f"{s['batch_size']}. Machine: {report['machine']['platform']} ({report['machine']['device']}).",
+        "",
+        _format_line(report),
         "",
         "## Headline",
         "",
