@@ -20,3 +20,5 @@ ADAPTER=runs/tiny_code/train/linear_spec_lora  # the default recipe's adapter, w
 ADAPTER_ARGS=()
 [ -d "$ADAPTER" ] && ADAPTER_ARGS=(--adapter "$ADAPTER")
 python scripts/bench_decode.py --device cuda --n 32 "${ADAPTER_ARGS[@]}" 2>&1 | tee -a "$LOG"
+echo "== scale_check 8b (bf16 + 4-bit QLoRA) ==" | tee -a "$LOG"
+python scripts/scale_check.py --shape 8b --qlora --workdir /tmp/nld_scale_check --out "$OUT/scale_8b.json" 2>&1 | tail -6 | tee -a "$LOG"
