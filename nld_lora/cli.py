@@ -57,7 +57,9 @@ def cmd_collect(args: argparse.Namespace) -> int:
     cfg = CollectConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
                         batch_size=args.batch_size, shard_size=args.shard_size, length_policy=args.length_policy,
                         max_prompt_tokens=args.max_prompt_tokens, system_prompt=args.system_prompt,
-                        backend=args.backend)
+                        use_chat_template=args.use_chat_template, thinking=args.thinking,
+                        max_thinking_tokens=args.max_thinking_tokens, end_think_token=args.end_think_token,
+                        backend=args.backend, tensor_parallel_size=args.tensor_parallel_size)
     summary = collect(model, records, args.out, cfg, accelerator=accelerator)
     if accelerator.is_main_process:
         skipped = dict(summary.skipped)
@@ -94,7 +96,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     cfg = ReportConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, temperature=args.temperature,
                        block_size=args.block_size, draft_len=args.draft_len, limit=args.limit,
                        speed_prompts=args.speed_prompts, diffusion=not args.no_diffusion, seed=args.seed,
-                       lora_mode=args.lora_mode)
+                       lora_mode=args.lora_mode, system_prompt=args.system_prompt,
+                       use_chat_template=args.use_chat_template)
     report = build_report(model, args.adapter or [], args.prompts, args.out, cfg)
     print(headline(report))
     print(f"report: {Path(args.out) / 'report.md'}")
@@ -158,7 +161,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--length-policy", choices=["skip", "truncate_left"], default="skip")
     c.add_argument("--limit", type=int, default=None)
     c.add_argument("--skip-bad", action="store_true", help="skip and count malformed rows instead of failing")
+    c.add_argument("--use-chat-template", action="store_true", default=None,
+                   help="send plain prompts as user messages through the tokenizer's chat template")
+    c.add_argument("--thinking", choices=["keep", "cap"], default="keep",
+                   help="reasoning text in targets: keep as generated, or cap at --max-thinking-tokens")
+    c.add_argument("--max-thinking-tokens", type=int, default=None)
+    c.add_argument("--end-think-token", default="[/THINK]")
     c.add_argument("--backend", choices=["runtime", "vllm"], default="runtime")
+    c.add_argument("--tensor-parallel-size", type=int, default=None, help="vllm backend: GPUs (default: all)")
     c.set_defaults(func=cmd_collect)
 
     t = sub.add_parser("train", help="stage 2: train the draft-pathway LoRA on collected targets (resumable)")
@@ -183,6 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--limit", type=int, default=None)
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--no-diffusion", action="store_true", help="skip the native diffusion run")
+    r.add_argument("--system-prompt", default=None)
+    r.add_argument("--use-chat-template", action="store_true", default=None,
+                   help="render prompts as collection did with --use-chat-template")
     r.add_argument("--lora-mode", choices=["draft_only", "both"], default="draft_only",
                    help="'both' also applies the adapter to verify (not lossless; the check will say so)")
     r.add_argument("--strict", action="store_true", help="exit 3 when the lossless check finds a mismatch")

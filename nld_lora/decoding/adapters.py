@@ -54,6 +54,9 @@ def attach_adapter(model, path: str | Path, *, name: str | None = None, lora_mod
 
     if lora_mode not in LORA_MODES:
         raise AdapterError(f"lora_mode={lora_mode!r}; expected one of {LORA_MODES}")
+    inside = Path(model.source_folder or ".") / path
+    if not Path(path).exists() and inside.is_dir():
+        path = inside  # a subfolder of the model's own folder, e.g. "linear_spec_lora" of a release
     check_adapter_matches(model, path)
     name = name or Path(path).name or "default"
     peft = _peft(model)

@@ -112,7 +112,8 @@ class TriModeModel(nn.Module):
         return generate(self, prompts_or_ids, **kwargs)
 
     def attach_adapter(self, path: str, *, name: str | None = None, lora_mode: str = "draft_only") -> str:
-        """Load a PEFT LoRA folder; it becomes the active adapter. Returns its name."""
+        """Load a PEFT LoRA folder (a path, or a subfolder of the model's folder such as a release's
+        "linear_spec_lora"); it becomes the active adapter. Returns its name."""
         from nld_lora.decoding.adapters import attach_adapter
 
         return attach_adapter(self, path, name=name, lora_mode=lora_mode)
