@@ -12,20 +12,13 @@ from typing import Any
 
 import torch
 
-from nld_lora.config import to_dict
+from nld_lora.config import ConfigError, to_dict
 from nld_lora.data.collect import CollectConfig
-from nld_lora.decoding.adapters import adapter_metadata
+from nld_lora.model.adapters import adapter_metadata
 from nld_lora.report.runner import ReportConfig
 from nld_lora.train.config import TrainConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-@dataclass
-class CollectSection(CollectConfig):
-    """Collection settings plus how many training prompts to read (None: all)."""
-
-    limit: int | None = None
 
 
 @dataclass
@@ -35,7 +28,8 @@ class RecipeConfig:
     eval_prompts: str = "data/prompts/code_eval.jsonl"
     out: str = "runs/tiny_code"
     wrap: bool = False
-    collect: CollectSection = field(default_factory=CollectSection)
+    draft_len: int | None = None  # one draft length for training and report (None: the model's block_size - 1)
+    collect: CollectConfig = field(default_factory=CollectConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
 
@@ -60,6 +54,7 @@ def run_recipe(cfg: RecipeConfig) -> dict[str, Any]:
     from nld_lora.train.trainer import FINAL_ADAPTER, mixed_precision_for
 
     cfg.train.validate()
+    share_draft_len(cfg)
     inherit_prompt_format(cfg)
     out = Path(cfg.out)
     accelerator = Accelerator(cpu=not torch.cuda.is_available(),
@@ -71,9 +66,9 @@ def run_recipe(cfg: RecipeConfig) -> dict[str, Any]:
     model = nld_lora.load(model_path, wrap=cfg.wrap).to(accelerator.device)
 
     say(f"[1/3] collect AR targets for {cfg.train_prompts}")
-    records, read_report = read_prompts(resolve(cfg.train_prompts), limit=cfg.collect.limit)
-    collect_cfg = CollectConfig(**{k: v for k, v in to_dict(cfg.collect).items() if k != "limit"})
-    summary = collect(model, records, out / "collect", collect_cfg, accelerator=accelerator)
+    records, read_report = read_prompts(resolve(cfg.train_prompts), cfg.collect.fields,
+                                        skip_bad=cfg.collect.skip_bad, limit=cfg.collect.limit)
+    summary = collect(model, records, out / "collect", cfg.collect, accelerator=accelerator)
     say(f"      {summary.done_before} already done, {summary.generated} generated, skipped {summary.skipped}, "
         f"{summary.target_tokens} target tokens in {summary.wall_s:.1f}s")
 
@@ -100,6 +95,18 @@ def run_recipe(cfg: RecipeConfig) -> dict[str, Any]:
                                   extra={"recipe": recipe_stamp(cfg, adapter)})
     accelerator.wait_for_everyone()
     return report
+
+
+def share_draft_len(cfg: RecipeConfig) -> None:
+    """One draft length for training and report: the recipe-level draft_len, or the one section that sets it."""
+    given = {"draft_len": cfg.draft_len, "train.draft_len": cfg.train.draft_len,
+             "report.decode.draft_len": cfg.report.decode.draft_len}
+    values = {v for v in given.values() if v is not None}
+    if len(values) > 1:
+        shown = ", ".join(f"{k}={v}" for k, v in given.items() if v is not None)
+        raise ConfigError(f"draft lengths differ ({shown}); set the recipe-level draft_len only")
+    value = values.pop() if values else None
+    cfg.draft_len = cfg.train.draft_len = cfg.report.decode.draft_len = value
 
 
 def inherit_prompt_format(cfg: RecipeConfig) -> None:

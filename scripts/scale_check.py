@@ -64,8 +64,9 @@ def measure(folder: str, dtype: str, device: str, quantization: str | None, prom
     import torch
 
     import nld_lora
-    from nld_lora.decoding.adapters import lora_enabled
     from nld_lora.decoding.batch import DecodeBatch
+    from nld_lora.decoding.stats import RequestStats
+    from nld_lora.model.adapters import lora_enabled
     from nld_lora.model.release import write_release_folder
     from nld_lora.train.config import LoraSettings, TrainConfig
     from nld_lora.train.objective import DraftBatch, draft_loss, row_validity, student_logits, teacher_pass
@@ -94,22 +95,23 @@ def measure(folder: str, dtype: str, device: str, quantization: str | None, prom
 
     vocab = model.config.vocab_size
     prompt = torch.randint(200, vocab, (prompt_len,)).tolist()
-    batch = DecodeBatch(model, [prompt], [0])
+    stats = [RequestStats()]
+    batch = DecodeBatch(model, [prompt], [0], stats)
     tokens = torch.randint(200, vocab, (1, draft_len + 1), device=model.device)
 
-    def run(q: int, write: bool, bidirectional: bool, rows) -> None:
+    def run(q: int, kind: str, rows) -> None:
         valid = batch.valid
-        batch.forward(tokens[:, :q], write=write, bidirectional=bidirectional, logits_index=rows)
-        if write:
+        batch.forward(tokens[:, :q], kind, logits_index=rows)
+        if kind != "draft":
             batch.cache.crop(-q)
             batch.valid = valid
 
     with torch.no_grad():
-        out["prefill_s"] = _median_s(lambda: DecodeBatch(model, [prompt], [0]).prefill(), max(1, reps // 2))
+        out["prefill_s"] = _median_s(lambda: DecodeBatch(model, [prompt], [0], stats).prefill(), max(1, reps // 2))
         batch.prefill()
-        out["ar_step_s"] = _median_s(lambda: run(1, True, False, None), reps)
-        out["draft_block_s"] = _median_s(lambda: run(draft_len + 1, False, True, slice(1, None)), reps)
-        out["verify_block_s"] = _median_s(lambda: run(draft_len + 1, True, False, None), reps)
+        out["ar_step_s"] = _median_s(lambda: run(1, "ar", None), reps)
+        out["draft_block_s"] = _median_s(lambda: run(draft_len + 1, "draft", slice(1, None)), reps)
+        out["verify_block_s"] = _median_s(lambda: run(draft_len + 1, "verify", None), reps)
     out["forward_peak_host_gib"] = (_rss_peak() - base) / GIB
 
     cfg = TrainConfig(lora=LoraSettings(r=128, alpha=512, target_modules=["o_proj"]), draft_len=draft_len)

@@ -77,8 +77,8 @@ def test_kill_9_then_resume_gives_every_prompt_once(tmp_path):
     model_dir = saved_tiny_model(tmp_path / "m")
     prompts = _prompts(tmp_path / "p.jsonl", 30)
     out = tmp_path / "out"
-    args = _cli("--model", model_dir, "--prompts", str(prompts), "--out", str(out), "--shard-size", "2",
-                "--batch-size", "2", "--max-new-tokens", "32", "--device", "cpu")
+    args = _cli("--model", model_dir, "--prompts", str(prompts), "--out", str(out), "--device", "cpu",
+                "shard_size=2", "batch_size=2", "max_new_tokens=32")
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
     deadline = time.time() + 120
@@ -102,7 +102,7 @@ def test_two_processes_merge_without_duplicates(tmp_path):
     prompts = _prompts(tmp_path / "p.jsonl", 20)
     out = tmp_path / "out"
     res = run_two_processes("collect", "--model", model_dir, "--prompts", str(prompts), "--out", str(out),
-                            "--shard-size", "3", "--max-new-tokens", "12", "--device", "cpu")
+                            "--device", "cpu", "shard_size=3", "max_new_tokens=12")
     assert res.returncode == 0, rank_errors(res.stderr)
     shards = list((out / SHARD_DIR).glob("*.parquet"))
     assert {p.name.split("-")[1] for p in shards} == {"r0", "r1"}

@@ -5,10 +5,11 @@ import collections
 import pytest
 import torch
 
-from nld_lora.decoding.adapters import AdapterError, lora_enabled
 from nld_lora.decoding.batch import DecodeBatch
-from nld_lora.decoding.loops import DecodeSettings, run_diffusion
+from nld_lora.decoding.loops import run_diffusion
 from nld_lora.decoding.outputs import Outputs
+from nld_lora.decoding.settings import DecodeSettings
+from nld_lora.model.adapters import AdapterError, lora_enabled
 from nld_lora.model.masks import causal_mask
 from tests.helpers import make_adapter, random_prompts, tiny_model
 
@@ -56,8 +57,9 @@ def test_diffusion_block1_threshold1_is_ar_and_commits_once():
     assert d.sequences == ar.sequences
     log = []
     out = Outputs(len(prompts), 10, set())
-    cfg = DecodeSettings(block_size=4, threshold=0.5, policy="leftmost")
-    run_diffusion(DecodeBatch(model, prompts, list(range(len(prompts)))), out, cfg, torch.Generator(), log)
+    cfg = DecodeSettings(block_size=4, threshold=0.5, policy="leftmost").resolved(model.block_size)
+    batch = DecodeBatch(model, prompts, list(range(len(prompts))), out.stats)
+    run_diffusion(batch, out, cfg, torch.Generator(), log)
     for commits in log:
         assert torch.equal(commits[:, 1:], torch.ones_like(commits[:, 1:])) and bool((commits[:, 0] == 0).all())
     capped = model.generate(prompts, mode="diffusion", block_size=4, threshold=1.01, max_steps=1, max_new_tokens=8)
@@ -196,12 +198,14 @@ def test_generate_cli_prints_stats(tmp_path, capsys):
 
     model_dir = saved_tiny_model(tmp_path / "m")
     assert main(["generate", "--model", model_dir, "--prompt", "def f(a):\\n", "--mode", "self_spec",
-                 "--block-size", "4", "--max-new-tokens", "6"]) == 0
+                 "decode.block_size=4", "max_new_tokens=6"]) == 0
     out = capsys.readouterr().out
     stats = __import__("json").loads(out[out.index('{\n  "mode"'):])
     assert stats["new_tokens"] == 6 and stats["forwards"]["verify"] >= 1 and "--- self_spec ---" in out
-    assert main(["generate", "--model", model_dir, "--prompt", "x", "--max-new-tokens", "0"]) == 2
+    assert main(["generate", "--model", model_dir, "--prompt", "x", "max_new_tokens=0"]) == 2
     assert "max_new_tokens must be > 0" in capsys.readouterr().err
+    assert main(["generate", "--model", model_dir, "--prompt", "x", "decode.draft=3"]) == 2
+    assert "unknown config key(s): decode.draft" in capsys.readouterr().err
 
 
 def test_self_spec_through_the_triton_verify_kernels():

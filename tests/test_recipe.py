@@ -16,8 +16,8 @@ def test_recipe_runs_and_resumes(tmp_path):
                                + "\n" for i in range(12)))
     overrides = [f"model={model_dir}", f"train_prompts={prompts}", f"eval_prompts={prompts}",
                  f"out={tmp_path / 'run'}", "collect.max_new_tokens=16", "train.steps=4", "train.eval_every=2",
-                 "train.save_every=2", "train.lora.r=4", "train.lora.alpha=8", "train.draft_len=3",
-                 "train.eval_fraction=0.25", "report.block_size=4", "report.max_new_tokens=8",
+                 "train.save_every=2", "train.lora.r=4", "train.lora.alpha=8", "draft_len=3",
+                 "train.eval_fraction=0.25", "report.decode.block_size=4", "report.max_new_tokens=8",
                  "report.speed_prompts=1", "report.diffusion=false"]
     cfg = load_config(RecipeConfig, None, overrides)
     report = run_recipe(cfg)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from nld_lora.decoding.settings import DecodeSettings
 from nld_lora.decoding.stats import GenerationStats, RequestStats
 from nld_lora.report import ReportConfig, build_report
 from nld_lora.report.metrics import bootstrap_ci, histogram, pooled_acceptance, summarize_run, token_agreement
@@ -57,7 +58,7 @@ def test_report_files_exist_parse_and_agree(tmp_path):
 
     model = nld_lora.load(saved_tiny_model(tmp_path / "m"))
     adapter = make_adapter(model, tmp_path / "lora", r=4)
-    cfg = ReportConfig(max_new_tokens=12, batch_size=3, speed_prompts=2, block_size=4)
+    cfg = ReportConfig(max_new_tokens=12, batch_size=3, speed_prompts=2, decode=DecodeSettings(block_size=4))
     report = build_report(model, [adapter], _prompts(tmp_path / "p.jsonl"), tmp_path / "rep", cfg, progress=False)
     on_disk = json.loads((tmp_path / "rep" / "report.json").read_text())
     assert on_disk["before"]["acceptance_length"] == report["before"]["acceptance_length"]
@@ -89,8 +90,8 @@ def test_lossless_mismatch_is_loud_with_strict(tmp_path):
 
     adapter = make_adapter(nld_lora.load(model_dir), tmp_path / "lora", r=8)
     cmd = [sys.executable, "-m", "nld_lora.cli", "report", "--model", model_dir, "--adapter", adapter,
-           "--prompts", str(_prompts(tmp_path / "p.jsonl")), "--out", str(tmp_path / "rep"), "--max-new-tokens",
-           "10", "--block-size", "4", "--speed-prompts", "1", "--no-diffusion", "--lora-mode", "both", "--strict"]
+           "--prompts", str(_prompts(tmp_path / "p.jsonl")), "--out", str(tmp_path / "rep"), "--strict",
+           "max_new_tokens=10", "decode.block_size=4", "speed_prompts=1", "diffusion=false", "lora_mode=both"]
     res = subprocess.run(cmd, env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True, cwd=ROOT)
     assert res.returncode == 3, res.stderr[-2000:]
     assert "lossless check failed" in res.stderr

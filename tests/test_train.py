@@ -11,7 +11,7 @@ from transformers import DynamicCache
 import nld_lora
 from nld_lora.config import ConfigError, load_config
 from nld_lora.data import CollectConfig, collect, read_prompts
-from nld_lora.decoding.adapters import lora_enabled
+from nld_lora.model.adapters import lora_enabled
 from nld_lora.model.masks import causal_mask, draft_mask
 from nld_lora.train import LoraSettings, TrainConfig, train
 from nld_lora.train.objective import DraftBatch, draft_loss, student_logits, teacher_pass

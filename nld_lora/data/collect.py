@@ -17,9 +17,10 @@ from typing import Any
 
 from tqdm import tqdm
 
-from nld_lora.data.readers import PromptRecord
+from nld_lora.data.readers import FieldMap, PromptRecord
 from nld_lora.data.templates import render_prompt
 from nld_lora.decoding.api import max_prompt_tokens
+from nld_lora.decoding.settings import DecodeSettings
 
 META_FILE = "nld_collect.json"
 SHARD_DIR = "data"
@@ -33,10 +34,10 @@ class CollectError(ValueError):
 @dataclass
 class CollectConfig:
     max_new_tokens: int = 128
-    temperature: float = 0.0
-    top_k: int | None = None
-    top_p: float | None = None
-    seed: int = 0
+    decode: DecodeSettings = field(default_factory=DecodeSettings)  # AR sampling: temperature, top_k, top_p, seed
+    limit: int | None = None  # read at most this many prompts (callers that read the prompt file apply it)
+    fields: FieldMap = field(default_factory=FieldMap)  # column names in the prompt file
+    skip_bad: bool = False  # skip and count malformed prompt rows instead of failing
     batch_size: int = 8
     shard_size: int = 64
     max_prompt_tokens: int | None = None
@@ -85,9 +86,9 @@ class PreparedPrompt:
 
 def generator_fingerprint(model: Any, cfg: CollectConfig) -> dict[str, Any]:
     """What determines the targets: model identity and weights, decoding and templating parameters."""
-    decoding = {k: getattr(cfg, k) for k in ("max_new_tokens", "temperature", "top_k", "top_p", "seed",
-                                             "system_prompt", "use_chat_template", "thinking",
+    decoding = {k: getattr(cfg, k) for k in ("max_new_tokens", "system_prompt", "use_chat_template", "thinking",
                                              "max_thinking_tokens", "end_think_token", "backend")}
+    decoding["sampling"] = {k: getattr(cfg.decode, k) for k in ("temperature", "top_k", "top_p", "seed")}
     return {"model": model.name_or_path, "weights_hash": model.weights_hash, "decoding": decoding}
 
 
@@ -162,8 +163,7 @@ def _write_shard(out_dir: Path, rows: list[dict[str, Any]], rank: int) -> None:
 
 def _generate_runtime(model: Any, prompts: list[list[int]], cfg: CollectConfig, max_new_tokens: int,
                       out_dir: Path) -> tuple[list, list]:
-    res = model.generate(prompts, mode="ar", adapter=False, max_new_tokens=max_new_tokens,
-                         temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, seed=cfg.seed)
+    res = model.generate(prompts, mode="ar", adapter=False, max_new_tokens=max_new_tokens, settings=cfg.decode)
     return res.sequences, res.finish_reasons
 
 
@@ -183,8 +183,9 @@ def _generate_vllm(model: Any, prompts: list[list[int]], cfg: CollectConfig, max
         view = export_ar_view(model.source_folder or model.name_or_path, out_dir / "ar_view")
         tp = cfg.tensor_parallel_size or max(torch.cuda.device_count(), 1)
         llm = _VLLM_CACHE[model.weights_hash] = vllm.LLM(model=str(view), tensor_parallel_size=tp)
-    params = vllm.SamplingParams(temperature=cfg.temperature, top_k=cfg.top_k or -1, top_p=cfg.top_p or 1.0,
-                                 max_tokens=max_new_tokens, seed=cfg.seed, stop_token_ids=sorted(model.eos_token_ids))
+    d = cfg.decode
+    params = vllm.SamplingParams(temperature=d.temperature, top_k=d.top_k or -1, top_p=d.top_p or 1.0,
+                                 max_tokens=max_new_tokens, seed=d.seed, stop_token_ids=sorted(model.eos_token_ids))
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     seqs = [list(o.outputs[0].token_ids) for o in outs]
     reasons = ["eos" if o.outputs[0].finish_reason == "stop" else "length" for o in outs]

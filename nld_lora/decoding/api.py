@@ -10,13 +10,13 @@ import torch
 from tqdm import tqdm
 
 from nld_lora.decoding.batch import DecodeBatch
-from nld_lora.decoding.loops import DecodeSettings, run_ar, run_diffusion, run_self_spec
+from nld_lora.decoding.loops import run_ar, run_diffusion, run_self_spec
 from nld_lora.decoding.outputs import Outputs
+from nld_lora.decoding.settings import DecodeSettings, resolve_draft_len
 from nld_lora.decoding.stats import GenerationStats
+from nld_lora.model.adapters import check_lora_mode
 
 MODES = ("ar", "diffusion", "self_spec")
-POLICIES = ("confidence", "leftmost")
-ACCEPTANCE_RULES = ("rejection", "exact_match")
 
 
 @dataclass
@@ -25,6 +25,7 @@ class GenerationResult:
     texts: list[str] | None
     stats: GenerationStats
     prompt_ids: list[list[int]]
+    settings: DecodeSettings  # as resolved for this call (block_size and draft_len filled in)
 
     @property
     def finish_reasons(self) -> list[str]:
@@ -62,26 +63,18 @@ def max_prompt_tokens(model, mode: str, max_new_tokens: int, *, block_size: int 
                       draft_len: int | None = None) -> int:
     """The longest prompt `generate` accepts for this mode and budget (same defaults as generate)."""
     block = block_size or model.block_size
-    k = draft_len if draft_len is not None else max(block - 1, 1)
-    return model.max_positions - max_new_tokens - lookahead(mode, block, k)
+    return model.max_positions - max_new_tokens - lookahead(mode, block, resolve_draft_len(block, draft_len))
 
 
-def _validate(model, prompts: list[list[int]], mode: str, max_new_tokens: int, draft_len: int, block: int,
-              policy: str, acceptance: str) -> None:
+def _validate(model, prompts: list[list[int]], mode: str, max_new_tokens: int, cfg: DecodeSettings) -> None:
     if mode not in MODES:
         raise ValueError(f"mode={mode!r}; expected one of {MODES}")
-    if policy not in POLICIES:
-        raise ValueError(f"policy={policy!r}; expected one of {POLICIES}")
-    if acceptance not in ACCEPTANCE_RULES:
-        raise ValueError(f"acceptance={acceptance!r}; expected one of {ACCEPTANCE_RULES}")
     if max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens must be > 0; got {max_new_tokens}")
     limit = model.max_positions
-    if not 1 <= draft_len < limit:
-        raise ValueError(f"draft_len must be in [1, {limit}) (the model's max positions); got {draft_len}")
-    if block < 1:
-        raise ValueError(f"block_size must be >= 1; got {block}")
-    ahead = lookahead(mode, block, draft_len)
+    if not 1 <= cfg.draft_len < limit:
+        raise ValueError(f"draft_len must be in [1, {limit}) (the model's max positions); got {cfg.draft_len}")
+    ahead = lookahead(mode, cfg.block_size, cfg.draft_len)
     vocab = model.config.vocab_size
     for i, p in enumerate(prompts):
         if not p:
@@ -95,6 +88,16 @@ def _validate(model, prompts: list[list[int]], mode: str, max_new_tokens: int, d
             )
 
 
+def _pick_adapter(model, adapter: str | bool | None) -> str | None:
+    if adapter is False:
+        return None
+    if adapter is None or adapter is True:
+        return model.active_adapter
+    if adapter not in model.adapters:
+        raise ValueError(f"adapter {adapter!r} is not loaded; loaded: {sorted(model.adapters)}")
+    return adapter
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -102,53 +105,41 @@ def generate(
     *,
     mode: str = "ar",
     max_new_tokens: int = 128,
-    temperature: float = 0.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    block_size: int | None = None,
-    threshold: float = 0.9,
-    policy: str = "confidence",
-    max_steps: int | None = None,
-    draft_len: int | None = None,
-    acceptance: str = "rejection",
+    settings: DecodeSettings | None = None,
     adapter: str | bool | None = None,
+    lora_mode: str | None = None,
     batch_size: int | None = None,
-    seed: int = 0,
     progress: bool = False,
     add_special_tokens: bool = True,
+    **decode: Any,
 ) -> GenerationResult:
-    """Decode prompts with mode "ar", "diffusion" or "self_spec" (linear); see DESIGN.md for the stats.
+    """Decode prompts with mode "ar", "diffusion" or "self_spec" (linear); metrics as in docs/design.md.
 
-    adapter: None uses the active adapter (if any), False none, a name selects a loaded adapter.
-    draft_len defaults to block_size - 1; block_size to the model's. Greedy self_spec emits exactly AR's tokens.
+    settings: a DecodeSettings; its fields may also be given (or overridden) as keywords (temperature=, top_k=,
+    top_p=, block_size=, threshold=, policy=, max_steps=, draft_len=, acceptance=, seed=).
+    adapter: None uses the active adapter (if any), False none, a name selects a loaded adapter; lora_mode None
+    uses that adapter's own mode. draft_len defaults to the adapter's trained one, else block_size - 1.
+    Greedy self_spec emits exactly AR's tokens.
     """
     prompts = normalize_prompts(model, prompts_or_ids, add_special_tokens)
-    block = block_size or model.block_size
-    k = draft_len if draft_len is not None else max(block - 1, 1)
-    _validate(model, prompts, mode, max_new_tokens, k, block, policy, acceptance)
-    if adapter is False:
-        adapter_name = None
-    elif adapter is None or adapter is True:
-        adapter_name = model.active_adapter
-    else:
-        if adapter not in model.adapters:
-            raise ValueError(f"adapter {adapter!r} is not loaded; loaded: {sorted(model.adapters)}")
-        adapter_name = adapter
-    cfg = DecodeSettings(
-        temperature=temperature, top_k=top_k, top_p=top_p, block_size=block, threshold=threshold, policy=policy,
-        max_steps=max_steps, draft_len=k, acceptance=acceptance, adapter=adapter_name, lora_mode=model.lora_mode,
-        seed=seed,
-    )
+    adapter_name = _pick_adapter(model, adapter)
+    meta = model.adapter_meta.get(adapter_name, {}) if adapter_name else {}
+    cfg = (settings or DecodeSettings()).replace(**decode).validate()
+    cfg = cfg.resolved(model.block_size, meta.get("draft_len") if mode == "self_spec" else None)
+    mode_of_adapter = model.adapter_modes.get(adapter_name, "draft_only") if adapter_name else "draft_only"
+    lora = check_lora_mode(lora_mode or mode_of_adapter)
+    _validate(model, prompts, mode, max_new_tokens, cfg)
     loop = {"ar": run_ar, "diffusion": run_diffusion, "self_spec": run_self_spec}[mode]
     out = Outputs(len(prompts), max_new_tokens, model.eos_token_ids)
-    gen = torch.Generator(device=model.device).manual_seed(seed)
+    gen = torch.Generator(device=model.device).manual_seed(cfg.seed)
     size = batch_size or len(prompts)
     t0 = time.perf_counter()
     bar = tqdm(total=len(prompts), desc=f"generate[{mode}]", unit="prompt", disable=not progress)
     for start in range(0, len(prompts), size):
         ids = list(range(start, min(start + size, len(prompts))))
         tb = time.perf_counter()
-        loop(DecodeBatch(model, [prompts[i] for i in ids], ids), out, cfg, gen)
+        batch = DecodeBatch(model, [prompts[i] for i in ids], ids, out.stats, adapter=adapter_name, lora_mode=lora)
+        loop(batch, out, cfg, gen)
         for i in ids:
             out.stats[i].wall_s = time.perf_counter() - tb
         bar.update(len(ids))
@@ -157,4 +148,4 @@ def generate(
     texts = None
     if model.tokenizer is not None:
         texts = [model.tokenizer.decode(seq, skip_special_tokens=False) for seq in out.tokens]
-    return GenerationResult(out.tokens, texts, stats, prompts)
+    return GenerationResult(out.tokens, texts, stats, prompts, cfg)

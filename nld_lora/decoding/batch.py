@@ -2,56 +2,92 @@
 
 Each request owns a row. Slots that a request must not see (left padding, rejected drafts) are marked
 invalid and squeezed out after every write, so the cache stays as long as the longest live request.
+`forward(tokens, kind)` derives the mask, the cache write, the adapter state and the forward count from the kind.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from transformers import DynamicCache
 
+from nld_lora.decoding.stats import RequestStats
 from nld_lora.model.masks import causal_mask, draft_mask
 
 
+@dataclass(frozen=True)
+class ForwardKind:
+    writes_cache: bool  # causal forwards extend the cache; draft/denoise forwards read it only
+    bidirectional: bool  # the block attends to all of itself
+    drafts: bool  # the drafting pathway: the adapter is on (draft_only) here and only here
+
+
+FORWARD_KINDS = {
+    "prefill": ForwardKind(True, False, False),
+    "ar": ForwardKind(True, False, False),
+    "verify": ForwardKind(True, False, False),
+    "commit": ForwardKind(True, False, False),
+    "draft": ForwardKind(False, True, True),
+    "denoise": ForwardKind(False, True, True),
+}
+
+
 class DecodeBatch:
-    def __init__(self, model, prompts: list[list[int]], request_ids: list[int]):
+    def __init__(self, model, prompts: list[list[int]], request_ids: list[int], stats: list[RequestStats],
+                 *, adapter: str | None = None, lora_mode: str = "draft_only"):
         self.model = model
         self.rows = list(request_ids)
+        self.stats = stats
+        self.adapter = adapter
+        self.lora_mode = lora_mode
         device = model.device
         width = max(len(p) for p in prompts)
         pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
-        ids = torch.full((len(prompts), width), pad, dtype=torch.long, device=device)
+        self.prompt_ids = torch.full((len(prompts), width), pad, dtype=torch.long, device=device)
         self.valid = torch.zeros(len(prompts), width, dtype=torch.bool, device=device)
         for i, p in enumerate(prompts):
-            ids[i, width - len(p):] = torch.tensor(p, device=device)
+            self.prompt_ids[i, width - len(p):] = torch.tensor(p, device=device)
             self.valid[i, width - len(p):] = True
-        self.prompt_ids = ids
         self.cache = DynamicCache(config=model.config)
         self.next_pos = self.valid.sum(1)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def _run(self, kind: str, tokens: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
+             logits_index, counted: list[bool] | None) -> torch.Tensor:
+        spec = FORWARD_KINDS[kind]
+        on = spec.drafts or self.lora_mode == "both"
+        with self.model.adapter_enabled(self.adapter, on):
+            logits, _ = self.model(tokens, attention_mask=mask, position_ids=positions, cache=self.cache,
+                                   logits_index=logits_index)
+        for i, rid in enumerate(self.rows):
+            if counted is None or counted[i]:
+                self.stats[rid].forwards[kind] += 1
+        return logits
 
     def prefill(self) -> torch.Tensor:
         """Causal forward over the left-padded prompts (writes the cache); logits of each row's last token."""
         width = self.prompt_ids.shape[1]
         positions = (self.valid.long().cumsum(1) - 1).clamp(min=0)
-        logits, _ = self.model(self.prompt_ids, attention_mask=causal_mask(self.valid, width), position_ids=positions,
-                               cache=self.cache, logits_index=slice(width - 1, width))
-        return logits
+        return self._run("prefill", self.prompt_ids, causal_mask(self.valid, width), positions,
+                         slice(width - 1, width), None)
 
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def forward(self, tokens: torch.Tensor, *, write: bool, bidirectional: bool,
-                logits_index: slice | None = None) -> torch.Tensor:
-        """Run tokens (B, Q) after each row's valid prefix. write=False leaves the cache as it was (draft).
+    def forward(self, tokens: torch.Tensor, kind: str, *, logits_index: slice | None = None,
+                counted: list[bool] | None = None) -> torch.Tensor:
+        """Run tokens (B, Q) after each row's valid prefix as a `kind` forward (see FORWARD_KINDS).
 
         logits_index: the query positions that need logits (the vocabulary projection skips the others).
+        counted: which rows count this forward in their stats (default: all).
         """
+        spec = FORWARD_KINDS[kind]
         q = tokens.shape[1]
         key_valid = torch.cat([self.valid, torch.ones(len(self), q, dtype=torch.bool, device=self.valid.device)], 1)
-        mask = draft_mask(key_valid, q) if bidirectional else causal_mask(key_valid, q)
+        mask = draft_mask(key_valid, q) if spec.bidirectional else causal_mask(key_valid, q)
         positions = self.next_pos[:, None] + torch.arange(q, device=tokens.device)
-        logits, _ = self.model(tokens, attention_mask=mask, position_ids=positions, cache=self.cache,
-                               logits_index=logits_index)
-        if write:
+        logits = self._run(kind, tokens, mask, positions, logits_index, counted)
+        if spec.writes_cache:
             self.valid = key_valid
         else:
             self.cache.crop(-q)

@@ -2,32 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from nld_lora.decoding.adapters import lora_enabled
 from nld_lora.decoding.batch import DecodeBatch
 from nld_lora.decoding.outputs import Outputs
 from nld_lora.decoding.sampling import filter_logits, select_tokens, select_with_confidence
+from nld_lora.decoding.settings import DecodeSettings
 from nld_lora.kernels import verify_greedy, verify_sampled
 from nld_lora.kernels.rng import mix32
-
-
-@dataclass
-class DecodeSettings:
-    temperature: float = 0.0
-    top_k: int | None = None
-    top_p: float | None = None
-    block_size: int = 32
-    threshold: float = 0.9
-    policy: str = "confidence"
-    max_steps: int | None = None
-    draft_len: int = 31
-    acceptance: str = "rejection"
-    adapter: str | None = None
-    lora_mode: str = "draft_only"
-    seed: int = 0
 
 
 def _commit_rows(batch: DecodeBatch, out: Outputs, new_tokens: list[list[int]], seeds: torch.Tensor) -> torch.Tensor:
@@ -40,22 +22,15 @@ def _commit_rows(batch: DecodeBatch, out: Outputs, new_tokens: list[list[int]], 
 
 
 def _prefill(batch: DecodeBatch, out: Outputs, cfg: DecodeSettings, gen: torch.Generator) -> torch.Tensor:
-    with lora_enabled(batch.model, cfg.adapter, on=cfg.lora_mode == "both"):
-        logits = batch.prefill()
-    for rid in batch.rows:
-        out.stats[rid].forwards["prefill"] += 1
-    seeds = select_tokens(logits[:, -1], cfg.temperature, gen, cfg.top_k, cfg.top_p)
+    seeds = select_tokens(batch.prefill()[:, -1], cfg.temperature, gen, cfg.top_k, cfg.top_p)
     return _commit_rows(batch, out, [[t] for t in seeds.tolist()], seeds)
 
 
 def run_ar(batch: DecodeBatch, out: Outputs, cfg: DecodeSettings, gen: torch.Generator) -> None:
     seeds = _prefill(batch, out, cfg, gen)
     while len(batch):
-        with lora_enabled(batch.model, cfg.adapter, on=cfg.lora_mode == "both"):
-            logits = batch.forward(seeds[:, None], write=True, bidirectional=False)
+        logits = batch.forward(seeds[:, None], "ar")
         batch.keep_written(1, torch.ones(len(batch), dtype=torch.long, device=seeds.device))
-        for rid in batch.rows:
-            out.stats[rid].forwards["ar"] += 1
         seeds = select_tokens(logits[:, -1], cfg.temperature, gen, cfg.top_k, cfg.top_p)
         seeds = _commit_rows(batch, out, [[t] for t in seeds.tolist()], seeds)
 
@@ -91,10 +66,7 @@ def run_diffusion(batch: DecodeBatch, out: Outputs, cfg: DecodeSettings, gen: to
         step = 0
         while any(pending := masked.any(1).tolist()):
             step += 1
-            with lora_enabled(batch.model, cfg.adapter, on=True):
-                logits = batch.forward(block, write=False, bidirectional=True)
-            for rid, busy in zip(batch.rows, pending):
-                out.stats[rid].forwards["denoise"] += busy
+            logits = batch.forward(block, "denoise", counted=pending)
             pred, conf = select_with_confidence(logits, cfg.temperature, gen, cfg.top_k, cfg.top_p)
             choose = _pick_positions(conf, masked, cfg, last_step=step >= max_steps)
             block = torch.where(choose, pred, block)
@@ -102,11 +74,8 @@ def run_diffusion(batch: DecodeBatch, out: Outputs, cfg: DecodeSettings, gen: to
             masked &= ~choose
         if commit_log is not None:
             commit_log.append(commits.clone())
-        with lora_enabled(batch.model, cfg.adapter, on=cfg.lora_mode == "both"):
-            logits = batch.forward(block, write=True, bidirectional=False, logits_index=slice(width - 1, width))
+        logits = batch.forward(block, "commit", logits_index=slice(width - 1, width))
         batch.keep_written(width, torch.full((len(batch),), width, dtype=torch.long, device=seeds.device))
-        for rid in batch.rows:
-            out.stats[rid].forwards["commit"] += 1
         seeds = select_tokens(logits[:, -1], cfg.temperature, gen, cfg.top_k, cfg.top_p)
         seeds = _commit_rows(batch, out, torch.cat([block[:, 1:], seeds[:, None]], 1).tolist(), seeds)
 
@@ -138,13 +107,11 @@ def run_self_spec(batch: DecodeBatch, out: Outputs, cfg: DecodeSettings, gen: to
         n_rows = len(batch)
         block = torch.full((n_rows, k + 1), mask_id, dtype=torch.long, device=seeds.device)
         block[:, 0] = seeds
-        with lora_enabled(batch.model, cfg.adapter, on=True):
-            draft_logits = batch.forward(block, write=False, bidirectional=True, logits_index=slice(1, None))
+        draft_logits = batch.forward(block, "draft", logits_index=slice(1, None))
         drafts = select_tokens(draft_logits, cfg.temperature, gen, cfg.top_k, cfg.top_p)
         starts = batch.next_pos.tolist()
         verify_in = torch.cat([seeds[:, None], drafts], 1)
-        with lora_enabled(batch.model, cfg.adapter, on=cfg.lora_mode == "both"):
-            target = batch.forward(verify_in, write=True, bidirectional=False)
+        target = batch.forward(verify_in, "verify")
         cu = torch.arange(n_rows + 1, device=seeds.device, dtype=torch.int32) * k
         if cfg.temperature <= 0:
             tokens, n_acc = verify_greedy(target.reshape(-1, target.shape[-1]), drafts.reshape(-1), cu)
@@ -162,10 +129,7 @@ def run_self_spec(batch: DecodeBatch, out: Outputs, cfg: DecodeSettings, gen: to
         accepted, drafted, emitted = n_acc.tolist(), drafts.tolist(), tokens.tolist()
         new = []
         for i, rid in enumerate(batch.rows):
-            st = out.stats[rid]
-            st.forwards["draft"] += 1
-            st.forwards["verify"] += 1
-            st.record_cycle(starts[i], accepted[i], drafted[i])
+            out.stats[rid].record_cycle(starts[i], accepted[i], drafted[i])
             new.append(emitted[i][: accepted[i] + 1])
         seeds = tokens[torch.arange(n_rows, device=tokens.device), n_acc].long()
         seeds = _commit_rows(batch, out, new, seeds)

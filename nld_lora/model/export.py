@@ -33,7 +33,7 @@ def export_adapter(adapter: str | os.PathLike, model_dir: str | os.PathLike) -> 
     The adapter is checked against the model's modules first; an adapter already there is moved aside to
     `linear_spec_lora.previous-<time>` (never deleted). Returns the new adapter folder.
     """
-    from nld_lora.decoding.adapters import AdapterError, check_adapter_matches
+    from nld_lora.model.adapters import AdapterError, check_adapter_matches
     from nld_lora.model.checkpoint import load_skeleton
 
     src, dest_root = Path(adapter), Path(model_dir)

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from transformers import AutoModel, PretrainedConfig
 
+from nld_lora.model import adapters as lora
 from nld_lora.model.config import apply_nld_defaults
 
 if TYPE_CHECKING:
@@ -35,10 +36,10 @@ class TriModeModel(nn.Module):
         self.source_folder: str = ""  # the folder it was loaded from (release files are carried on save)
         self.source_config: dict[str, Any] = {}  # that folder's config.json as written
         self.extra_eos_ids: set[int] = set()  # stop ids from generation_config.json / the tokenizer
-        self.adapters: dict[str, str] = {}
+        self.adapters: dict[str, str] = {}  # name -> folder
+        self.adapter_modes: dict[str, str] = {}  # name -> lora_mode ("draft_only" | "both")
+        self.adapter_meta: dict[str, dict[str, Any]] = {}  # name -> its nld_adapter.json
         self.active_adapter: str | None = None
-        self.lora_mode: str = "draft_only"
-        self._peft: Any = None
 
     @property
     def mask_token_id(self) -> int:
@@ -111,18 +112,19 @@ class TriModeModel(nn.Module):
 
         return generate(self, prompts_or_ids, **kwargs)
 
-    def attach_adapter(self, path: str, *, name: str | None = None, lora_mode: str = "draft_only") -> str:
+    def attach_adapter(self, path: str, *, name: str | None = None, lora_mode: str | None = None) -> str:
         """Load a PEFT LoRA folder (a path, or a subfolder of the model's folder such as a release's
-        "linear_spec_lora"); it becomes the active adapter. Returns its name."""
-        from nld_lora.decoding.adapters import attach_adapter
-
-        return attach_adapter(self, path, name=name, lora_mode=lora_mode)
+        "linear_spec_lora"); it becomes the active adapter. lora_mode defaults to the adapter's metadata, else
+        "draft_only". Returns its name."""
+        return lora.attach_adapter(self, path, name=name, lora_mode=lora_mode)
 
     def detach_adapter(self, name: str | None = None) -> None:
         """Remove one adapter (or all when name is None), restoring the base weights' behaviour."""
-        from nld_lora.decoding.adapters import detach_adapter
+        lora.detach_adapter(self, name)
 
-        detach_adapter(self, name)
+    def adapter_enabled(self, name: str | None, on: bool):
+        """Context manager: the enclosed forwards run with adapter `name` on, or with every adapter off."""
+        return lora.lora_enabled(self, name, on)
 
 
 def _gather_rows(hidden: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

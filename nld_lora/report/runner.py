@@ -6,7 +6,7 @@ import hashlib
 import json
 import os
 import platform
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +14,9 @@ import torch
 
 from nld_lora.data.readers import read_prompts
 from nld_lora.data.templates import render_prompt
-from nld_lora.decoding.adapters import adapter_metadata
+from nld_lora.decoding.settings import DecodeSettings, resolve_draft_len
 from nld_lora.decoding.stats import safe_ratio
+from nld_lora.model.adapters import adapter_metadata
 from nld_lora.report.metrics import lossless_mismatches, relative_gain, summarize_run, token_agreement
 from nld_lora.report.plots import plot_categories, plot_histograms, plot_per_position
 from nld_lora.report.writers import write_markdown
@@ -28,10 +29,7 @@ class ReportConfig:
     max_new_tokens: int = 128
     batch_size: int = 8
     speed_prompts: int = 32  # prompts timed again at batch size 1
-    temperature: float = 0.0
-    block_size: int | None = None
-    draft_len: int | None = None
-    threshold: float = 0.9
+    decode: DecodeSettings = field(default_factory=DecodeSettings)  # one draft_len for every self-spec run
     diffusion: bool = True
     limit: int | None = None
     seed: int = 0
@@ -64,22 +62,22 @@ def build_report(model: Any, adapters: list[str], prompts: str | Path, out_dir: 
     categories = [r.category for r in records]
     names = [model.attach_adapter(path, name=f"adapter{i}" if len(adapters) > 1 else "after",
                                   lora_mode=cfg.lora_mode) for i, path in enumerate(adapters)]
-    block = cfg.block_size or model.block_size
-    k = cfg.draft_len or max(block - 1, 1)
-    common = {"max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature, "seed": cfg.seed,
-              "progress": progress}
+    block = cfg.decode.block_size or model.block_size
+    k = resolve_draft_len(block, cfg.decode.draft_len)
+    settings = cfg.decode.replace(block_size=block, draft_len=k).validate()
+    common = {"max_new_tokens": cfg.max_new_tokens, "settings": settings, "progress": progress}
     plans: dict[str, dict[str, Any]] = {"ar": {"mode": "ar", "adapter": False}}
     if cfg.diffusion:
-        plans["diffusion"] = {"mode": "diffusion", "adapter": False, "block_size": block, "threshold": cfg.threshold}
-    plans["before"] = {"mode": "self_spec", "adapter": False, "block_size": block, "draft_len": k}
+        plans["diffusion"] = {"mode": "diffusion", "adapter": False}
+    plans["before"] = {"mode": "self_spec", "adapter": False}
     for name in names:
-        plans[name] = {"mode": "self_spec", "adapter": name, "block_size": block, "draft_len": k}
+        plans[name] = {"mode": "self_spec", "adapter": name}
 
     runs: dict[str, dict[str, Any]] = {}
     sequences: dict[str, list[list[int]]] = {}
     for label, plan in plans.items():
         res = model.generate(texts, batch_size=cfg.batch_size, **plan, **common)
-        runs[label] = summarize_run(res.stats, k if plan["mode"] == "self_spec" else None, categories, cfg.seed)
+        runs[label] = summarize_run(res.stats, k if plan["mode"] == "self_spec" else None, categories, settings.seed)
         sequences[label] = res.sequences
         speed = model.generate(texts[: cfg.speed_prompts], batch_size=1, **plan, **{**common, "progress": False})
         runs[label]["tokens_per_s_batch1"] = speed.stats.tokens_per_s
@@ -88,7 +86,7 @@ def build_report(model: Any, adapters: list[str], prompts: str | Path, out_dir: 
         run["speedup_vs_ar_batch1"] = safe_ratio(run["tokens_per_s_batch1"], runs["ar"]["tokens_per_s_batch1"])
 
     spec_labels = ["before", *names]
-    greedy = cfg.temperature <= 0
+    greedy = settings.temperature <= 0
     per_run_mismatch = {lab: lossless_mismatches(sequences["ar"], sequences[lab]) for lab in spec_labels}
     lossless = {
         "checked": greedy,
@@ -109,7 +107,7 @@ def build_report(model: Any, adapters: list[str], prompts: str | Path, out_dir: 
         "machine": machine_info(),
         "prompt_format": prompt_format(model.tokenizer, records, cfg),
         "settings": {"max_new_tokens": cfg.max_new_tokens, "batch_size": cfg.batch_size, "block_size": block,
-                     "draft_len": k, "temperature": cfg.temperature, "threshold": cfg.threshold,
+                     "draft_len": k, "temperature": settings.temperature, "threshold": settings.threshold,
                      "speed_prompts": min(cfg.speed_prompts, len(records)), "lora_mode": cfg.lora_mode},
         "ar": runs["ar"],
         "before": runs["before"],

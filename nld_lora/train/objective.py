@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from nld_lora.decoding.adapters import lora_enabled
+from nld_lora.model.adapters import lora_enabled
 from nld_lora.model.masks import causal_mask
 
 

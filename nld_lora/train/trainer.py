@@ -20,7 +20,8 @@ import torch
 from tqdm import tqdm
 
 from nld_lora.config import ConfigError, to_dict
-from nld_lora.decoding.adapters import ADAPTER_META, lora_enabled, register_peft
+from nld_lora.decoding.settings import resolve_draft_len
+from nld_lora.model.adapters import ADAPTER_META, lora_enabled, register_peft
 from nld_lora.train.config import TrainConfig
 from nld_lora.train.data import Sequence, build_sequences, make_batch, split_eval
 from nld_lora.train.objective import (
@@ -155,7 +156,7 @@ def train(model_or_path: Any, dataset_dir: str | Path, out_dir: str | Path, cfg:
     else:
         model = model_or_path
     model.to(accelerator.device)
-    draft_len = cfg.draft_len or max(model.block_size - 1, 1)
+    draft_len = resolve_draft_len(model.block_size, cfg.draft_len)
     seqs = build_sequences(load_collected(dataset_dir, model=model), cfg.max_seq_len)
     if len(seqs) < 2:
         raise ConfigError(f"{dataset_dir}: needs at least 2 collected sequences with targets; found {len(seqs)}")

@@ -1,4 +1,9 @@
-"""PEFT LoRA adapters on a TriModeModel: attach/detach, per-call selection, draft-only switching."""
+"""PEFT LoRA adapters owned by a TriModeModel: attach/detach, per-adapter lora_mode, on/off switching per forward.
+
+lora_mode "draft_only" (NLD's deployment): the adapter is ON for draft/denoise forwards and OFF for prefill, AR,
+verify and commit forwards, so AR output is untouched. "both": ON for every forward (output then differs from AR).
+An adapter folder may carry nld_adapter.json (written by the trainer); its lora_mode and draft_len are the defaults.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,7 @@ import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from safetensors import safe_open
 from torch import nn
@@ -18,8 +24,26 @@ class AdapterError(ValueError):
     """An adapter folder that does not fit the model."""
 
 
-def _peft(model):
+def adapter_metadata(path: str | Path) -> dict[str, Any]:
+    """nld_adapter.json of an adapter folder ({} when absent, e.g. NVIDIA's released adapter)."""
+    meta = Path(path) / ADAPTER_META
+    return json.loads(meta.read_text()) if meta.exists() else {}
+
+
+def check_lora_mode(lora_mode: str) -> str:
+    if lora_mode not in LORA_MODES:
+        raise AdapterError(f"lora_mode={lora_mode!r}; expected one of {LORA_MODES}")
+    return lora_mode
+
+
+def peft_of(model) -> Any:
+    """The PeftModel wrapping `model`, or None. It lives in __dict__, outside the module tree: registering it as a
+    submodule would make the model contain itself."""
     return model.__dict__.get("_peft")
+
+
+def _set_peft(model, peft) -> None:
+    model.__dict__["_peft"] = peft
 
 
 def check_adapter_matches(model, path: str | Path) -> None:
@@ -48,30 +72,35 @@ def check_adapter_matches(model, path: str | Path) -> None:
                                    f"model has {module.out_features} (adapter shape {shape})")
 
 
-def attach_adapter(model, path: str | Path, *, name: str | None = None, lora_mode: str = "draft_only") -> str:
-    """Load a PEFT folder onto the model (several may be loaded); it becomes the active adapter."""
+def attach_adapter(model, path: str | Path, *, name: str | None = None, lora_mode: str | None = None) -> str:
+    """Load a PEFT folder onto the model (several may be loaded); it becomes the active adapter.
+
+    path may name a subfolder of the model's own folder (a release's "linear_spec_lora"). lora_mode None takes
+    the adapter's nld_adapter.json, else "draft_only".
+    """
     from peft import PeftConfig, PeftModel
 
-    if lora_mode not in LORA_MODES:
-        raise AdapterError(f"lora_mode={lora_mode!r}; expected one of {LORA_MODES}")
     inside = Path(model.source_folder or ".") / path
     if not Path(path).exists() and inside.is_dir():
-        path = inside  # a subfolder of the model's own folder, e.g. "linear_spec_lora" of a release
+        path = inside
+    meta = adapter_metadata(path)
+    mode = check_lora_mode(lora_mode or meta.get("lora_mode", "draft_only"))
     check_adapter_matches(model, path)
     name = name or Path(path).name or "default"
-    peft = _peft(model)
+    peft = peft_of(model)
     if peft is None:
         # Any task_type loads (NVIDIA ships CAUSAL_LM): the runtime drives the model itself, so PEFT's plain
         # wrapper is used instead of a task wrapper that expects transformers' generate hooks.
         config = PeftConfig.from_pretrained(str(path))
         config.task_type = None
         peft = PeftModel.from_pretrained(model, str(path), adapter_name=name, is_trainable=False, config=config)
-        object.__setattr__(model, "_peft", peft)
+        _set_peft(model, peft)
     else:
         peft.load_adapter(str(path), adapter_name=name, is_trainable=False)
     model.adapters[name] = str(path)
+    model.adapter_modes[name] = mode
+    model.adapter_meta[name] = meta
     model.active_adapter = name
-    model.lora_mode = lora_mode
     peft.base_model.set_adapter(name)
     peft.base_model.disable_adapter_layers()
     return name
@@ -79,14 +108,16 @@ def attach_adapter(model, path: str | Path, *, name: str | None = None, lora_mod
 
 def register_peft(model, peft, name: str) -> None:
     """Adopt a PeftModel built elsewhere (training) so the runtime can switch its adapter."""
-    object.__setattr__(model, "_peft", peft)
+    _set_peft(model, peft)
     model.adapters[name] = "<training>"
+    model.adapter_modes[name] = "draft_only"
+    model.adapter_meta[name] = {}
     model.active_adapter = name
 
 
 def detach_adapter(model, name: str | None = None) -> None:
-    """Delete one adapter, or unload PEFT entirely (name None or the last adapter)."""
-    peft = _peft(model)
+    """Delete one adapter, or unload PEFT entirely (name None or the last adapter): the base weights come back."""
+    peft = peft_of(model)
     if peft is None:
         return
     names = [name] if name is not None else list(model.adapters)
@@ -95,25 +126,22 @@ def detach_adapter(model, name: str | None = None) -> None:
             raise AdapterError(f"no adapter named {n!r}; loaded: {sorted(model.adapters)}")
     if len(names) == len(model.adapters):
         peft.base_model.unload()
-        object.__setattr__(model, "_peft", None)
+        _set_peft(model, None)
         model.adapters.clear()
+        model.adapter_modes.clear()
+        model.adapter_meta.clear()
         model.active_adapter = None
         return
     for n in names:
         peft.base_model.delete_adapter(n)
-        del model.adapters[n]
+        del model.adapters[n], model.adapter_modes[n], model.adapter_meta[n]
     model.active_adapter = next(iter(model.adapters))
-
-
-def adapter_metadata(path: str | Path) -> dict:
-    meta = Path(path) / ADAPTER_META
-    return json.loads(meta.read_text()) if meta.exists() else {}
 
 
 @contextmanager
 def lora_enabled(model, adapter: str | None, on: bool) -> Iterator[None]:
     """Run the enclosed forwards with adapter `adapter` on (on=True) or every adapter off."""
-    peft = _peft(model)
+    peft = peft_of(model)
     if peft is None or adapter is None:
         yield
         return

@@ -1,0 +1,57 @@
+"""DecodeSettings: how to decode (sampling, block/draft shape, acceptance rule), defined once for every caller.
+
+generate() takes one (or its fields as keywords); the collection and report configs embed one; the CLI and the
+recipe YAML reach its fields as `decode.<field>`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+POLICIES = ("confidence", "leftmost")
+ACCEPTANCE_RULES = ("rejection", "exact_match")
+
+
+def resolve_draft_len(block_size: int, draft_len: int | None) -> int:
+    """Draft tokens per self-speculation cycle: as given, else block_size - 1 (NLD drafts [seed, mask x (B-1)])."""
+    return draft_len if draft_len is not None else max(block_size - 1, 1)
+
+
+@dataclass
+class DecodeSettings:
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+    block_size: int | None = None  # None: the model's block_size
+    threshold: float = 0.9  # diffusion: commit every masked position at least this confident
+    policy: str = "confidence"  # diffusion: the forced commit per step (confidence | leftmost)
+    max_steps: int | None = None  # diffusion: denoising steps per block (None: block_size - 1)
+    draft_len: int | None = None  # self-spec: None = the adapter's trained draft_len, else block_size - 1
+    acceptance: str = "rejection"  # self-spec at temperature > 0: rejection sampling | exact_match (NLD's rule)
+    seed: int = 0
+
+    def validate(self) -> DecodeSettings:
+        if self.policy not in POLICIES:
+            raise ValueError(f"policy={self.policy!r}; expected one of {POLICIES}")
+        if self.acceptance not in ACCEPTANCE_RULES:
+            raise ValueError(f"acceptance={self.acceptance!r}; expected one of {ACCEPTANCE_RULES}")
+        if self.block_size is not None and self.block_size < 1:
+            raise ValueError(f"block_size must be >= 1; got {self.block_size}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0; got {self.temperature}")
+        return self
+
+    def resolved(self, model_block_size: int, adapter_draft_len: int | None = None) -> DecodeSettings:
+        """A copy with block_size and draft_len filled in (the adapter's trained draft_len wins over the default)."""
+        block = self.block_size or model_block_size
+        draft = self.draft_len if self.draft_len is not None else adapter_draft_len
+        return dataclasses.replace(self, block_size=block, draft_len=resolve_draft_len(block, draft))
+
+    def replace(self, **changes) -> DecodeSettings:
+        """A copy with some fields changed; unknown names are an error that lists the valid ones."""
+        names = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(changes) - names)
+        if unknown:
+            raise TypeError(f"unknown decode setting(s) {unknown}; valid: {sorted(names)}")
+        return dataclasses.replace(self, **changes)
