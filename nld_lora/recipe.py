@@ -80,7 +80,6 @@ def run_recipe(cfg: RecipeConfig) -> dict[str, Any]:
         res = train(model, out / "collect", out / "train", cfg.train, accelerator=accelerator)
         say(f"      best step {res.best_step}: simulated acceptance {res.baseline_simulated_acceptance:.3f} -> "
             f"{res.best_simulated_acceptance:.3f} ({res.wall_s:.0f}s)")
-        model = nld_lora.load(model_path, wrap=cfg.wrap).to(accelerator.device)  # a clean base for the report
 
     report_dir = out / "report"
     report: dict[str, Any] = {}

@@ -96,7 +96,11 @@ def _small_cfg(**kw) -> TrainConfig:
 
 
 def test_few_steps_reduce_loss_and_raise_simulated_acceptance(collected, tmp_path):
-    res = train(EMBEDDED, collected, tmp_path / "run", _small_cfg(), progress=False)
+    caller_model = nld_lora.load(EMBEDDED)
+    res = train(caller_model, collected, tmp_path / "run", _small_cfg(), progress=False)
+    assert caller_model.adapters == {} and not any("lora_" in n for n, _ in caller_model.named_modules())
+    fresh = nld_lora.load(EMBEDDED)
+    assert all(torch.equal(a, b) for a, b in zip(caller_model.state_dict().values(), fresh.state_dict().values()))
     log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in log if "loss" in r]
     assert sum(losses[-3:]) < sum(losses[:3])

@@ -12,7 +12,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ from nld_lora.model.adapters import ADAPTER_META, lora_enabled, register_peft
 from nld_lora.train.config import TrainConfig
 from nld_lora.train.data import Sequence, build_sequences, make_batch, split_eval
 from nld_lora.train.objective import (
+    DraftLossOutput,
     draft_loss,
     row_validity,
     simulated_acceptance,
@@ -34,6 +35,7 @@ from nld_lora.train.objective import (
 
 ADAPTER_NAME = "default"
 FINAL_ADAPTER = "linear_spec_lora"
+STATE_FILE = "trainer_state.json"
 
 
 @dataclass
@@ -121,7 +123,7 @@ def release_style_config(path: Path, base_model: str) -> None:
 
 
 def _latest_checkpoint(ckpt_dir: Path) -> Path | None:
-    found = sorted(p for p in ckpt_dir.glob("step_*") if (p / "trainer_state.json").exists())
+    found = sorted(p for p in ckpt_dir.glob("step_*") if (p / STATE_FILE).exists())
     return found[-1] if found else None
 
 
@@ -130,140 +132,216 @@ def _config_key(cfg: TrainConfig) -> dict[str, Any]:
     return {k: v for k, v in to_dict(cfg).items() if k not in ("stop_at_step", "wandb", "wandb_mode", "log_every")}
 
 
-def train(model_or_path: Any, dataset_dir: str | Path, out_dir: str | Path, cfg: TrainConfig | None = None,
-          *, progress: bool = True, accelerator: Any = None) -> TrainResult:
-    """Train the draft LoRA on collected targets; resumes from out_dir/checkpoints; returns the best adapter."""
+@dataclass
+class TrainState:
+    """Everything a resumed run needs besides the accelerate state; saved as trainer_state.json per checkpoint."""
+
+    step: int = 0
+    best: float | None = None  # best simulated acceptance on the eval split so far
+    best_step: int = 0
+    baseline: float | None = None  # the same metric without the adapter
+    history: list[dict[str, Any]] = field(default_factory=list)
+    config: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, path: Path) -> TrainState:
+        return cls(**json.loads(path.read_text()))
+
+
+@dataclass
+class TrainingRun:
+    """What the setup functions build for the loop."""
+
+    cfg: TrainConfig
+    out: Path
+    accelerator: Any
+    model: Any
+    wrapped: Any  # the PEFT model as accelerate prepared it
+    optimizer: Any
+    scheduler: Any
+    params: list[torch.nn.Parameter]
+    train_seqs: list[Sequence]
+    eval_seqs: list[Sequence]
+    draft_len: int
+    state: TrainState
+
+    @property
+    def log_path(self) -> Path:
+        return self.out / "train_log.jsonl"
+
+
+def setup_accelerator(cfg: TrainConfig, out: Path):
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
-    from transformers import get_scheduler
 
-    import nld_lora
-    from nld_lora.data.collect import load_collected
-
-    cfg = cfg or TrainConfig()
-    cfg.validate()
-    out = Path(out_dir)
     if cfg.wandb:
         os.environ.setdefault("WANDB_MODE", cfg.wandb_mode)
-    if accelerator is None:
-        accelerator = Accelerator(cpu=not torch.cuda.is_available(),
-                                  mixed_precision=mixed_precision_for(cfg.mixed_precision),
-                                  gradient_accumulation_steps=cfg.grad_accum,
-                                  log_with=["wandb"] if cfg.wandb else None, project_dir=str(out))
+    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mixed_precision_for(cfg.mixed_precision),
+                       gradient_accumulation_steps=cfg.grad_accum, log_with=["wandb"] if cfg.wandb else None,
+                       project_dir=str(out))
+
+
+def setup_data(model, dataset_dir: str | Path, cfg: TrainConfig) -> tuple[list[Sequence], list[Sequence]]:
+    """Collected targets -> training sequences, split by hashed prompt id into train and eval."""
+    from nld_lora.data.collect import load_collected
+
+    seqs = build_sequences(load_collected(dataset_dir, model=model), cfg.max_seq_len)
+    if len(seqs) < 2:
+        raise ConfigError(f"{dataset_dir}: needs at least 2 collected sequences with targets; found {len(seqs)}")
+    train_seqs, eval_seqs = split_eval(seqs, cfg.eval_fraction, cfg.seed)
+    return train_seqs, eval_seqs[: cfg.eval_max_seqs]
+
+
+def setup_optimization(peft_model, cfg: TrainConfig, accelerator):
+    """AdamW over the LoRA parameters and a transformers scheduler, prepared by accelerate."""
+    from transformers import get_scheduler
+
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    name = {"cosine": "cosine", "wsd": "warmup_stable_decay", "constant": "constant_with_warmup"}[cfg.scheduler]
+    extra = {"num_decay_steps": max(cfg.steps // 5, 1)} if cfg.scheduler == "wsd" else None
+    scheduler = get_scheduler(name, optimizer, num_warmup_steps=int(cfg.warmup_ratio * cfg.steps),
+                              num_training_steps=cfg.steps, scheduler_specific_kwargs=extra)
+    wrapped, optimizer, scheduler = accelerator.prepare(peft_model, optimizer, scheduler)
+    return wrapped, optimizer, scheduler, params
+
+
+def resume_state(accelerator, out: Path, cfg: TrainConfig) -> TrainState:
+    """The latest checkpoint's state (accelerate state restored too), or a fresh one; other settings fail."""
+    state = TrainState(config=_config_key(cfg))
+    latest = _latest_checkpoint(out / "checkpoints")
+    if latest is None:
+        return state
+    saved = TrainState.load(latest / STATE_FILE)
+    if saved.config != state.config:
+        diff = sorted(k for k in state.config if saved.config.get(k) != state.config[k])
+        raise ConfigError(f"{out}: holds checkpoints of a run with other settings ({diff}); "
+                          "use a new output folder or delete its checkpoints/")
+    accelerator.load_state(str(latest))
+    accelerator.print(f"resumed from {latest} (step {saved.step})")
+    return saved
+
+
+def setup(model_or_path: Any, dataset_dir: str | Path, out_dir: str | Path, cfg: TrainConfig,
+          accelerator: Any = None) -> TrainingRun:
+    from accelerate.utils import set_seed
+
+    import nld_lora
+
+    out = Path(out_dir)
+    accelerator = accelerator or setup_accelerator(cfg, out)
     set_seed(cfg.seed)
     if isinstance(model_or_path, (str, Path)):
         model = nld_lora.load(str(model_or_path), quantization=cfg.quantization)
     else:
         model = model_or_path
     model.to(accelerator.device)
-    draft_len = resolve_draft_len(model.block_size, cfg.draft_len)
-    seqs = build_sequences(load_collected(dataset_dir, model=model), cfg.max_seq_len)
-    if len(seqs) < 2:
-        raise ConfigError(f"{dataset_dir}: needs at least 2 collected sequences with targets; found {len(seqs)}")
-    train_seqs, eval_seqs = split_eval(seqs, cfg.eval_fraction, cfg.seed)
-    eval_seqs = eval_seqs[: cfg.eval_max_seqs]
+    train_seqs, eval_seqs = setup_data(model, dataset_dir, cfg)
     peft_model = add_lora(model, cfg)
-    params = [p for p in peft_model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    warmup = int(cfg.warmup_ratio * cfg.steps)
-    name = {"cosine": "cosine", "wsd": "warmup_stable_decay", "constant": "constant_with_warmup"}[cfg.scheduler]
-    extra = {"num_decay_steps": max(cfg.steps // 5, 1)} if cfg.scheduler == "wsd" else {}
-    scheduler = get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=cfg.steps,
-                              scheduler_specific_kwargs=extra or None)
-    wrapped, optimizer, scheduler = accelerator.prepare(peft_model, optimizer, scheduler)
+    wrapped, optimizer, scheduler, params = setup_optimization(peft_model, cfg, accelerator)
     if cfg.wandb:
         accelerator.init_trackers(cfg.wandb_project, config=to_dict(cfg))
-
     out.mkdir(parents=True, exist_ok=True)
-    ckpt_dir = out / "checkpoints"
-    state = {"step": 0, "best": None, "best_step": 0, "baseline": None, "history": [], "config": _config_key(cfg)}
-    latest = _latest_checkpoint(ckpt_dir)
-    if latest is not None:
-        saved = json.loads((latest / "trainer_state.json").read_text())
-        if saved.get("config") != state["config"]:
-            diff = sorted(k for k in state["config"] if saved.get("config", {}).get(k) != state["config"][k])
-            raise ConfigError(f"{out}: holds checkpoints of a run with other settings ({diff}); "
-                              "use a new output folder or delete its checkpoints/")
-        accelerator.load_state(str(latest))
-        state = saved
-        accelerator.print(f"resumed from {latest} (step {state['step']})")
-    log_path = out / "train_log.jsonl"
-    pad = model.config.pad_token_id or 0
-    rank, world = accelerator.process_index, accelerator.num_processes
+    state = resume_state(accelerator, out, cfg)
+    return TrainingRun(cfg, out, accelerator, model, wrapped, optimizer, scheduler, params, train_seqs, eval_seqs,
+                       resolve_draft_len(model.block_size, cfg.draft_len), state)
 
-    def run_eval(step: int) -> None:
-        if accelerator.is_main_process:
-            metrics = evaluate_drafts(model, eval_seqs, cfg, draft_len, adapter=ADAPTER_NAME)
-            if state["baseline"] is None:
-                state["baseline"] = evaluate_drafts(model, eval_seqs, cfg, draft_len, adapter=None)[
-                    "simulated_acceptance"]
-            record = {"step": step, "eval": True, **{k: v for k, v in metrics.items() if k != "per_position"}}
-            _log(accelerator, log_path, record)
-            if state["best"] is None or metrics["simulated_acceptance"] > state["best"]:
-                state["best"], state["best_step"] = metrics["simulated_acceptance"], step
-                save_adapter(accelerator.unwrap_model(wrapped), out / "best_adapter", model, cfg, draft_len,
-                             {"step": step, "eval": metrics, "baseline_simulated_acceptance": state["baseline"]})
-            state["history"].append(record)
-        accelerator.wait_for_everyone()
 
+def run_eval(run: TrainingRun, step: int) -> None:
+    """Simulated acceptance on the eval split (main process); the best adapter so far goes to best_adapter/."""
+    st, acc = run.state, run.accelerator
+    if acc.is_main_process:
+        metrics = evaluate_drafts(run.model, run.eval_seqs, run.cfg, run.draft_len, adapter=ADAPTER_NAME)
+        if st.baseline is None:
+            st.baseline = evaluate_drafts(run.model, run.eval_seqs, run.cfg, run.draft_len,
+                                          adapter=None)["simulated_acceptance"]
+        record = {"step": step, "eval": True, **{k: v for k, v in metrics.items() if k != "per_position"}}
+        _log(acc, run.log_path, record)
+        if st.best is None or metrics["simulated_acceptance"] > st.best:
+            st.best, st.best_step = metrics["simulated_acceptance"], step
+            save_adapter(acc.unwrap_model(run.wrapped), run.out / "best_adapter", run.model, run.cfg, run.draft_len,
+                         {"step": step, "eval": metrics, "baseline_simulated_acceptance": st.baseline})
+        st.history.append(record)
+    acc.wait_for_everyone()
+
+
+def train_step(run: TrainingRun) -> DraftLossOutput:
+    """One optimizer step (grad_accum micro-batches); every process draws its share of the same seeded picks."""
+    cfg, acc, step = run.cfg, run.accelerator, run.state.step
+    rank, world = acc.process_index, acc.num_processes
+    pad = run.model.config.pad_token_id or 0
+    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+    picks = torch.randint(0, len(run.train_seqs), (cfg.grad_accum, cfg.batch_size * world), generator=gen)
+    for micro in range(cfg.grad_accum):
+        mine = [run.train_seqs[int(i)] for i in picks[micro, rank::world]]
+        batch = make_batch(mine, cfg.blocks_per_seq, run.draft_len, gen, pad, acc.device)
+        with acc.accumulate(run.wrapped):
+            cache, teacher = teacher_pass(run.model, batch, ADAPTER_NAME)
+            with lora_enabled(run.model, ADAPTER_NAME, on=True), acc.autocast():
+                student = student_logits(run.wrapped, batch, cache, run.model.mask_token_id)
+                res = draft_loss(student, teacher, row_validity(batch), ce_weight=cfg.ce_weight,
+                                 distill_weight=cfg.distill_weight, distill=cfg.distill,
+                                 distill_temperature=cfg.distill_temperature, top=cfg.distill_top,
+                                 position_weighting=cfg.position_weighting)
+                acc.backward(res.loss)
+            if acc.sync_gradients:
+                acc.clip_grad_norm_(run.params, cfg.max_grad_norm)
+            run.optimizer.step()
+            run.scheduler.step()
+            run.optimizer.zero_grad(set_to_none=True)
+    return res
+
+
+def train(model_or_path: Any, dataset_dir: str | Path, out_dir: str | Path, cfg: TrainConfig | None = None,
+          *, progress: bool = True, accelerator: Any = None) -> TrainResult:
+    """Train the draft LoRA on collected targets; resumes from out_dir/checkpoints; returns the best adapter.
+
+    A model passed in comes back as it was (the training adapter is unloaded at the end).
+    """
+    cfg = cfg or TrainConfig()
+    cfg.validate()
+    run = setup(model_or_path, dataset_dir, out_dir, cfg, accelerator)
+    acc, st = run.accelerator, run.state
     t0 = time.perf_counter()
-    if state["step"] == 0:
-        run_eval(0)
+    if st.step == 0:
+        run_eval(run, 0)
     stop = min(cfg.steps, cfg.stop_at_step or cfg.steps)
-    bar = tqdm(total=cfg.steps, initial=state["step"], desc="train", unit="step",
-               disable=not (progress and accelerator.is_main_process))
-    while state["step"] < stop:
-        step = state["step"]
-        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-        picks = torch.randint(0, len(train_seqs), (cfg.grad_accum, cfg.batch_size * world), generator=gen)
-        for micro in range(cfg.grad_accum):
-            mine = [train_seqs[int(i)] for i in picks[micro, rank::world]]
-            batch = make_batch(mine, cfg.blocks_per_seq, draft_len, gen, pad, accelerator.device)
-            with accelerator.accumulate(wrapped):
-                cache, teacher = teacher_pass(model, batch, ADAPTER_NAME)
-                with lora_enabled(model, ADAPTER_NAME, on=True), accelerator.autocast():
-                    student = student_logits(wrapped, batch, cache, model.mask_token_id)
-                    res = draft_loss(student, teacher, row_validity(batch), ce_weight=cfg.ce_weight,
-                                     distill_weight=cfg.distill_weight, distill=cfg.distill,
-                                     distill_temperature=cfg.distill_temperature, top=cfg.distill_top,
-                                     position_weighting=cfg.position_weighting)
-                    accelerator.backward(res.loss)
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-        state["step"] = step = step + 1
+    bar = tqdm(total=cfg.steps, initial=st.step, desc="train", unit="step",
+               disable=not (progress and acc.is_main_process))
+    while st.step < stop:
+        res = train_step(run)
+        st.step += 1
         bar.update(1)
-        if step % cfg.log_every == 0 and accelerator.is_main_process:
-            acc = float(res.accept_lengths.float().mean()) if len(res.accept_lengths) else 0.0
-            record = {"step": step, "loss": res.loss.item(), "ce": float(res.ce), "distill": float(res.distill),
-                      "train_acceptance": acc, "lr": scheduler.get_last_lr()[0]}
-            bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{acc:.2f}")
-            _log(accelerator, log_path, record)
-        if step % cfg.eval_every == 0 or step == cfg.steps:
-            run_eval(step)
-        if step % cfg.save_every == 0 or step == stop:
-            _save_state(accelerator, ckpt_dir, state)
+        if st.step % cfg.log_every == 0 and acc.is_main_process:
+            mean_acc = float(res.accept_lengths.float().mean()) if len(res.accept_lengths) else 0.0
+            record = {"step": st.step, "loss": res.loss.item(), "ce": float(res.ce), "distill": float(res.distill),
+                      "train_acceptance": mean_acc, "lr": run.scheduler.get_last_lr()[0]}
+            bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{mean_acc:.2f}")
+            _log(acc, run.log_path, record)
+        if st.step % cfg.eval_every == 0 or st.step == cfg.steps:
+            run_eval(run, st.step)
+        if st.step % cfg.save_every == 0 or st.step == stop:
+            _save_state(acc, run.out / "checkpoints", st)
     bar.close()
     wall = time.perf_counter() - t0
-    final = out / FINAL_ADAPTER
-    if state["step"] >= cfg.steps and accelerator.is_main_process:
+    final = run.out / FINAL_ADAPTER
+    if st.step >= cfg.steps and acc.is_main_process:
         shutil.rmtree(final, ignore_errors=True)
-        shutil.copytree(out / "best_adapter", final)
-    accelerator.wait_for_everyone()
-    for tracker in accelerator.trackers:
+        shutil.copytree(run.out / "best_adapter", final)
+    acc.wait_for_everyone()
+    for tracker in acc.trackers:
         tracker.finish()
-    return TrainResult(str(final), state["best_step"], state["best"] or 0.0, state["baseline"] or 0.0,
-                       state["step"], wall, accelerator.num_processes)
+    run.model.detach_adapter(ADAPTER_NAME)
+    run.model.eval()
+    return TrainResult(str(final), st.best_step, st.best or 0.0, st.baseline or 0.0, st.step, wall,
+                       acc.num_processes)
 
 
-def _save_state(accelerator, ckpt_dir: Path, state: dict) -> None:
+def _save_state(accelerator, ckpt_dir: Path, state: TrainState) -> None:
     """accelerate state + trainer_state.json (written last: a checkpoint without it is ignored on resume)."""
-    path = ckpt_dir / f"step_{state['step']:07d}"
+    path = ckpt_dir / f"step_{state.step:07d}"
     accelerator.save_state(str(path))
     if accelerator.is_main_process:
-        (path / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
+        (path / STATE_FILE).write_text(json.dumps(asdict(state), indent=2) + "\n")
         for old in sorted(ckpt_dir.glob("step_*"))[:-2]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
