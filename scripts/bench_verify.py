@@ -27,7 +27,7 @@ def _bench(fn, iters: int) -> float:
     return start.elapsed_time(end) / iters
 
 
-def naive_greedy(logits, drafts, cu):
+def naive_greedy(logits, drafts):
     """What a straightforward implementation does: materialise softmax, argmax, compare on the host."""
     probs = logits.float().softmax(-1)
     am = probs.argmax(-1)
@@ -47,7 +47,7 @@ def bench_case(vocab: int, rows: int, iters: int, peak: float | None) -> None:
     temps = torch.ones(n, device="cuda")
     seeds = torch.arange(n, device="cuda")
     t_ref = _bench(lambda: reference.verify_greedy(logits, drafts, cu), iters)
-    t_naive = _bench(lambda: naive_greedy(logits, drafts, cu), iters)
+    t_naive = _bench(lambda: naive_greedy(logits, drafts), iters)
     t_ref_sampled = _bench(lambda: reference.verify_sampled(logits, dl, drafts, cu, temps, seeds), max(iters // 10, 2))
     cases = {
         "greedy": (lambda: triton_verify.verify_greedy(logits, drafts, cu), logits.numel() * 2, t_ref),

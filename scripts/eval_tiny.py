@@ -12,19 +12,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from pretrain_tiny import DOC_SEPARATOR, evaluate, pack  # noqa: E402
-
-import nld_lora  # noqa: E402
-from nld_lora.data.readers import read_prompts  # noqa: E402
-from nld_lora.decoding.api import max_prompt_tokens  # noqa: E402
-from nld_lora.decoding.stats import safe_ratio  # noqa: E402
+import nld_lora
+from nld_lora.data.readers import read_prompts
+from nld_lora.decoding.api import max_prompt_tokens
+from nld_lora.decoding.stats import safe_ratio
+from nld_lora.pretrain import evaluate_base
+from nld_lora.pretrain.corpus import bytes_per_token, pack
 
 
 def main() -> None:
@@ -39,11 +36,8 @@ def main() -> None:
     model = nld_lora.load(args.model)
     tok = model.tokenizer
     held = Path(args.corpus) / "corpus_eval.txt"
-    text = held.read_text(encoding="utf-8")
-    n_tokens = sum(len(tok(d, add_special_tokens=False)["input_ids"]) for d in text.split(DOC_SEPARATOR))
-    bytes_per_token = len(text.replace(DOC_SEPARATOR, "").encode()) / n_tokens
     rows = pack(tok, held, 256)
-    metrics = evaluate(model, rows, tok, bytes_per_token, model.block_size)
+    metrics = evaluate_base(model, rows, bytes_per_token(tok, held), model.block_size)
     budget = max_prompt_tokens(model, "self_spec", args.max_new_tokens)
     prompts, skipped = [], 0
     for record in read_prompts(args.prompts)[0]:

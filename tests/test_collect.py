@@ -73,6 +73,7 @@ def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "nld_lora.cli", "collect", *args]
 
 
+@pytest.mark.slow
 def test_kill_9_then_resume_gives_every_prompt_once(tmp_path):
     model_dir = saved_tiny_model(tmp_path / "m")
     prompts = _prompts(tmp_path / "p.jsonl", 30)
@@ -97,6 +98,7 @@ def test_kill_9_then_resume_gives_every_prompt_once(tmp_path):
     assert dict(zip(ds["prompt_id"], ds["target_ids"])) == _expected(model_dir, prompts, 32)
 
 
+@pytest.mark.slow
 def test_two_processes_merge_without_duplicates(tmp_path):
     model_dir = saved_tiny_model(tmp_path / "m")
     prompts = _prompts(tmp_path / "p.jsonl", 20)

@@ -9,6 +9,7 @@ from nld_lora.recipe import RecipeConfig, run_recipe
 from tests.helpers import saved_tiny_model
 
 
+@pytest.mark.slow
 def test_recipe_runs_and_resumes(tmp_path):
     model_dir = saved_tiny_model(tmp_path / "m")
     prompts = tmp_path / "p.jsonl"

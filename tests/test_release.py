@@ -212,6 +212,7 @@ def test_hub_download_keeps_every_file_a_user_needs():
     assert sorted(filter_repo_objects(files, allow_patterns=HUB_PATTERNS)) == sorted(files)
 
 
+@pytest.mark.slow
 def test_recipe_end_to_end_on_the_release_layout(release, tmp_path):
     model_dir = _copy(release, tmp_path, "model")
     prompts = tmp_path / "p.jsonl"

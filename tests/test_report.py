@@ -84,6 +84,7 @@ def test_report_files_exist_parse_and_agree(tmp_path):
     assert "| j | before | adapter0 | adapter1 |" in (tmp_path / "rep2" / "report.md").read_text()
 
 
+@pytest.mark.slow
 def test_lossless_mismatch_is_loud_with_strict(tmp_path):
     model_dir = saved_tiny_model(tmp_path / "m")
     import nld_lora

@@ -95,6 +95,7 @@ def _small_cfg(**kw) -> TrainConfig:
     return TrainConfig(**base)
 
 
+@pytest.mark.slow
 def test_few_steps_reduce_loss_and_raise_simulated_acceptance(collected, tmp_path):
     caller_model = nld_lora.load(EMBEDDED)
     res = train(caller_model, collected, tmp_path / "run", _small_cfg(), progress=False)
@@ -114,6 +115,7 @@ def test_few_steps_reduce_loss_and_raise_simulated_acceptance(collected, tmp_pat
     PeftModel.from_pretrained(nld_lora.load(EMBEDDED), res.adapter_dir)  # and through plain PEFT
 
 
+@pytest.mark.slow
 def test_resume_continues_with_identical_results(collected, tmp_path):
     cfg = _small_cfg(steps=8, eval_every=4, save_every=4)
     train(EMBEDDED, collected, tmp_path / "full", cfg, progress=False)
@@ -126,6 +128,7 @@ def test_resume_continues_with_identical_results(collected, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
 
 
+@pytest.mark.slow
 def test_bad_configs_fail_at_start(collected, tmp_path):
     with pytest.raises(ConfigError, match="unknown config key"):
         load_config(TrainConfig, None, ["lora.rank=8"])
@@ -137,6 +140,7 @@ def test_bad_configs_fail_at_start(collected, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process_quality(collected, tmp_path):
     overrides = ["steps=30", "batch_size=4", "blocks_per_seq=8", "lora.r=16", "lora.alpha=32", "lr=2e-3",
                  "eval_every=30", "save_every=30", "eval_fraction=0.25", "eval_blocks_per_seq=16",

@@ -44,7 +44,7 @@ class ReadReport:
     skipped: Counter = field(default_factory=Counter)
 
 
-def _record(row: dict[str, Any], fields: FieldMap, where: str, index: int) -> PromptRecord:
+def _record(row: dict[str, Any], fields: FieldMap, where: str) -> PromptRecord:
     if not isinstance(row, dict):
         raise PromptFileError(f"{where}: expected an object with a {fields.prompt!r} or {fields.messages!r} field, "
                               f"got {type(row).__name__}")
@@ -58,7 +58,7 @@ def _record(row: dict[str, Any], fields: FieldMap, where: str, index: int) -> Pr
         raise PromptFileError(f"{where}: field {fields.messages!r} must be a list of {{role, content}} objects")
     if prompt is not None and not isinstance(prompt, str):
         if isinstance(prompt, list):  # conversational prompt stored under the prompt field (TRL style)
-            return _record({**row, fields.messages: prompt, fields.prompt: None}, fields, where, index)
+            return _record({**row, fields.messages: prompt, fields.prompt: None}, fields, where)
         raise PromptFileError(f"{where}: field {fields.prompt!r} must be a string, got {type(prompt).__name__}")
     rid = row.get(fields.id)
     text_for_id = prompt if prompt is not None else json.dumps(messages, sort_keys=True)
@@ -77,7 +77,7 @@ def _jsonl(path: Path, fields: FieldMap, skip_bad: bool, report: ReadReport) -> 
                     row = json.loads(line)
                 except json.JSONDecodeError as err:
                     raise PromptFileError(f"{where}: malformed JSON ({err.msg} at column {err.colno})") from err
-                yield _record(row, fields, where, lineno)
+                yield _record(row, fields, where)
             except PromptFileError:
                 if not skip_bad:
                     raise
@@ -88,7 +88,7 @@ def _rows(rows: list[Any], path: Path, fields: FieldMap, skip_bad: bool, report:
           unit: str) -> Iterator[PromptRecord]:
     for i, row in enumerate(rows):
         try:
-            yield _record(row, fields, f"{path}:{unit} {i + (2 if unit == 'line' else 0)}", i)
+            yield _record(row, fields, f"{path}:{unit} {i + (2 if unit == 'line' else 0)}")
         except PromptFileError:
             if not skip_bad:
                 raise

@@ -1,9 +1,4 @@
-"""Per-request and aggregate decoding statistics, with the metric conventions of DESIGN.md.
-
-acceptance length = tokens committed per draft+verify cycle, bonus token included (1 .. draft_len + 1);
-TPF = new tokens / all forwards of the request, prefill included (AR is exactly 1.00);
-per-position acceptance r_j = P(draft token j accepted | drafts 1..j-1 accepted).
-"""
+"""Per-request and aggregate decoding statistics; the metric definitions are in docs/design.md."""
 
 from __future__ import annotations
 

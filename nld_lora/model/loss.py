@@ -50,6 +50,17 @@ def sample_noise(
     return x_t, masked, p
 
 
+def dual_stream_forward(model: TriModeModel, x_t: torch.Tensor, x_0: torch.Tensor,
+                        block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward over [x_t | x_0] with the training mask and shared positions: (noisy-half diffusion logits,
+    clean-half causal logits)."""
+    batch, length = x_0.shape
+    mask = dual_stream_mask(length, block_size, x_0.device).expand(batch, -1, -1, -1)
+    logits, _ = model(torch.cat([x_t, x_0], dim=1), attention_mask=mask,
+                      position_ids=dual_stream_positions(length, batch, x_0.device))
+    return logits[:, :length], logits[:, length:]
+
+
 def joint_loss(
     model: TriModeModel,
     input_ids: torch.Tensor,
@@ -75,10 +86,8 @@ def joint_loss(
         input_ids, mask_token_id=model.mask_token_id, block_size=block, eps=eps,
         per_block=per_block, eligible=eligible, generator=generator,
     )
-    stream = torch.cat([x_t, input_ids], dim=1)
-    mask = dual_stream_mask(length, block, input_ids.device).expand(batch, -1, -1, -1)
-    logits, _ = model(stream, attention_mask=mask, position_ids=dual_stream_positions(length, batch, input_ids.device))
-    noisy_logits, clean_logits = logits[:, :length].float(), logits[:, length:].float()
+    noisy_logits, clean_logits = dual_stream_forward(model, x_t, input_ids, block)
+    noisy_logits, clean_logits = noisy_logits.float(), clean_logits.float()
 
     ar_targets = eligible[:, 1:]
     ar_ce = F.cross_entropy(clean_logits[:, :-1].flatten(0, 1), input_ids[:, 1:].flatten(), reduction="none")

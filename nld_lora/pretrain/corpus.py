@@ -1,0 +1,47 @@
+"""The pretraining corpus: a byte-level BPE tokenizer trained on it, and packed fixed-length rows."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+SPECIALS = ["<pad>", "<eos>", "<|mask|>"]
+DOC_SEPARATOR = "\n\x00\n"  # between documents in corpus_*.txt (scripts/make_domain_data.py)
+
+
+def documents(corpus: Path) -> list[str]:
+    return corpus.read_text(encoding="utf-8").split(DOC_SEPARATOR)
+
+
+def train_tokenizer(corpus: Path, vocab_size: int) -> PreTrainedTokenizerFast:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(documents(corpus), trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", mask_token="<|mask|>", model_max_length=1024,
+    )
+
+
+def pack(tokenizer, corpus: Path, seq_len: int) -> torch.Tensor:
+    """Tokenize every document, join with EOS, cut into (n, seq_len) rows."""
+    ids: list[int] = []
+    for doc in documents(corpus):
+        ids.extend(tokenizer(doc, add_special_tokens=False)["input_ids"])
+        ids.append(tokenizer.eos_token_id)
+    n = len(ids) // seq_len
+    return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
+
+
+def bytes_per_token(tokenizer, corpus: Path) -> float:
+    """UTF-8 bytes per token over the corpus: converts per-token losses to per-byte ones."""
+    docs = documents(corpus)
+    tokens = sum(len(tokenizer(d, add_special_tokens=False)["input_ids"]) for d in docs)
+    return sum(len(d.encode()) for d in docs) / tokens
