@@ -44,7 +44,7 @@ def _load(args: argparse.Namespace):
 
 
 def _settings(cls, args: argparse.Namespace):
-    from nld_lora.config import load_config
+    from nld_lora.config_io import load_config
 
     return load_config(cls, args.config, args.overrides)
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from nld_lora.config import ConfigError, to_dict
+from nld_lora.config_io import ConfigError, to_dict
 from nld_lora.data.collect import CollectConfig
 from nld_lora.model.adapters import adapter_metadata
 from nld_lora.report.runner import ReportConfig

@@ -13,7 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from nld_lora.config import ConfigError, load_config
+from nld_lora.config_io import ConfigError, load_config
 from nld_lora.parallel import finish_processes
 from nld_lora.recipe import RecipeConfig, run_recipe
 from nld_lora.report import headline

@@ -6,8 +6,8 @@ import torch
 from transformers import DynamicCache
 
 from nld_lora.model import new_model
-from nld_lora.model.config import backbone_config_from_dict
 from nld_lora.model.masks import causal_mask, draft_mask
+from nld_lora.model.nld_config import backbone_config_from_dict
 from nld_lora.model.release import release_config
 from nld_lora.train.objective import DraftBatch, student_logits, teacher_pass
 

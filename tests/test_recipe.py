@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from nld_lora.config import ConfigError, load_config
+from nld_lora.config_io import ConfigError, load_config
 from nld_lora.recipe import RecipeConfig, run_recipe
 from tests.helpers import saved_tiny_model
 

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from transformers import DynamicCache
 
 import nld_lora
-from nld_lora.config import ConfigError, load_config
+from nld_lora.config_io import ConfigError, load_config
 from nld_lora.data import CollectConfig, collect, read_prompts
 from nld_lora.model.adapters import lora_enabled
 from nld_lora.model.masks import causal_mask, draft_mask

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from nld_lora.model.config import (
+from nld_lora.model.nld_config import (
     NLD_ARCHITECTURE,
     CheckpointError,
     apply_nld_defaults,

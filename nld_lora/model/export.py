@@ -16,7 +16,7 @@ from pathlib import Path
 from safetensors.torch import save_file
 
 from nld_lora.model.checkpoint import open_weights, read_config, resolve_folder, weight_files
-from nld_lora.model.config import CheckpointError
+from nld_lora.model.nld_config import CheckpointError
 from nld_lora.model.release import ADAPTER_SUBFOLDER
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "nld_adapter.json", "README.md")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from nld_lora.model.config import CheckpointError
+from nld_lora.model.nld_config import CheckpointError
 from nld_lora.model.trimode import TriModeModel
 
 

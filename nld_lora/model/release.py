@@ -98,7 +98,7 @@ def weight_shapes(config_dict: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     """Tensor names and shapes of the NLD layout for this config (built on the meta device: no memory)."""
     from accelerate import init_empty_weights
 
-    from nld_lora.model.config import backbone_config_from_dict
+    from nld_lora.model.nld_config import backbone_config_from_dict
     from nld_lora.model.trimode import TriModeModel
 
     with init_empty_weights():

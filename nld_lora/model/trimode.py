@@ -10,7 +10,7 @@ from torch import nn
 from transformers import AutoModel, PretrainedConfig
 
 from nld_lora.model import adapters as lora
-from nld_lora.model.config import apply_nld_defaults
+from nld_lora.model.nld_config import apply_nld_defaults
 
 if TYPE_CHECKING:
     from nld_lora.decoding.api import GenerationResult

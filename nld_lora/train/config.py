@@ -48,7 +48,7 @@ class TrainConfig:
     wandb_mode: str = "offline"
 
     def validate(self) -> None:
-        from nld_lora.config import ConfigError
+        from nld_lora.config_io import ConfigError
 
         checks = [
             (self.lora.r > 0, f"lora.r must be > 0; got {self.lora.r}"),

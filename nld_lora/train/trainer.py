@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from nld_lora.config import ConfigError, to_dict
+from nld_lora.config_io import ConfigError, to_dict
 from nld_lora.decoding.settings import resolve_draft_len
 from nld_lora.model.adapters import ADAPTER_META, lora_enabled, register_peft
 from nld_lora.train.config import TrainConfig

@@ -1,4 +1,4 @@
-"""Typed configs loaded from YAML + `key=value` overrides; unknown keys fail at start with their path."""
+"""Typed configs from YAML + dotted `key=value` overrides; unknown keys fail at start with their path."""
 
 from __future__ import annotations
 
