@@ -78,8 +78,11 @@ def run_recipe(cfg: RecipeConfig) -> dict[str, Any]:
     else:
         say("[2/3] train the draft-pathway LoRA")
         res = train(model, out / "collect", out / "train", cfg.train, accelerator=accelerator)
-        say(f"      best step {res.best_step}: simulated acceptance {res.baseline_simulated_acceptance:.3f} -> "
-            f"{res.best_simulated_acceptance:.3f} ({res.wall_s:.0f}s)")
+        say(f"      best step {res.best_step}: simulated acceptance on held-out groups "
+            f"{res.baseline_simulated_acceptance:.3f} -> {res.best_simulated_acceptance:.3f} ({res.wall_s:.0f}s)")
+        if res.fit_best_simulated_acceptance is not None:
+            say(f"      on training sequences (fit): {res.fit_baseline_simulated_acceptance:.3f} -> "
+                f"{res.fit_best_simulated_acceptance:.3f}")
 
     report_dir = out / "report"
     report: dict[str, Any] = {}
@@ -91,7 +94,7 @@ def run_recipe(cfg: RecipeConfig) -> dict[str, Any]:
         else:
             say(f"[3/3] report on {cfg.eval_prompts}")
             report = build_report(model, [str(adapter)], resolve(cfg.eval_prompts), report_dir, cfg.report,
-                                  extra={"recipe": recipe_stamp(cfg, adapter)})
+                                  extra={"recipe": recipe_stamp(cfg, adapter)}, fit_source=records)
     accelerator.wait_for_everyone()
     return report
 

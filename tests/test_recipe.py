@@ -19,12 +19,13 @@ def test_recipe_runs_and_resumes(tmp_path):
                  f"out={tmp_path / 'run'}", "collect.max_new_tokens=16", "train.steps=4", "train.eval_every=2",
                  "train.save_every=2", "train.lora.r=4", "train.lora.alpha=8", "draft_len=3",
                  "train.eval_fraction=0.25", "report.decode.block_size=4", "report.max_new_tokens=8",
-                 "report.speed_prompts=1", "report.diffusion=false"]
+                 "report.speed_prompts=1", "report.diffusion=false", "report.fit_prompts=4"]
     cfg = load_config(RecipeConfig, None, overrides)
     report = run_recipe(cfg)
     run = tmp_path / "run"
     assert (run / "train" / "linear_spec_lora" / "adapter_model.safetensors").exists()
     assert report["n_prompts"] == 12 and report["lossless"]["mismatches"] == 0
+    assert report["fit"]["n_prompts"] == 4 and "Fit vs transfer" in (run / "report" / "report.md").read_text()
     stamp = (run / "report" / "report.json").stat().st_mtime_ns
     adapter_stamp = (run / "train" / "linear_spec_lora" / "adapter_model.safetensors").stat().st_mtime_ns
     again = run_recipe(load_config(RecipeConfig, None, overrides))

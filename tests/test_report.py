@@ -35,6 +35,9 @@ def test_metrics_on_known_cycles():
     # position 1: attempted 4 times, accepted 3 (0 failed at j=1); position 2: attempted 3, accepted 2; ...
     stats = GenerationStats([a, b], wall_s=2.0)
     assert stats.per_position_acceptance == pytest.approx([3 / 4, 2 / 3, 1 / 2])
+    assert stats.per_position_attempts == [4, 3, 2]
+    never = GenerationStats([_req([0, 0])], wall_s=1.0)  # every cycle fails at position 1
+    assert never.per_position_acceptance == [0.0, None, None] and never.per_position_attempts == [2, 0, 0]
     assert histogram([a, b], 4) == [1, 1, 1, 1]
     assert a.tpf == pytest.approx(8 / 7) and stats.tokens_per_s == pytest.approx((8 + 4) / 2.0)
     lo, hi = bootstrap_ci([a, b, _req([1, 1]), _req([3])], seed=1)

@@ -156,3 +156,14 @@ def test_two_processes_match_one_process_quality(collected, tmp_path):
     gain_one = one.best_simulated_acceptance - one.baseline_simulated_acceptance
     gain_two = two["simulated_acceptance_after"] - two["simulated_acceptance_before"]
     assert gain_two > 0 and abs(gain_two - gain_one) < 0.5 * gain_one + 0.05
+
+
+def test_eval_split_keeps_whole_groups_apart():
+    from nld_lora.train.data import Sequence, split_eval
+
+    seqs = [Sequence([1, 2, 3], 1, f"f{g}.py:{i}", f"f{g}.py") for g in range(40) for i in range(5)]
+    train_seqs, held = split_eval(seqs, 0.2, seed=0, by="group")
+    assert held and {s.group for s in held}.isdisjoint({s.group for s in train_seqs})
+    assert all(sum(s.group == g for s in held) == 5 for g in {s.group for s in held})  # whole files held out
+    _, by_prompt = split_eval(seqs, 0.2, seed=0, by="prompt")
+    assert {s.group for s in by_prompt} & {s.group for s in seqs if s not in by_prompt}  # prompts split files

@@ -24,7 +24,7 @@ from nld_lora.decoding.settings import DecodeSettings
 
 META_FILE = "nld_collect.json"
 SHARD_DIR = "data"
-COLUMNS = ("prompt_id", "category", "prompt_text", "prompt_ids", "target_ids", "target_text", "finish_reason")
+COLUMNS = ("prompt_id", "category", "group", "prompt_text", "prompt_ids", "target_ids", "target_text", "finish_reason")
 
 
 class CollectError(ValueError):
@@ -257,7 +257,8 @@ def collect(model: Any, records: list[PromptRecord], out_dir: str | Path, cfg: C
             summary.thinking_capped += cap_thinking(model, prompt_ids, seqs, reasons, cfg, generate, out)
         for p, seq, reason in zip(batch, seqs, reasons):
             buffer.append({
-                "prompt_id": p.record.id, "category": p.record.category, "prompt_text": p.text,
+                "prompt_id": p.record.id, "category": p.record.category, "group": p.record.group,
+                "prompt_text": p.text,
                 "prompt_ids": p.ids, "target_ids": seq, "target_text": model.tokenizer.decode(seq),
                 "finish_reason": reason,
             })

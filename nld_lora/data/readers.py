@@ -28,6 +28,7 @@ class PromptRecord:
     prompt: str | None = None
     messages: list[dict[str, Any]] | None = None
     category: str = ""
+    group: str = ""  # what held-out evaluation keeps together (e.g. the source file); "" = the prompt alone
 
 
 @dataclass
@@ -36,6 +37,7 @@ class FieldMap:
     messages: str = "messages"
     id: str = "id"
     category: str = "category"
+    group: str = "group"
 
 
 @dataclass
@@ -63,7 +65,7 @@ def _record(row: dict[str, Any], fields: FieldMap, where: str) -> PromptRecord:
     rid = row.get(fields.id)
     text_for_id = prompt if prompt is not None else json.dumps(messages, sort_keys=True)
     rid = str(rid) if rid is not None else hashlib.sha256(text_for_id.encode()).hexdigest()[:16]
-    return PromptRecord(rid, prompt, messages, str(row.get(fields.category) or ""))
+    return PromptRecord(rid, prompt, messages, str(row.get(fields.category) or ""), str(row.get(fields.group) or ""))
 
 
 def _jsonl(path: Path, fields: FieldMap, skip_bad: bool, report: ReadReport) -> Iterator[PromptRecord]:

@@ -12,6 +12,19 @@ def _mean(values: list[int]) -> float:
     return sum(values) / len(values) if values else 0.0
 
 
+def _rates(accepts: list[int], attempts: list[int]) -> list[float | None]:
+    return [a / t if t else None for a, t in zip(accepts, attempts)]
+
+
+def _pooled(requests: list, name: str) -> list[int]:
+    width = max((len(getattr(r, name)) for r in requests), default=0)
+    total = [0] * width
+    for r in requests:
+        for j, v in enumerate(getattr(r, name)):
+            total[j] += v
+    return total
+
+
 def safe_ratio(num: float, den: float) -> float:
     """num / den, or 0.0 when den is 0 (no forwards, no attempts, no time)."""
     return num / den if den else 0.0
@@ -42,8 +55,9 @@ class RequestStats:
         return _mean(self.acceptance_lengths)
 
     @property
-    def per_position_acceptance(self) -> list[float]:
-        return [safe_ratio(acc, att) for acc, att in zip(self.position_accepts, self.position_attempts)]
+    def per_position_acceptance(self) -> list[float | None]:
+        """r_j per draft position; None where no cycle reached position j (no attempts: no estimate)."""
+        return _rates(self.position_accepts, self.position_attempts)
 
     def record_cycle(self, start: int, n_accepted: int, drafts: list[int]) -> None:
         """One draft+verify cycle at seed position `start` that accepted n_accepted of its drafts."""
@@ -97,14 +111,14 @@ class GenerationStats:
         return _mean(self.acceptance_lengths)
 
     @property
-    def per_position_acceptance(self) -> list[float]:
-        width = max((len(r.position_attempts) for r in self.requests), default=0)
-        att, acc = [0] * width, [0] * width
-        for r in self.requests:
-            for j, (t, a) in enumerate(zip(r.position_attempts, r.position_accepts)):
-                att[j] += t
-                acc[j] += a
-        return [safe_ratio(a, t) for a, t in zip(acc, att)]
+    def per_position_attempts(self) -> list[int]:
+        """Cycles that reached draft position j (pooled over requests)."""
+        return _pooled(self.requests, "position_attempts")
+
+    @property
+    def per_position_acceptance(self) -> list[float | None]:
+        """Pooled r_j; None where no cycle reached position j."""
+        return _rates(_pooled(self.requests, "position_accepts"), self.per_position_attempts)
 
     @property
     def tokens_per_s(self) -> float:

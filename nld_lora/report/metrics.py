@@ -54,6 +54,7 @@ def summarize_run(stats: GenerationStats, draft_len: int | None, categories: lis
             "acceptance_length_ci95": list(bootstrap_ci(reqs, seed=boot_seed)),
             "cycles": len(stats.acceptance_lengths),
             "per_position_acceptance": stats.per_position_acceptance,
+            "per_position_attempts": stats.per_position_attempts,
             "histogram": histogram(reqs, draft_len + 1),
         })
     groups: dict[str, list[RequestStats]] = defaultdict(list)

@@ -39,8 +39,9 @@ def plot_per_position(runs: dict[str, dict], path: Path) -> str:
     fig, ax = plt.subplots(figsize=(8, 4))
     for name, run in runs.items():
         rates = run["per_position_acceptance"]
-        ax.plot(range(1, len(rates) + 1), rates, marker="o", ms=3, label=name)
-    ax.set_xlabel("draft position j")
+        reached = [(j + 1, r) for j, r in enumerate(rates) if r is not None]  # unreached positions: no point
+        ax.plot([j for j, _ in reached], [r for _, r in reached], marker="o", ms=3, label=name)
+    ax.set_xlabel("draft position j (positions no cycle reached are left out)")
     ax.set_ylabel("P(draft j accepted | 1..j-1 accepted)")
     ax.set_ylim(0, 1)
     ax.set_title("Per-position acceptance")

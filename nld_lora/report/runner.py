@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import platform
+import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,13 @@ from nld_lora.data.templates import render_prompt
 from nld_lora.decoding.settings import DecodeSettings, resolve_draft_len
 from nld_lora.decoding.stats import safe_ratio
 from nld_lora.model.adapters import adapter_metadata
-from nld_lora.report.metrics import lossless_mismatches, relative_gain, summarize_run, token_agreement
+from nld_lora.report.metrics import (
+    bootstrap_ci,
+    lossless_mismatches,
+    relative_gain,
+    summarize_run,
+    token_agreement,
+)
 from nld_lora.report.plots import plot_categories, plot_histograms, plot_per_position
 from nld_lora.report.writers import write_markdown
 
@@ -36,6 +43,7 @@ class ReportConfig:
     system_prompt: str | None = None
     use_chat_template: bool | None = None  # as in collection: None = only conversations / with a system prompt
     lora_mode: str = "draft_only"  # "both" also runs verify with the adapter: output then differs from AR
+    fit_prompts: int = 0  # also measure before/after on this many training prompts (fit vs transfer)
 
 
 def machine_info() -> dict[str, Any]:
@@ -48,10 +56,12 @@ def machine_info() -> dict[str, Any]:
 
 def build_report(model: Any, adapters: list[str], prompts: str | Path, out_dir: str | Path,
                  cfg: ReportConfig | None = None, *, progress: bool = True,
-                 extra: dict[str, Any] | None = None) -> dict[str, Any]:
+                 extra: dict[str, Any] | None = None, fit_source: list | None = None) -> dict[str, Any]:
     """Run AR, diffusion, self-spec before and after each adapter; write report.json, report.md and plots.
 
     extra: additional top-level fields stored in report.json (the recipe records what produced the report).
+    fit_source: the adapter's training prompts (records); cfg.fit_prompts of them, sampled with the seed, are
+    measured before/after too, so over-fitting shows next to the held-out figure.
     """
     cfg = cfg or ReportConfig()
     out = Path(out_dir)
@@ -123,6 +133,8 @@ def build_report(model: Any, adapters: list[str], prompts: str | Path, out_dir: 
     }
     if cfg.diffusion:
         report["diffusion"] = runs["diffusion"]
+    if fit_source and cfg.fit_prompts > 0 and names:
+        report["fit"] = _fit_vs_transfer(model, fit_source, cfg, names[0], common, report)
     spec_runs = {lab: runs[lab] for lab in spec_labels}
     report["plots"] = {
         "histogram": plot_histograms(spec_runs, out / "acceptance_histogram.png"),
@@ -137,6 +149,22 @@ def build_report(model: Any, adapters: list[str], prompts: str | Path, out_dir: 
     for name in names:
         model.detach_adapter(name)
     return report
+
+
+def _fit_vs_transfer(model: Any, fit_source: list, cfg: ReportConfig, adapter: str, common: dict[str, Any],
+                     report: dict[str, Any]) -> dict[str, Any]:
+    """Before/after acceptance on a seeded sample of training prompts, beside the held-out figures."""
+    sample = random.Random(cfg.decode.seed).sample(fit_source, min(cfg.fit_prompts, len(fit_source)))
+    texts = [render_prompt(r, model.tokenizer, system_prompt=cfg.system_prompt,
+                           use_chat_template=cfg.use_chat_template) for r in sample]
+    fit: dict[str, Any] = {"n_prompts": len(sample)}
+    for label, name in (("before", False), ("after", adapter)):
+        res = model.generate(texts, mode="self_spec", adapter=name, batch_size=cfg.batch_size, **common)
+        fit[label] = res.stats.acceptance_length
+        fit[f"{label}_ci95"] = list(bootstrap_ci(res.stats.requests, seed=cfg.decode.seed))
+    fit["gain"] = relative_gain(fit["before"], fit["after"])
+    fit["transfer_gain"] = report["gain"]["acceptance_length_rel"]
+    return fit
 
 
 def prompt_format(tokenizer: Any, records: list, cfg: ReportConfig) -> dict[str, Any]:
@@ -165,4 +193,8 @@ def headline(report: dict[str, Any]) -> str:
         f"(batch {report['settings']['batch_size']}); AR {report['ar']['tokens_per_s']:.1f} tok/s",
         f"lossless check     {report['lossless']['mismatches']} mismatching prompts of {report['n_prompts']}",
     ]
+    if "fit" in report:
+        fit = report["fit"]
+        lines.append(f"fit vs transfer    {100 * fit['gain']:+.1f}% on {fit['n_prompts']} training prompts, "
+                     f"{100 * fit['transfer_gain']:+.1f}% on the held-out ones")
     return "\n".join(lines)

@@ -17,6 +17,27 @@ def _pct(x: float) -> str:
     return f"{100 * x:+.1f}%"
 
 
+def _fit_lines(report: dict[str, Any]) -> list[str]:
+    """Fit vs transfer: the adapter's gain on prompts it was trained on next to its gain on held-out ones."""
+    if "fit" not in report:
+        return []
+    f, b, a = report["fit"], report["before"], report["after"]
+    return ["## Fit vs transfer", "",
+            "| prompts | n | before | after | gain |", "|---|---:|---:|---:|---:|",
+            f"| training prompts (fit) | {f['n_prompts']} | {f['before']:.3f} | {f['after']:.3f} | {_pct(f['gain'])} |",
+            f"| held-out prompts (transfer) | {report['n_prompts']} | {b['acceptance_length']:.3f} | "
+            f"{a['acceptance_length']:.3f} | {_pct(report['gain']['acceptance_length_rel'])} |",
+            "", "A fit gain far above the held-out gain means the adapter learned its training prompts more than "
+            "the domain.", ""]
+
+
+def _position_cell(run: dict[str, Any], j: int) -> str:
+    rates, attempts = run["per_position_acceptance"], run.get("per_position_attempts", [])
+    rate = rates[j] if j < len(rates) else None
+    n = attempts[j] if j < len(attempts) else 0
+    return f"- ({n})" if rate is None else f"{rate:.3f} ({n})"
+
+
 def _format_line(report: dict[str, Any]) -> str:
     """Prompt format (chat template, system prompt) and, from the recipe, how thinking text was collected."""
     fmt = report.get("prompt_format", {})
@@ -66,6 +87,7 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
         "",
         "Brackets: 95% bootstrap interval over prompts.",
         "",
+        *_fit_lines(report),
         "## All runs",
         "",
         "| run | acceptance | TPF | tokens/s (batch) | tokens/s (batch 1) | speedup vs AR |",
@@ -86,11 +108,12 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
         vals = [f"{runs[lab]['per_category'].get(cat, {}).get('acceptance_length', 0.0):.3f}" for lab in spec]
         lines.append(f"| {cat} | {n} | " + " | ".join(vals) + " |")
     width = max(len(runs[lab]["per_position_acceptance"]) for lab in spec)
-    lines += ["", "## Per position (r_j)", "", "| j | " + " | ".join(spec) + " |", "|---:|" + "---:|" * len(spec)]
+    lines += ["", "## Per position (r_j)", "",
+              "r_j with the number of cycles that reached position j in brackets; `-` = no cycle reached it "
+              "(no estimate, not a rate of 0).", "",
+              "| j | " + " | ".join(spec) + " |", "|---:|" + "---:|" * len(spec)]
     for j in range(width):
-        vals = [f"{runs[lab]['per_position_acceptance'][j]:.3f}" if j < len(runs[lab]["per_position_acceptance"])
-                else "-" for lab in spec]
-        lines.append(f"| {j + 1} | " + " | ".join(vals) + " |")
+        lines.append(f"| {j + 1} | " + " | ".join(_position_cell(runs[lab], j) for lab in spec) + " |")
     p = report["plots"]
     lines += ["", "## Plots", "", f"![acceptance histogram]({p['histogram']})", "",
               f"![per-position acceptance]({p['per_position']})", "", f"![per-category]({p['categories']})", "",

@@ -35,6 +35,8 @@ class TrainConfig:
     position_weighting: str = "accepted_plus_one"  # accepted_plus_one | uniform
     max_seq_len: int = 512
     eval_fraction: float = 0.05
+    eval_split: str = "group"  # group: hold out whole groups (source files) -> selection by transfer | prompt
+    fit_eval: bool = True  # also measure the same metric on as many training sequences (fit vs transfer)
     eval_max_seqs: int = 64
     eval_blocks_per_seq: int = 16
     eval_every: int = 100
@@ -64,6 +66,7 @@ class TrainConfig:
             (self.mixed_precision in ("auto", "no", "bf16", "fp16"), "mixed_precision: auto|no|bf16|fp16"),
             (self.quantization in (None, "4bit", "8bit"), f"quantization={self.quantization!r}: null|4bit|8bit"),
             (0 < self.eval_fraction < 1, f"eval_fraction must be in (0, 1); got {self.eval_fraction}"),
+            (self.eval_split in ("group", "prompt"), f"eval_split={self.eval_split!r}: group|prompt"),
         ]
         for ok, message in checks:
             if not ok:

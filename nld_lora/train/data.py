@@ -15,26 +15,30 @@ class Sequence:
     ids: list[int]
     prompt_len: int
     prompt_id: str
+    group: str = ""  # held-out evaluation keeps a group together ("" = the prompt alone)
 
 
 def build_sequences(rows, max_seq_len: int, min_target: int = 2) -> list[Sequence]:
     """prompt_ids + target_ids, keeping the last max_seq_len tokens (prompt cut on the left)."""
+    groups = rows["group"] if "group" in rows.column_names else [""] * len(rows)
     out = []
-    for pid, prompt, target in zip(rows["prompt_id"], rows["prompt_ids"], rows["target_ids"]):
+    for pid, group, prompt, target in zip(rows["prompt_id"], groups, rows["prompt_ids"], rows["target_ids"]):
         if len(target) < min_target:
             continue
         ids = list(prompt) + list(target)
         cut = max(0, len(ids) - max_seq_len)
-        out.append(Sequence(ids[cut:], max(len(prompt) - cut, 1), pid))
+        out.append(Sequence(ids[cut:], max(len(prompt) - cut, 1), pid, group or ""))
     return out
 
 
-def split_eval(seqs: list[Sequence], fraction: float, seed: int) -> tuple[list[Sequence], list[Sequence]]:
-    """Stable split by hashed prompt id, so resumed and multi-process runs agree."""
-    def is_eval(pid: str) -> bool:
-        return int(hashlib.sha256(f"{seed}:{pid}".encode()).hexdigest()[:8], 16) / 0xFFFFFFFF < fraction
+def split_eval(seqs: list[Sequence], fraction: float, seed: int,
+               by: str = "group") -> tuple[list[Sequence], list[Sequence]]:
+    """Stable split by a hash of each sequence's group (by="group": whole source files stay on one side, so the
+    eval figure measures transfer) or of its prompt id (by="prompt"); resumed and multi-process runs agree."""
+    def is_eval(key: str) -> bool:
+        return int(hashlib.sha256(f"{seed}:{key}".encode()).hexdigest()[:8], 16) / 0xFFFFFFFF < fraction
 
-    held_out = [is_eval(s.prompt_id) for s in seqs]
+    held_out = [is_eval((s.group or s.prompt_id) if by == "group" else s.prompt_id) for s in seqs]
     train = [s for s, h in zip(seqs, held_out) if not h]
     held = [s for s, h in zip(seqs, held_out) if h]
     if not held:

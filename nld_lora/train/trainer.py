@@ -47,6 +47,8 @@ class TrainResult:
     steps: int
     wall_s: float
     world_size: int = 1
+    fit_baseline_simulated_acceptance: float | None = None  # on training sequences (fit), without the adapter
+    fit_best_simulated_acceptance: float | None = None  # the same with the selected adapter
 
 
 def mixed_precision_for(setting: str) -> str:
@@ -140,6 +142,7 @@ class TrainState:
     best: float | None = None  # best simulated acceptance on the eval split so far
     best_step: int = 0
     baseline: float | None = None  # the same metric without the adapter
+    fit_baseline: float | None = None  # the same on the fit sample of training sequences
     history: list[dict[str, Any]] = field(default_factory=list)
     config: dict[str, Any] = field(default_factory=dict)
 
@@ -161,7 +164,8 @@ class TrainingRun:
     scheduler: Any
     params: list[torch.nn.Parameter]
     train_seqs: list[Sequence]
-    eval_seqs: list[Sequence]
+    eval_seqs: list[Sequence]  # held-out groups: selects the adapter (transfer)
+    fit_seqs: list[Sequence]  # a sample of training sequences (fit); empty when cfg.fit_eval is off
     draft_len: int
     state: TrainState
 
@@ -187,8 +191,14 @@ def setup_data(model, dataset_dir: str | Path, cfg: TrainConfig) -> tuple[list[S
     seqs = build_sequences(load_collected(dataset_dir, model=model), cfg.max_seq_len)
     if len(seqs) < 2:
         raise ConfigError(f"{dataset_dir}: needs at least 2 collected sequences with targets; found {len(seqs)}")
-    train_seqs, eval_seqs = split_eval(seqs, cfg.eval_fraction, cfg.seed)
+    train_seqs, eval_seqs = split_eval(seqs, cfg.eval_fraction, cfg.seed, by=cfg.eval_split)
     return train_seqs, eval_seqs[: cfg.eval_max_seqs]
+
+
+def fit_sample(train_seqs: list[Sequence], n: int, seed: int) -> list[Sequence]:
+    """A seeded sample of training sequences, as many as the eval split: the fit side of fit vs transfer."""
+    order = torch.randperm(len(train_seqs), generator=torch.Generator().manual_seed(seed + 7)).tolist()
+    return [train_seqs[i] for i in order[:n]]
 
 
 def setup_optimization(peft_model, cfg: TrainConfig, accelerator):
@@ -242,8 +252,9 @@ def setup(model_or_path: Any, dataset_dir: str | Path, out_dir: str | Path, cfg:
         accelerator.init_trackers(cfg.wandb_project, config=to_dict(cfg))
     out.mkdir(parents=True, exist_ok=True)
     state = resume_state(accelerator, out, cfg)
+    fit_seqs = fit_sample(train_seqs, len(eval_seqs), cfg.seed) if cfg.fit_eval else []
     return TrainingRun(cfg, out, accelerator, model, wrapped, optimizer, scheduler, params, train_seqs, eval_seqs,
-                       resolve_draft_len(model.block_size, cfg.draft_len), state)
+                       fit_seqs, resolve_draft_len(model.block_size, cfg.draft_len), state)
 
 
 def run_eval(run: TrainingRun, step: int) -> None:
@@ -254,6 +265,13 @@ def run_eval(run: TrainingRun, step: int) -> None:
         if st.baseline is None:
             st.baseline = evaluate_drafts(run.model, run.eval_seqs, run.cfg, run.draft_len,
                                           adapter=None)["simulated_acceptance"]
+        if run.fit_seqs:
+            metrics["fit_simulated_acceptance"] = evaluate_drafts(run.model, run.fit_seqs, run.cfg, run.draft_len,
+                                                                  adapter=ADAPTER_NAME)["simulated_acceptance"]
+            if st.fit_baseline is None:
+                st.fit_baseline = evaluate_drafts(run.model, run.fit_seqs, run.cfg, run.draft_len,
+                                                  adapter=None)["simulated_acceptance"]
+            metrics["fit_baseline_simulated_acceptance"] = st.fit_baseline
         record = {"step": step, "eval": True, **{k: v for k, v in metrics.items() if k != "per_position"}}
         _log(acc, run.log_path, record)
         if st.best is None or metrics["simulated_acceptance"] > st.best:
@@ -332,8 +350,9 @@ def train(model_or_path: Any, dataset_dir: str | Path, out_dir: str | Path, cfg:
         tracker.finish()
     run.model.detach_adapter(ADAPTER_NAME)
     run.model.eval()
+    best = next((r for r in st.history if r["step"] == st.best_step), {})
     return TrainResult(str(final), st.best_step, st.best or 0.0, st.baseline or 0.0, st.step, wall,
-                       acc.num_processes)
+                       acc.num_processes, st.fit_baseline, best.get("fit_simulated_acceptance"))
 
 
 def _save_state(accelerator, ckpt_dir: Path, state: TrainState) -> None:
