@@ -1,7 +1,9 @@
 """Build the embedded Python-code domain from the running interpreter's standard library.
 
 Writes (a) the pretraining corpus (train files / held-out files) and (b) completion prompts:
-data/prompts/code_train.jsonl and data/prompts/code_eval.jsonl. The split is by source file, so no file
+data/prompts/code_train.jsonl and data/prompts/code_eval.jsonl. With --root another source tree gives another
+domain (the second domain: `--root <site-packages>/transformers --name transformers --max-train 800
+--max-eval 200 --no-reference`, transformers 5.24.0). The split is by source file, so no file
 feeds both train and eval. Deterministic for a given interpreter (seeded hashing, sorted walks).
 """
 
@@ -109,7 +111,7 @@ def prompts_from_source(source: str, rel_path: str, rng: random.Random) -> list[
 
 
 def build(out_dir: Path, corpus_dir: Path, seed: int, eval_fraction: float, max_train: int, max_eval: int,
-          root: Path | None = None) -> dict:
+          root: Path | None = None, name: str = "code", reference: bool = True) -> dict:
     root = root or Path(sysconfig.get_paths()["stdlib"])
     rng = random.Random(seed)
     corpus = {"train": [], "eval": []}
@@ -130,8 +132,10 @@ def build(out_dir: Path, corpus_dir: Path, seed: int, eval_fraction: float, max_
         rows = prompts[split]
         random.Random(seed + 1).shuffle(rows)
         rows = sorted(rows[:cap], key=lambda r: r["id"])
-        with open(out_dir / f"code_{split}.jsonl", "w", encoding="utf-8") as f:
+        with open(out_dir / f"{name}_{split}.jsonl", "w", encoding="utf-8") as f:
             for row in rows:
+                if not reference:
+                    row.pop("reference")
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
         (corpus_dir / f"corpus_{split}.txt").write_text("\n\x00\n".join(corpus[split]), encoding="utf-8")
         counts[split] = {"files": len(corpus[split]), "prompts": len(rows),
@@ -148,9 +152,11 @@ def main() -> None:
     parser.add_argument("--max-train", type=int, default=3000)
     parser.add_argument("--max-eval", type=int, default=400)
     parser.add_argument("--root", default=None, help="source tree (default: this interpreter's stdlib)")
+    parser.add_argument("--name", default="code", help="prompt files are NAME_train.jsonl / NAME_eval.jsonl")
+    parser.add_argument("--no-reference", action="store_true", help="leave out each prompt's true continuation")
     args = parser.parse_args()
     counts = build(Path(args.out), Path(args.corpus), args.seed, args.eval_fraction, args.max_train, args.max_eval,
-                   Path(args.root) if args.root else None)
+                   Path(args.root) if args.root else None, args.name, not args.no_reference)
     print(json.dumps(counts, indent=2))
 
 
