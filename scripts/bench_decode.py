@@ -1,19 +1,47 @@
-"""Decode benchmark: per mode, at batch 1 and batch 8, TPF, mean acceptance, tokens/s and speedup over AR.
+"""Decode benchmark: per mode, at batch 1 and batch 8, TPF, mean acceptance, tokens/s, speedup over AR and the
+runtime's overhead share (wall time outside model forwards / total wall time), plus transformers' own greedy
+`generate` and its prompt-lookup decoding on the same weights (the model's AR view) as batch-1 baselines.
 
     python scripts/bench_decode.py [--model data/tiny-nld-code] [--adapter DIR] [--prompts FILE] [--n 32]
 
-All modes run in the same process on the same prompts, so the speedup column compares like with like.
+All rows run in the same process on the same prompts, so the speedup column compares like with like.
 """
 
 from __future__ import annotations
 
 import argparse
 import platform
+import tempfile
+import time
 
 import torch
 
 import nld_lora
 from nld_lora.data.readers import read_prompts
+from nld_lora.model.export import export_ar_view
+
+
+def transformers_rows(model, args, prompt_ids: list[list[int]], ar_sequences: list[list[int]]) -> list[tuple]:
+    """transformers' greedy generate and prompt-lookup decoding on the AR view, one prompt at a time."""
+    from transformers import AutoModelForCausalLM
+
+    with tempfile.TemporaryDirectory() as tmp:
+        view = export_ar_view(model.source_folder, tmp)
+        hf = AutoModelForCausalLM.from_pretrained(str(view), dtype=model.dtype).to(model.device).eval()
+    eos = sorted(model.eos_token_ids)
+    pad = model.config.pad_token_id or 0
+    rows = []
+    for label, extra in (("hf greedy", {}), ("hf prompt-lookup", {"prompt_lookup_num_tokens": args.lookup})):
+        tokens = same = 0
+        t0 = time.perf_counter()
+        for ids, ref in zip(prompt_ids, ar_sequences):
+            x = torch.tensor([ids], device=model.device)
+            out = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=args.max_new_tokens,
+                              do_sample=False, eos_token_id=eos, pad_token_id=pad, **extra)[0, len(ids):].tolist()
+            tokens += len(out)
+            same += out == ref
+        rows.append((label, tokens / (time.perf_counter() - t0), same))
+    return rows
 
 
 def main() -> None:
@@ -26,6 +54,8 @@ def main() -> None:
     p.add_argument("--batch-sizes", default="1,8")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None)
+    p.add_argument("--lookup", type=int, default=10, help="prompt_lookup_num_tokens of the transformers baseline")
+    p.add_argument("--no-transformers", action="store_true", help="skip the transformers baseline rows")
     args = p.parse_args()
     model = nld_lora.load(args.model, device=args.device, dtype=args.dtype)
     records, _ = read_prompts(args.prompts, limit=args.n)
@@ -37,18 +67,27 @@ def main() -> None:
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
     print(f"model {args.model}, {len(prompts)} prompts, {args.max_new_tokens} new tokens, device {device}, "
           f"torch threads {torch.get_num_threads()}")
-    print(f"{'batch':>5} {'mode':>15} {'TPF':>7} {'accept':>7} {'tok/s':>9} {'vs AR':>7}")
+    print(f"{'batch':>5} {'mode':>17} {'TPF':>7} {'accept':>7} {'tok/s':>9} {'vs AR':>7} {'overhead':>9}")
     model.generate(prompts[:2], mode="self_spec", max_new_tokens=8, adapter=False)  # warm-up
+    ar_batch1 = None
     for bs in [int(b) for b in args.batch_sizes.split(",")]:
         ar_speed = None
         for label, kw in rows:
             kw = {"adapter": False, **kw}
-            res = model.generate(prompts, max_new_tokens=args.max_new_tokens, batch_size=bs, **kw)
+            res = model.generate(prompts, max_new_tokens=args.max_new_tokens, batch_size=bs, profile=True, **kw)
             st = res.stats
-            ar_speed = ar_speed or st.tokens_per_s
+            if ar_speed is None:
+                ar_speed = st.tokens_per_s
+                if bs == 1:
+                    ar_batch1 = res
             acc = f"{st.acceptance_length:.2f}" if kw["mode"] == "self_spec" else "-"
-            print(f"{bs:>5} {label:>15} {st.tpf:>7.3f} {acc:>7} {st.tokens_per_s:>9.1f} "
-                  f"{st.tokens_per_s / ar_speed:>6.2f}x")
+            print(f"{bs:>5} {label:>17} {st.tpf:>7.3f} {acc:>7} {st.tokens_per_s:>9.1f} "
+                  f"{st.tokens_per_s / ar_speed:>6.2f}x {100 * st.overhead_share:>8.1f}%")
+    if ar_batch1 is not None and not args.no_transformers:
+        ar_speed = ar_batch1.stats.tokens_per_s
+        for label, speed, same in transformers_rows(model, args, ar_batch1.prompt_ids, ar_batch1.sequences):
+            print(f"{1:>5} {label:>17} {'-':>7} {'-':>7} {speed:>9.1f} {speed / ar_speed:>6.2f}x {'-':>9}"
+                  f"   (same tokens as the runtime's AR on {same}/{len(prompts)} prompts)")
 
 
 if __name__ == "__main__":

@@ -224,3 +224,11 @@ def test_self_spec_through_the_triton_verify_kernels():
     assert ss.sequences == ar.sequences
     ref = model.generate(prompts, mode="self_spec", draft_len=3, max_new_tokens=10, temperature=1.0, seed=3)
     assert sampled.sequences == ref.sequences  # counter-based RNG: Triton replays the reference exactly
+
+
+def test_profile_splits_wall_time_into_forwards_and_overhead():
+    model = tiny_model(seed=4)
+    res = model.generate(random_prompts(3, seed=5), mode="self_spec", max_new_tokens=8, profile=True)
+    st = res.stats
+    assert 0 < st.forward_s <= st.wall_s and 0 <= st.overhead_share < 1
+    assert model.generate(random_prompts(1), mode="ar", max_new_tokens=2).stats.overhead_share is None

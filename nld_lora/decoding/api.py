@@ -111,6 +111,7 @@ def generate(
     batch_size: int | None = None,
     progress: bool = False,
     add_special_tokens: bool = True,
+    profile: bool = False,
     **decode: Any,
 ) -> GenerationResult:
     """Decode prompts with mode "ar", "diffusion" or "self_spec" (linear); metrics as in docs/design.md.
@@ -119,7 +120,8 @@ def generate(
     top_p=, block_size=, threshold=, policy=, max_steps=, draft_len=, acceptance=, seed=).
     adapter: None uses the active adapter (if any), False none, a name selects a loaded adapter; lora_mode None
     uses that adapter's own mode. draft_len defaults to the adapter's trained one, else block_size - 1.
-    Greedy self_spec emits exactly AR's tokens.
+    Greedy self_spec emits exactly AR's tokens. profile=True times every model forward (synchronising a GPU), so
+    stats.forward_s and stats.overhead_share tell how much of the wall time the runtime itself costs.
     """
     prompts = normalize_prompts(model, prompts_or_ids, add_special_tokens)
     adapter_name = _pick_adapter(model, adapter)
@@ -134,17 +136,20 @@ def generate(
     gen = torch.Generator(device=model.device).manual_seed(cfg.seed)
     size = batch_size or len(prompts)
     t0 = time.perf_counter()
+    forward_s = 0.0
     bar = tqdm(total=len(prompts), desc=f"generate[{mode}]", unit="prompt", disable=not progress)
     for start in range(0, len(prompts), size):
         ids = list(range(start, min(start + size, len(prompts))))
         tb = time.perf_counter()
         batch = DecodeBatch(model, [prompts[i] for i in ids], ids, out.stats, adapter=adapter_name, lora_mode=lora)
+        batch.profile = profile
         loop(batch, out, cfg, gen)
+        forward_s += batch.forward_s
         for i in ids:
             out.stats[i].wall_s = time.perf_counter() - tb
         bar.update(len(ids))
     bar.close()
-    stats = GenerationStats(out.stats, time.perf_counter() - t0)
+    stats = GenerationStats(out.stats, time.perf_counter() - t0, forward_s if profile else None)
     texts = None
     if model.tokenizer is not None:
         texts = [model.tokenizer.decode(seq, skip_special_tokens=False) for seq in out.tokens]

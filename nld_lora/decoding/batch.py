@@ -7,6 +7,7 @@ invalid and squeezed out after every write, so the cache stays as long as the lo
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -51,6 +52,8 @@ class DecodeBatch:
             self.valid[i, width - len(p):] = True
         self.cache = DynamicCache(config=model.config)
         self.next_pos = self.valid.sum(1)
+        self.profile = False  # time every forward (synchronising the device) into forward_s
+        self.forward_s = 0.0
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -59,13 +62,23 @@ class DecodeBatch:
              logits_index, counted: list[bool] | None) -> torch.Tensor:
         spec = FORWARD_KINDS[kind]
         on = spec.drafts or self.lora_mode == "both"
+        t0 = self._clock()
         with self.model.adapter_enabled(self.adapter, on):
             logits, _ = self.model(tokens, attention_mask=mask, position_ids=positions, cache=self.cache,
                                    logits_index=logits_index)
+        if self.profile:
+            self.forward_s += self._clock() - t0
         for i, rid in enumerate(self.rows):
             if counted is None or counted[i]:
                 self.stats[rid].forwards[kind] += 1
         return logits
+
+    def _clock(self) -> float:
+        if not self.profile:
+            return 0.0
+        if self.model.device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter()
 
     def prefill(self) -> torch.Tensor:
         """Causal forward over the left-padded prompts (writes the cache); logits of each row's last token."""

@@ -89,6 +89,12 @@ class GenerationStats:
 
     requests: list[RequestStats]
     wall_s: float
+    forward_s: float | None = None  # wall time inside model forwards (generate(profile=True)), else None
+
+    @property
+    def overhead_share(self) -> float | None:
+        """Share of wall time spent outside model forwards (the runtime's own cost), when profiled."""
+        return None if self.forward_s is None else safe_ratio(self.wall_s - self.forward_s, self.wall_s)
 
     @property
     def new_tokens(self) -> int:
@@ -129,5 +135,6 @@ class GenerationStats:
             "new_tokens": self.new_tokens, "forwards": self.forwards, "tpf": self.tpf,
             "acceptance_length": self.acceptance_length, "acceptance_lengths": self.acceptance_lengths,
             "per_position_acceptance": self.per_position_acceptance, "wall_s": self.wall_s,
+            "forward_s": self.forward_s, "overhead_share": self.overhead_share,
             "tokens_per_s": self.tokens_per_s, "per_request": [r.as_dict() for r in self.requests],
         }
