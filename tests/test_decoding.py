@@ -232,3 +232,27 @@ def test_profile_splits_wall_time_into_forwards_and_overhead():
     st = res.stats
     assert 0 < st.forward_s <= st.wall_s and 0 <= st.overhead_share < 1
     assert model.generate(random_prompts(1), mode="ar", max_new_tokens=2).stats.overhead_share is None
+
+
+def test_ngram_draft_takes_the_longest_latest_match():
+    from nld_lora.decoding.lookup import ngram_draft
+
+    assert ngram_draft([5, 1, 2, 3, 9, 7, 1, 2], max_ngram=3, k=3) == [3, 9, 7]
+    assert ngram_draft([1, 2, 4, 0, 2, 5, 1, 2], max_ngram=2, k=2) == [4, 0]  # the 2-gram beats the later 1-gram
+    assert ngram_draft([4, 5, 6], max_ngram=3, k=2) == []
+
+
+@pytest.mark.parametrize("k", [1, 4])
+def test_prompt_lookup_self_spec_stays_lossless_and_skips_draft_forwards(k):
+    model = tiny_model(seed=6)
+    prompts = [p * 3 for p in random_prompts(4, seed=7)]  # repeated text: lookups match
+    ar = model.generate(prompts, mode="ar", max_new_tokens=24)
+    for bs in (1, 4):
+        res = model.generate(prompts, mode="self_spec", max_new_tokens=24, draft_len=k, ngram=3, batch_size=bs)
+        assert res.sequences == ar.sequences
+        st = res.stats
+        assert st.lookup_cycles > 0
+        if bs == 1:
+            assert st.forwards["draft"] < st.forwards["verify"]  # matched cycles need no draft forward
+    with pytest.raises(ValueError, match="ngram must be >= 0"):
+        model.generate(prompts, mode="self_spec", ngram=-1)

@@ -39,6 +39,7 @@ class DecodeBatch:
                  *, adapter: str | None = None, lora_mode: str = "draft_only"):
         self.model = model
         self.rows = list(request_ids)
+        self.prompts = dict(zip(request_ids, prompts))  # request id -> prompt ids (prompt-lookup drafts read them)
         self.stats = stats
         self.adapter = adapter
         self.lora_mode = lora_mode

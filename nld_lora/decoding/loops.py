@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from nld_lora.decoding.batch import DecodeBatch
+from nld_lora.decoding.lookup import ngram_draft
 from nld_lora.decoding.outputs import Outputs
 from nld_lora.decoding.sampling import filter_logits, select_tokens, select_with_confidence
 from nld_lora.decoding.settings import DecodeSettings
@@ -97,6 +98,26 @@ def _exact_match(target: torch.Tensor, drafts: torch.Tensor, cfg: DecodeSettings
     return tokens, n
 
 
+def _lookup_drafts(batch: DecodeBatch, out: Outputs, cfg: DecodeSettings, k: int) -> list[list[int]] | None:
+    """Per row, a prompt-lookup draft from prompt + committed tokens (greedy only: verification then stays exact
+    without draft probabilities); None when lookup is off."""
+    if cfg.ngram <= 0 or cfg.temperature > 0:
+        return None
+    return [ngram_draft(batch.prompts[rid] + out.tokens[rid], cfg.ngram, k) for rid in batch.rows]
+
+
+def _merge_drafts(lookups: list[list[int]], drafts: torch.Tensor | None, k: int, filler: int,
+                  device) -> torch.Tensor:
+    """Rows with a lookup take it (its tail past the match from the diffusion draft, or a filler token that
+    verification rejects); the others keep their diffusion draft."""
+    merged = drafts.clone() if drafts is not None else torch.full((len(lookups), k), filler, dtype=torch.long,
+                                                                   device=device)
+    for i, found in enumerate(lookups):
+        if found:
+            merged[i, :len(found)] = torch.tensor(found, dtype=torch.long, device=device)
+    return merged
+
+
 def run_self_spec(batch: DecodeBatch, out: Outputs, cfg: DecodeSettings, gen: torch.Generator) -> None:
     """Draft [seed, mask x k] bidirectionally (adapter on), verify causally (adapter off), keep prefix + bonus."""
     seeds = _prefill(batch, out, cfg, gen)
@@ -105,10 +126,16 @@ def run_self_spec(batch: DecodeBatch, out: Outputs, cfg: DecodeSettings, gen: to
     cycle = 0
     while len(batch):
         n_rows = len(batch)
-        block = torch.full((n_rows, k + 1), mask_id, dtype=torch.long, device=seeds.device)
-        block[:, 0] = seeds
-        draft_logits = batch.forward(block, "draft", logits_index=slice(1, None))
-        drafts = select_tokens(draft_logits, cfg.temperature, gen, cfg.top_k, cfg.top_p)
+        lookups = _lookup_drafts(batch, out, cfg, k)
+        if lookups is not None and all(lookups):
+            drafts = _merge_drafts(lookups, None, k, mask_id, seeds.device)  # every row matched: no draft forward
+        else:
+            block = torch.full((n_rows, k + 1), mask_id, dtype=torch.long, device=seeds.device)
+            block[:, 0] = seeds
+            draft_logits = batch.forward(block, "draft", logits_index=slice(1, None))
+            drafts = select_tokens(draft_logits, cfg.temperature, gen, cfg.top_k, cfg.top_p)
+            if lookups is not None:
+                drafts = _merge_drafts(lookups, drafts, k, mask_id, seeds.device)
         starts = batch.next_pos.tolist()
         verify_in = torch.cat([seeds[:, None], drafts], 1)
         target = batch.forward(verify_in, "verify")
@@ -130,6 +157,7 @@ def run_self_spec(batch: DecodeBatch, out: Outputs, cfg: DecodeSettings, gen: to
         new = []
         for i, rid in enumerate(batch.rows):
             out.stats[rid].record_cycle(starts[i], accepted[i], drafted[i])
+            out.stats[rid].lookup_cycles += bool(lookups and lookups[i])
             new.append(emitted[i][: accepted[i] + 1])
         seeds = tokens[torch.arange(n_rows, device=tokens.device), n_acc].long()
         seeds = _commit_rows(batch, out, new, seeds)

@@ -29,6 +29,8 @@ class DecodeSettings:
     max_steps: int | None = None  # diffusion: denoising steps per block (None: block_size - 1)
     draft_len: int | None = None  # self-spec: None = the adapter's trained draft_len, else block_size - 1
     acceptance: str = "rejection"  # self-spec at temperature > 0: rejection sampling | exact_match (NLD's rule)
+    ngram: int = 0  # self-spec, greedy: prompt-lookup drafts (longest matching suffix up to ngram tokens) when one
+    # matches, the diffusion draft otherwise; a cycle whose every row matched skips the draft forward. 0 = off
     seed: int = 0
 
     def validate(self) -> DecodeSettings:
@@ -38,6 +40,8 @@ class DecodeSettings:
             raise ValueError(f"acceptance={self.acceptance!r}; expected one of {ACCEPTANCE_RULES}")
         if self.block_size is not None and self.block_size < 1:
             raise ValueError(f"block_size must be >= 1; got {self.block_size}")
+        if self.ngram < 0:
+            raise ValueError(f"ngram must be >= 0; got {self.ngram}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0; got {self.temperature}")
         return self

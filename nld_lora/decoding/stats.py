@@ -39,6 +39,7 @@ class RequestStats:
     position_accepts: list[int] = field(default_factory=list)
     cycle_starts: list[int] = field(default_factory=list)
     cycle_drafts: list[list[int]] = field(default_factory=list)
+    lookup_cycles: int = 0  # cycles whose draft came from prompt lookup (DecodeSettings.ngram)
     finish_reason: str = ""
     wall_s: float = 0.0
 
@@ -115,6 +116,10 @@ class GenerationStats:
     @property
     def acceptance_length(self) -> float:
         return _mean(self.acceptance_lengths)
+
+    @property
+    def lookup_cycles(self) -> int:
+        return sum(r.lookup_cycles for r in self.requests)
 
     @property
     def per_position_attempts(self) -> list[int]:
