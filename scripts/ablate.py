@@ -70,8 +70,8 @@ def main() -> None:
         t0 = time.perf_counter()
         res = train(model, own_data.get(name, args.collect), Path(args.out) / name, cfg, progress=False)
         wall = time.perf_counter() - t0
-        model.attach_adapter(res.adapter_dir, name=name)
-        after, after_ci = measure(model, texts, name, args.max_new_tokens, base.seed)
+        adapter = model.attach_adapter(res.adapter_dir)
+        after, after_ci = measure(model, texts, adapter, args.max_new_tokens, base.seed)
         model.detach_adapter()
         rows.append({"variant": name, "overrides": overrides, "val_after": after, "val_after_ci95": after_ci,
                      "gain": relative_gain(before, after), "selection_metric": res.best_simulated_acceptance,

@@ -256,3 +256,11 @@ def test_prompt_lookup_self_spec_stays_lossless_and_skips_draft_forwards(k):
             assert st.forwards["draft"] < st.forwards["verify"]  # matched cycles need no draft forward
     with pytest.raises(ValueError, match="ngram must be >= 0"):
         model.generate(prompts, mode="self_spec", ngram=-1)
+
+
+def test_adapter_folder_names_with_dots_attach(tmp_path):
+    model = tiny_model()
+    name = model.attach_adapter(make_adapter(model, tmp_path / "lora.v2"))
+    assert name == "lora_v2" and model.adapters.keys() == {"lora_v2"}
+    with pytest.raises(AdapterError, match="cannot contain"):
+        model.attach_adapter(str(tmp_path / "lora.v2"), name="a.b")

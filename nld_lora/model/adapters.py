@@ -86,7 +86,9 @@ def attach_adapter(model, path: str | Path, *, name: str | None = None, lora_mod
     meta = adapter_metadata(path)
     mode = check_lora_mode(lora_mode or meta.get("lora_mode", "draft_only"))
     check_adapter_matches(model, path)
-    name = name or Path(path).name or "default"
+    if name is not None and "." in name:
+        raise AdapterError(f"adapter name {name!r}: PEFT module names cannot contain '.'")
+    name = name or Path(path).name.replace(".", "_") or "default"
     peft = peft_of(model)
     if peft is None:
         # Any task_type loads (NVIDIA ships CAUSAL_LM): the runtime drives the model itself, so PEFT's plain
