@@ -56,18 +56,24 @@ def main() -> None:
     p.add_argument("--dtype", default=None)
     p.add_argument("--lookup", type=int, default=10, help="prompt_lookup_num_tokens of the transformers baseline")
     p.add_argument("--no-transformers", action="store_true", help="skip the transformers baseline rows")
+    p.add_argument("--ngram", type=int, default=3, help="adds self_spec rows with prompt-lookup drafts (0: none)")
     args = p.parse_args()
     model = nld_lora.load(args.model, device=args.device, dtype=args.dtype)
     records, _ = read_prompts(args.prompts, limit=args.n)
     prompts = [r.prompt for r in records]
     rows = [("ar", {"mode": "ar"}), ("diffusion", {"mode": "diffusion"}), ("self_spec", {"mode": "self_spec"})]
+    if args.ngram:
+        rows.append(("self_spec+ngram", {"mode": "self_spec", "ngram": args.ngram}))
     if args.adapter:
         model.attach_adapter(args.adapter)
         rows.append(("self_spec+lora", {"mode": "self_spec", "adapter": model.active_adapter}))
+        if args.ngram:
+            rows.append(("self_spec+lora+ngram", {"mode": "self_spec", "adapter": model.active_adapter,
+                                                  "ngram": args.ngram}))
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
     print(f"model {args.model}, {len(prompts)} prompts, {args.max_new_tokens} new tokens, device {device}, "
           f"torch threads {torch.get_num_threads()}")
-    print(f"{'batch':>5} {'mode':>17} {'TPF':>7} {'accept':>7} {'tok/s':>9} {'vs AR':>7} {'overhead':>9}")
+    print(f"{'batch':>5} {'mode':>20} {'TPF':>7} {'accept':>7} {'tok/s':>9} {'vs AR':>7} {'overhead':>9}")
     model.generate(prompts[:2], mode="self_spec", max_new_tokens=8, adapter=False)  # warm-up
     ar_batch1 = None
     for bs in [int(b) for b in args.batch_sizes.split(",")]:
@@ -81,12 +87,12 @@ def main() -> None:
                 if bs == 1:
                     ar_batch1 = res
             acc = f"{st.acceptance_length:.2f}" if kw["mode"] == "self_spec" else "-"
-            print(f"{bs:>5} {label:>17} {st.tpf:>7.3f} {acc:>7} {st.tokens_per_s:>9.1f} "
+            print(f"{bs:>5} {label:>20} {st.tpf:>7.3f} {acc:>7} {st.tokens_per_s:>9.1f} "
                   f"{st.tokens_per_s / ar_speed:>6.2f}x {100 * st.overhead_share:>8.1f}%")
     if ar_batch1 is not None and not args.no_transformers:
         ar_speed = ar_batch1.stats.tokens_per_s
         for label, speed, same in transformers_rows(model, args, ar_batch1.prompt_ids, ar_batch1.sequences):
-            print(f"{1:>5} {label:>17} {'-':>7} {'-':>7} {speed:>9.1f} {speed / ar_speed:>6.2f}x {'-':>9}"
+            print(f"{1:>5} {label:>20} {'-':>7} {'-':>7} {speed:>9.1f} {speed / ar_speed:>6.2f}x {'-':>9}"
                   f"   (same tokens as the runtime's AR on {same}/{len(prompts)} prompts)")
 
 
