@@ -37,3 +37,13 @@ def test_recipe_runs_and_resumes(tmp_path):
 def test_recipe_config_errors_name_the_key():
     with pytest.raises(ConfigError, match=r"unknown config key\(s\): train\.lora\.rank"):
         load_config(RecipeConfig, None, ["train.lora.rank=4"])
+
+
+@pytest.mark.parametrize("name", ["tiny_code", "nld_8b"])
+def test_shipped_recipe_configs_parse(name):
+    from tests.helpers import ROOT
+
+    cfg = load_config(RecipeConfig, ROOT / "recipes" / "configs" / f"{name}.yaml")
+    cfg.train.validate()
+    assert cfg.collect.fields.group == ("source_file" if name == "tiny_code" else "group")
+    assert (cfg.collect.use_chat_template is True) == (name == "nld_8b")  # instruct models get their template
