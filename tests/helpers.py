@@ -77,16 +77,12 @@ def random_prompts(n: int, vocab: int = 90, lo: int = 3, hi: int = 12, seed: int
 
 def tiny_tokenizer(vocab: int = 300):
     """A byte-level BPE tokenizer trained in-process (pad/eos/mask specials at ids 0/1/2)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<pad>", "<eos>", "<|mask|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    from nld_lora.tokenization import train_byte_level_bpe
+
     text = ["def add(a, b):\n    return a + b\n", "class Stack:\n    def push(self, x):\n        self.items.append(x)\n"]
-    tok.train_from_iterator(text * 20, trainer=trainer)
+    tok = train_byte_level_bpe(text * 20, vocab, ["<pad>", "<eos>", "<|mask|>"])
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", mask_token="<|mask|>")
 
 

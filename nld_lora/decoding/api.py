@@ -14,7 +14,7 @@ from nld_lora.decoding.loops import run_ar, run_diffusion, run_self_spec
 from nld_lora.decoding.outputs import Outputs
 from nld_lora.decoding.settings import DecodeSettings, resolve_draft_len
 from nld_lora.decoding.stats import GenerationStats
-from nld_lora.model.adapters import check_lora_mode
+from nld_lora.model.adapters import LoadedAdapter, check_lora_mode
 
 MODES = ("ar", "diffusion", "self_spec")
 
@@ -125,11 +125,10 @@ def generate(
     """
     prompts = normalize_prompts(model, prompts_or_ids, add_special_tokens)
     adapter_name = _pick_adapter(model, adapter)
-    meta = model.adapter_meta.get(adapter_name, {}) if adapter_name else {}
+    loaded = model.adapters[adapter_name] if adapter_name else LoadedAdapter("")
     cfg = (settings or DecodeSettings()).replace(**decode).validate()
-    cfg = cfg.resolved(model.block_size, meta.get("draft_len") if mode == "self_spec" else None)
-    mode_of_adapter = model.adapter_modes.get(adapter_name, "draft_only") if adapter_name else "draft_only"
-    lora = check_lora_mode(lora_mode or mode_of_adapter)
+    cfg = cfg.resolved(model.block_size, loaded.meta.get("draft_len") if mode == "self_spec" else None)
+    lora = check_lora_mode(lora_mode or loaded.lora_mode)
     _validate(model, prompts, mode, max_new_tokens, cfg)
     loop = {"ar": run_ar, "diffusion": run_diffusion, "self_spec": run_self_spec}[mode]
     out = Outputs(len(prompts), max_new_tokens, model.eos_token_ids)
@@ -141,8 +140,8 @@ def generate(
     for start in range(0, len(prompts), size):
         ids = list(range(start, min(start + size, len(prompts))))
         tb = time.perf_counter()
-        batch = DecodeBatch(model, [prompts[i] for i in ids], ids, out.stats, adapter=adapter_name, lora_mode=lora)
-        batch.profile = profile
+        batch = DecodeBatch(model, [prompts[i] for i in ids], ids, out.stats, adapter=adapter_name, lora_mode=lora,
+                            profile=profile)
         loop(batch, out, cfg, gen)
         forward_s += batch.forward_s
         for i in ids:

@@ -36,7 +36,7 @@ FORWARD_KINDS = {
 
 class DecodeBatch:
     def __init__(self, model, prompts: list[list[int]], request_ids: list[int], stats: list[RequestStats],
-                 *, adapter: str | None = None, lora_mode: str = "draft_only"):
+                 *, adapter: str | None = None, lora_mode: str = "draft_only", profile: bool = False):
         self.model = model
         self.rows = list(request_ids)
         self.prompts = dict(zip(request_ids, prompts))  # request id -> prompt ids (prompt-lookup drafts read them)
@@ -53,7 +53,7 @@ class DecodeBatch:
             self.valid[i, width - len(p):] = True
         self.cache = DynamicCache(config=model.config)
         self.next_pos = self.valid.sum(1)
-        self.profile = False  # time every forward (synchronising the device) into forward_s
+        self.profile = profile  # time every forward (synchronising the device) into forward_s
         self.forward_s = 0.0
 
     def __len__(self) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,15 @@ ADAPTER_META = "nld_adapter.json"
 
 class AdapterError(ValueError):
     """An adapter folder that does not fit the model."""
+
+
+@dataclass
+class LoadedAdapter:
+    """One adapter on the model: where it came from, when it is on, and its nld_adapter.json."""
+
+    path: str
+    lora_mode: str = "draft_only"
+    meta: dict[str, Any] = field(default_factory=dict)
 
 
 def adapter_metadata(path: str | Path) -> dict[str, Any]:
@@ -99,9 +109,7 @@ def attach_adapter(model, path: str | Path, *, name: str | None = None, lora_mod
         _set_peft(model, peft)
     else:
         peft.load_adapter(str(path), adapter_name=name, is_trainable=False)
-    model.adapters[name] = str(path)
-    model.adapter_modes[name] = mode
-    model.adapter_meta[name] = meta
+    model.adapters[name] = LoadedAdapter(str(path), mode, meta)
     model.active_adapter = name
     peft.base_model.set_adapter(name)
     peft.base_model.disable_adapter_layers()
@@ -111,9 +119,7 @@ def attach_adapter(model, path: str | Path, *, name: str | None = None, lora_mod
 def register_peft(model, peft, name: str) -> None:
     """Adopt a PeftModel built elsewhere (training) so the runtime can switch its adapter."""
     _set_peft(model, peft)
-    model.adapters[name] = "<training>"
-    model.adapter_modes[name] = "draft_only"
-    model.adapter_meta[name] = {}
+    model.adapters[name] = LoadedAdapter("<training>")
     model.active_adapter = name
 
 
@@ -130,13 +136,11 @@ def detach_adapter(model, name: str | None = None) -> None:
         peft.base_model.unload()
         _set_peft(model, None)
         model.adapters.clear()
-        model.adapter_modes.clear()
-        model.adapter_meta.clear()
         model.active_adapter = None
         return
     for n in names:
         peft.base_model.delete_adapter(n)
-        del model.adapters[n], model.adapter_modes[n], model.adapter_meta[n]
+        del model.adapters[n]
     model.active_adapter = next(iter(model.adapters))
 
 

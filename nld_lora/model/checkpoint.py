@@ -91,7 +91,8 @@ def open_weights(file: Path):
         yield handle
 
 
-def _read_tensor(handle, key: str, file: Path) -> torch.Tensor:
+def read_tensor(handle, key: str, file: Path) -> torch.Tensor:
+    """handle.get_tensor with an error that names the file."""
     try:
         return handle.get_tensor(key)
     except Exception as err:
@@ -115,7 +116,7 @@ def read_state_dict(files: list[Path]) -> dict[str, torch.Tensor]:
     for f in files:
         with open_weights(f) as handle:
             for key in handle.keys():
-                state[key] = _read_tensor(handle, key, f)
+                state[key] = read_tensor(handle, key, f)
     return state
 
 
@@ -210,7 +211,7 @@ def _stream_weights(model: TriModeModel, files: list[Path], dtype: torch.dtype) 
     """One shard at a time: read, cast, assign into the meta skeleton (the shard's copy is the model's copy)."""
     for f in files:
         with open_weights(f) as handle:
-            part = {k: _read_tensor(handle, k, f).to(dtype) for k in handle.keys()}
+            part = {k: read_tensor(handle, k, f).to(dtype) for k in handle.keys()}
         model.load_state_dict(part, strict=False, assign=True)
         del part
 

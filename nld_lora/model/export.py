@@ -15,7 +15,7 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from nld_lora.model.checkpoint import open_weights, read_config, resolve_folder, weight_files
+from nld_lora.model.checkpoint import open_weights, read_config, read_tensor, resolve_folder, weight_files
 from nld_lora.model.nld_config import CheckpointError
 from nld_lora.model.release import ADAPTER_SUBFOLDER
 
@@ -86,7 +86,7 @@ def export_ar_view(model_dir: str | os.PathLike, out_dir: str | os.PathLike) -> 
     for i, f in enumerate(files):
         name = "model.safetensors" if len(files) == 1 else f"model-{i + 1:05d}-of-{len(files):05d}.safetensors"
         with open_weights(f) as handle:
-            part = {_ar_key(k, f): handle.get_tensor(k) for k in handle.keys()}
+            part = {_ar_key(k, f): read_tensor(handle, k, f) for k in handle.keys()}
         total += sum(t.numel() * t.element_size() for t in part.values())
         save_file(part, str(out / f".{name}.tmp"), metadata={"format": "pt"})
         os.replace(out / f".{name}.tmp", out / name)

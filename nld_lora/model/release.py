@@ -96,13 +96,10 @@ def release_config(shape: str | Shape, *, vocab_size: int | None = None, origina
 
 def weight_shapes(config_dict: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     """Tensor names and shapes of the NLD layout for this config (built on the meta device: no memory)."""
-    from accelerate import init_empty_weights
-
+    from nld_lora.model.checkpoint import empty_model
     from nld_lora.model.nld_config import backbone_config_from_dict
-    from nld_lora.model.trimode import TriModeModel
 
-    with init_empty_weights():
-        skeleton = TriModeModel(backbone_config_from_dict(config_dict, "config"))
+    skeleton = empty_model(backbone_config_from_dict(config_dict, "config"))
     return {k: tuple(v.shape) for k, v in skeleton.state_dict().items() if "rotary_emb" not in k}
 
 
@@ -174,8 +171,9 @@ def write_release_adapter(folder: Path, config_dict: dict[str, Any], *, r: int =
 
 def _fixture_tokenizer(vocab_size: int) -> Any:
     """A byte-level BPE tokenizer laid out like Tekken's specials (bos 1, eos 2, [INST] 3, end-of-turn 11, mask 100)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
+
+    from nld_lora.tokenization import train_byte_level_bpe
 
     specials = [f"<SPECIAL_{i}>" for i in range(RELEASE_MASK_TOKEN_ID + 1)]
     named = {0: "<unk>", 1: "<s>", 2: "</s>", 3: "[INST]", 4: "[/INST]", 5: "[SYSTEM_PROMPT]",
@@ -183,14 +181,9 @@ def _fixture_tokenizer(vocab_size: int) -> Any:
              RELEASE_INSTRUCT_EOS: "<|im_end|>", RELEASE_MASK_TOKEN_ID: "<|mask|>"}
     for i, tok in named.items():
         specials[i] = tok
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     corpus = ["def add(a, b):\n    return a + b\n", "Write a function that reverses a list.",
               "class Stack:\n    def push(self, x):\n        self.items.append(x)\n", "The answer is 42."]
-    tok.train_from_iterator(corpus * 20, trainer=trainer)
+    tok = train_byte_level_bpe(corpus * 20, vocab_size, specials, unk_token="<unk>")
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="<|im_end|>",
                                    unk_token="<unk>", pad_token="<pad>", mask_token="<|mask|>")
 
@@ -223,6 +216,6 @@ def write_release_folder(folder: str | Path, shape: str | Shape = "tiny", *, dty
         tok.save_pretrained(str(out))
     write_random_weights(out, cfg, seed=seed, min_shards=min_shards)
     if adapter:
-        write_release_adapter(out, cfg, seed=seed + 1, r=min(128, max(4, s.hidden // 16)),
-                              alpha=4 * min(128, max(4, s.hidden // 16)))
+        rank = min(128, max(4, s.hidden // 16))  # the release's r 128 at 8B width, scaled down
+        write_release_adapter(out, cfg, seed=seed + 1, r=rank, alpha=4 * rank)
     return out

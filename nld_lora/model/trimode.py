@@ -36,9 +36,7 @@ class TriModeModel(nn.Module):
         self.source_folder: str = ""  # the folder it was loaded from (release files are carried on save)
         self.source_config: dict[str, Any] = {}  # that folder's config.json as written
         self.extra_eos_ids: set[int] = set()  # stop ids from generation_config.json / the tokenizer
-        self.adapters: dict[str, str] = {}  # name -> folder
-        self.adapter_modes: dict[str, str] = {}  # name -> lora_mode ("draft_only" | "both")
-        self.adapter_meta: dict[str, dict[str, Any]] = {}  # name -> its nld_adapter.json
+        self.adapters: dict[str, lora.LoadedAdapter] = {}  # name -> folder, lora_mode, metadata
         self.active_adapter: str | None = None
 
     @property

@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
+
+from nld_lora.tokenization import train_byte_level_bpe
 
 SPECIALS = ["<pad>", "<eos>", "<|mask|>"]
 DOC_SEPARATOR = "\n\x00\n"  # between documents in corpus_*.txt (scripts/make_domain_data.py)
@@ -17,14 +18,7 @@ def documents(corpus: Path) -> list[str]:
 
 
 def train_tokenizer(corpus: Path, vocab_size: int) -> PreTrainedTokenizerFast:
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(documents(corpus), trainer=trainer)
+    tok = train_byte_level_bpe(documents(corpus), vocab_size, SPECIALS)
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", mask_token="<|mask|>", model_max_length=1024,
     )

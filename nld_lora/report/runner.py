@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from nld_lora.data.readers import read_prompts
-from nld_lora.data.templates import render_prompt
+from nld_lora.data.templates import has_chat_template, render_prompt, uses_chat_template
 from nld_lora.decoding.settings import DecodeSettings, resolve_draft_len
 from nld_lora.decoding.stats import safe_ratio
 from nld_lora.model.adapters import adapter_metadata
@@ -169,9 +169,9 @@ def _fit_vs_transfer(model: Any, fit_source: list, cfg: ReportConfig, adapter: s
 
 def prompt_format(tokenizer: Any, records: list, cfg: ReportConfig) -> dict[str, Any]:
     """How prompts became model input: whether the chat template applied (and which, by hash), system prompt."""
-    template = getattr(tokenizer, "chat_template", None) if tokenizer is not None else None
-    applied = any(r.messages is not None for r in records) or bool(
-        cfg.use_chat_template or (cfg.use_chat_template is None and cfg.system_prompt and template))
+    template = tokenizer.chat_template if has_chat_template(tokenizer) else None
+    applied = any(uses_chat_template(r, tokenizer, system_prompt=cfg.system_prompt,
+                                     use_chat_template=cfg.use_chat_template) for r in records)
     return {"chat_template_applied": applied,
             "chat_template_sha256": hashlib.sha256(template.encode()).hexdigest()[:12] if template else None,
             "use_chat_template": cfg.use_chat_template, "system_prompt": cfg.system_prompt}

@@ -247,11 +247,15 @@ def setup(model_or_path: Any, dataset_dir: str | Path, out_dir: str | Path, cfg:
     model.to(accelerator.device)
     train_seqs, eval_seqs = setup_data(model, dataset_dir, cfg)
     peft_model = add_lora(model, cfg)
-    wrapped, optimizer, scheduler, params = setup_optimization(peft_model, cfg, accelerator)
-    if cfg.wandb:
-        accelerator.init_trackers(cfg.wandb_project, config=to_dict(cfg))
-    out.mkdir(parents=True, exist_ok=True)
-    state = resume_state(accelerator, out, cfg)
+    try:
+        wrapped, optimizer, scheduler, params = setup_optimization(peft_model, cfg, accelerator)
+        if cfg.wandb:
+            accelerator.init_trackers(cfg.wandb_project, config=to_dict(cfg))
+        out.mkdir(parents=True, exist_ok=True)
+        state = resume_state(accelerator, out, cfg)
+    except BaseException:
+        model.detach_adapter(ADAPTER_NAME)  # e.g. checkpoints of other settings: the caller's model stays clean
+        raise
     fit_seqs = fit_sample(train_seqs, len(eval_seqs), cfg.seed) if cfg.fit_eval else []
     return TrainingRun(cfg, out, accelerator, model, wrapped, optimizer, scheduler, params, train_seqs, eval_seqs,
                        fit_seqs, resolve_draft_len(model.block_size, cfg.draft_len), state)
@@ -309,16 +313,10 @@ def train_step(run: TrainingRun) -> DraftLossOutput:
     return res
 
 
-def train(model_or_path: Any, dataset_dir: str | Path, out_dir: str | Path, cfg: TrainConfig | None = None,
-          *, progress: bool = True, accelerator: Any = None) -> TrainResult:
-    """Train the draft LoRA on collected targets; resumes from out_dir/checkpoints; returns the best adapter.
-
-    A model passed in comes back as it was (the training adapter is unloaded at the end).
-    """
-    cfg = cfg or TrainConfig()
-    cfg.validate()
-    run = setup(model_or_path, dataset_dir, out_dir, cfg, accelerator)
-    acc, st = run.accelerator, run.state
+def _run_loop(run: TrainingRun, progress: bool) -> float:
+    """Steps with logging, evaluation and checkpoints until stop; the final adapter once all steps are done.
+    Returns the loop's wall time."""
+    cfg, acc, st = run.cfg, run.accelerator, run.state
     t0 = time.perf_counter()
     if st.step == 0:
         run_eval(run, 0)
@@ -348,8 +346,25 @@ def train(model_or_path: Any, dataset_dir: str | Path, out_dir: str | Path, cfg:
     acc.wait_for_everyone()
     for tracker in acc.trackers:
         tracker.finish()
-    run.model.detach_adapter(ADAPTER_NAME)
-    run.model.eval()
+    return wall
+
+
+def train(model_or_path: Any, dataset_dir: str | Path, out_dir: str | Path, cfg: TrainConfig | None = None,
+          *, progress: bool = True, accelerator: Any = None) -> TrainResult:
+    """Train the draft LoRA on collected targets; resumes from out_dir/checkpoints; returns the best adapter.
+
+    A model passed in comes back as it was (the training adapter is unloaded at the end).
+    """
+    cfg = cfg or TrainConfig()
+    cfg.validate()
+    run = setup(model_or_path, dataset_dir, out_dir, cfg, accelerator)
+    try:
+        wall = _run_loop(run, progress)
+    finally:
+        run.model.detach_adapter(ADAPTER_NAME)  # the caller's model comes back clean, also after an error
+        run.model.eval()
+    acc, st = run.accelerator, run.state
+    final = run.out / FINAL_ADAPTER
     best = next((r for r in st.history if r["step"] == st.best_step), {})
     return TrainResult(str(final), st.best_step, st.best or 0.0, st.baseline or 0.0, st.step, wall,
                        acc.num_processes, st.fit_baseline, best.get("fit_simulated_acceptance"))
