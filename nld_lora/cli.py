@@ -12,6 +12,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from nld_lora.decoding.api import MODES
 from nld_lora.decoding.settings import DecodeSettings
 
 DEFAULT_MODEL = "data/tiny-nld-code"
@@ -150,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     src = g.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="prompt text (\\n for newlines)")
     src.add_argument("--prompt-file", help="any prompt file nld-lora reads (jsonl, csv, txt, ...)")
-    g.add_argument("--mode", choices=["ar", "diffusion", "self_spec"], default="self_spec")
+    g.add_argument("--mode", choices=list(MODES), default="self_spec")
     g.add_argument("--adapter", action="append", help="PEFT adapter folder (repeatable; the last is active)")
     g.add_argument("--quiet", action="store_true", help="print only the stats")
     _add_settings_args(g, "max_new_tokens=64 decode.draft_len=7 decode.temperature=0.7")

@@ -96,18 +96,15 @@ def measure(folder: str, dtype: str, device: str, quantization: str | None, prom
     vocab = model.config.vocab_size
     prompt = torch.randint(200, vocab, (prompt_len,)).tolist()
     stats = [RequestStats()]
-    batch = DecodeBatch(model, [prompt], [0], stats)
+    capacity = prompt_len + draft_len + 1
+    batch = DecodeBatch(model, [prompt], [0], stats, capacity=capacity)
     tokens = torch.randint(200, vocab, (1, draft_len + 1), device=model.device)
 
     def run(q: int, kind: str, rows) -> None:
-        valid = batch.valid
-        batch.forward(tokens[:, :q], kind, logits_index=rows)
-        if kind != "draft":
-            batch.cache.crop(-q)
-            batch.valid = valid
+        batch.forward(tokens[:, :q], kind, logits_index=rows)  # not advanced: the next call overwrites it
 
     with torch.no_grad():
-        out["prefill_s"] = _median_s(lambda: DecodeBatch(model, [prompt], [0], stats).prefill(), max(1, reps // 2))
+        out["prefill_s"] = _median_s(lambda: DecodeBatch(model, [prompt], [0], stats, capacity=capacity).prefill(), max(1, reps // 2))
         batch.prefill()
         out["ar_step_s"] = _median_s(lambda: run(1, "ar", None), reps)
         out["draft_block_s"] = _median_s(lambda: run(draft_len + 1, "draft", slice(1, None)), reps)

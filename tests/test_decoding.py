@@ -58,7 +58,7 @@ def test_diffusion_block1_threshold1_is_ar_and_commits_once():
     log = []
     out = Outputs(len(prompts), 10, set())
     cfg = DecodeSettings(block_size=4, threshold=0.5, policy="leftmost").resolved(model.block_size)
-    batch = DecodeBatch(model, prompts, list(range(len(prompts))), out.stats)
+    batch = DecodeBatch(model, prompts, list(range(len(prompts))), out.stats, capacity=64)
     run_diffusion(batch, out, cfg, torch.Generator(), log)
     for commits in log:
         assert torch.equal(commits[:, 1:], torch.ones_like(commits[:, 1:])) and bool((commits[:, 0] == 0).all())

@@ -10,13 +10,16 @@ import torch
 from tqdm import tqdm
 
 from nld_lora.decoding.batch import DecodeBatch
-from nld_lora.decoding.loops import run_ar, run_diffusion, run_self_spec
+from nld_lora.decoding.loops import run_ar, run_diffusion, run_self_spec, run_self_spec_quadratic
 from nld_lora.decoding.outputs import Outputs
 from nld_lora.decoding.settings import DecodeSettings, resolve_draft_len
 from nld_lora.decoding.stats import GenerationStats
 from nld_lora.model.adapters import LoadedAdapter, check_lora_mode
 
-MODES = ("ar", "diffusion", "self_spec")
+MODES = ("ar", "diffusion", "self_spec", "self_spec_quadratic")
+SPEC_MODES = ("self_spec", "self_spec_quadratic")
+LOOPS = {"ar": run_ar, "diffusion": run_diffusion, "self_spec": run_self_spec,
+         "self_spec_quadratic": run_self_spec_quadratic}
 
 
 @dataclass
@@ -55,15 +58,16 @@ def normalize_prompts(model, prompts_or_ids: Any, add_special_tokens: bool = Tru
 
 
 def lookahead(mode: str, block: int, draft_len: int) -> int:
-    """Positions a mode may write past the last kept token (the block or draft it runs ahead)."""
-    return {"ar": 1, "diffusion": block, "self_spec": draft_len + 1}[mode]
+    """Slots a mode may write past the last kept token (the block or draft it runs ahead)."""
+    return {"ar": 1, "diffusion": block, "self_spec": draft_len + 1,
+            "self_spec_quadratic": (draft_len + 1) * (draft_len + 2)}[mode]
 
 
 def max_prompt_tokens(model, mode: str, max_new_tokens: int, *, block_size: int | None = None,
                       draft_len: int | None = None) -> int:
     """The longest prompt `generate` accepts for this mode and budget (same defaults as generate)."""
     block = block_size or model.block_size
-    return model.max_positions - max_new_tokens - lookahead(mode, block, resolve_draft_len(block, draft_len))
+    return model.max_positions - max_new_tokens - lookahead(mode, block, resolve_draft_len(block, draft_len, mode == "self_spec_quadratic"))
 
 
 def _validate(model, prompts: list[list[int]], mode: str, max_new_tokens: int, cfg: DecodeSettings) -> None:
@@ -114,23 +118,25 @@ def generate(
     profile: bool = False,
     **decode: Any,
 ) -> GenerationResult:
-    """Decode prompts with mode "ar", "diffusion" or "self_spec" (linear); metrics as in docs/design.md.
+    """Decode prompts with mode "ar", "diffusion", "self_spec" (linear: a draft forward, then a verify forward) or
+    "self_spec_quadratic" (one forward verifies and drafts); metrics as in docs/design.md.
 
     settings: a DecodeSettings; its fields may also be given (or overridden) as keywords (temperature=, top_k=,
     top_p=, block_size=, threshold=, policy=, max_steps=, draft_len=, acceptance=, seed=).
     adapter: None uses the active adapter (if any), False none, a name selects a loaded adapter; lora_mode None
     uses that adapter's own mode. draft_len defaults to the adapter's trained one, else block_size - 1.
-    Greedy self_spec emits exactly AR's tokens. profile=True times every model forward (synchronising a GPU), so
+    Greedy self-speculation (either mode) emits exactly AR's tokens. profile=True times every model forward (synchronising a GPU), so
     stats.forward_s and stats.overhead_share tell how much of the wall time the runtime itself costs.
     """
     prompts = normalize_prompts(model, prompts_or_ids, add_special_tokens)
     adapter_name = _pick_adapter(model, adapter)
     loaded = model.adapters[adapter_name] if adapter_name else LoadedAdapter("")
     cfg = (settings or DecodeSettings()).replace(**decode).validate()
-    cfg = cfg.resolved(model.block_size, loaded.meta.get("draft_len") if mode == "self_spec" else None)
+    cfg = cfg.resolved(model.block_size, loaded.meta.get("draft_len") if mode in SPEC_MODES else None,
+                       quadratic=mode == "self_spec_quadratic")
     lora = check_lora_mode(lora_mode or loaded.lora_mode)
     _validate(model, prompts, mode, max_new_tokens, cfg)
-    loop = {"ar": run_ar, "diffusion": run_diffusion, "self_spec": run_self_spec}[mode]
+    loop = LOOPS[mode]
     out = Outputs(len(prompts), max_new_tokens, model.eos_token_ids)
     gen = torch.Generator(device=model.device).manual_seed(cfg.seed)
     size = batch_size or len(prompts)
@@ -140,7 +146,9 @@ def generate(
     for start in range(0, len(prompts), size):
         ids = list(range(start, min(start + size, len(prompts))))
         tb = time.perf_counter()
-        batch = DecodeBatch(model, [prompts[i] for i in ids], ids, out.stats, adapter=adapter_name, lora_mode=lora,
+        chunk = [prompts[i] for i in ids]
+        capacity = max(map(len, chunk)) + max_new_tokens + lookahead(mode, cfg.block_size, cfg.draft_len)
+        batch = DecodeBatch(model, chunk, ids, out.stats, capacity=capacity, adapter=adapter_name, lora_mode=lora,
                             profile=profile)
         loop(batch, out, cfg, gen)
         forward_s += batch.forward_s

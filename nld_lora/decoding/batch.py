@@ -1,8 +1,9 @@
-"""A batch of active requests sharing one transformers DynamicCache.
+"""A batch of active requests over one preallocated RaggedCache.
 
-Each request owns a row. Slots that a request must not see (left padding, rejected drafts) are marked
-invalid and squeezed out after every write, so the cache stays as long as the longest live request.
-`forward(tokens, kind)` derives the mask, the cache write, the adapter state and the forward count from the kind.
+Each request owns a row and a length (its committed tokens, prompt included). A forward writes its q tokens at
+slots length .. length + q - 1 of the row; `advance` keeps the first `keep` of them, and whatever lies past the new
+length is overwritten by the next forward, so rejected drafts and draft-only forwards cost no cache copy. The kind
+of a forward (FORWARD_KINDS) decides its block layout (mask pattern, positions), the adapter state and the count.
 """
 
 from __future__ import annotations
@@ -11,68 +12,83 @@ import time
 from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache
 
+from nld_lora.decoding.ragged_cache import RaggedCache
 from nld_lora.decoding.stats import RequestStats
-from nld_lora.model.masks import causal_mask, draft_mask
+from nld_lora.model.adapters import lora_token_gate
+from nld_lora.model.masks import block_pattern, quadratic_offsets, quadratic_pattern, ragged_mask
 
 
 @dataclass(frozen=True)
 class ForwardKind:
-    writes_cache: bool  # causal forwards extend the cache; draft/denoise forwards read it only
-    bidirectional: bool  # the block attends to all of itself
-    drafts: bool  # the drafting pathway: the adapter is on (draft_only) here and only here
+    layout: str  # causal | bidirectional | quadratic (see BlockLayout)
+    counted_as: str  # the stats counter it increments
 
 
 FORWARD_KINDS = {
-    "prefill": ForwardKind(True, False, False),
-    "ar": ForwardKind(True, False, False),
-    "verify": ForwardKind(True, False, False),
-    "commit": ForwardKind(True, False, False),
-    "draft": ForwardKind(False, True, True),
-    "denoise": ForwardKind(False, True, True),
+    "prefill": ForwardKind("causal", "prefill"),
+    "ar": ForwardKind("causal", "ar"),
+    "verify": ForwardKind("causal", "verify"),
+    "commit": ForwardKind("causal", "commit"),
+    "draft": ForwardKind("bidirectional", "draft"),
+    "denoise": ForwardKind("bidirectional", "denoise"),
+    "verify_draft": ForwardKind("quadratic", "verify_draft"),
 }
+
+
+@dataclass(frozen=True)
+class BlockLayout:
+    """How a forward's q new tokens are laid out: who sees whom, at which positions, which ones draft."""
+
+    pattern: torch.Tensor  # (q, q) bool: new token i sees new token j
+    offsets: torch.Tensor  # (q,) position of each new token past the row's length
+    drafting: torch.Tensor  # (q,) bool: on the drafting pathway (a draft_only adapter is on for these tokens)
+    all_drafting: bool
+    any_drafting: bool
+
+
+def make_layout(kind: str, q: int, masks_per_row: int, device: torch.device) -> BlockLayout:
+    if kind == "quadratic":
+        rows = q // (1 + masks_per_row)
+        drafting = torch.arange(q, device=device) >= rows
+        return BlockLayout(quadratic_pattern(rows, masks_per_row, device),
+                           quadratic_offsets(rows, masks_per_row, device), drafting, False, True)
+    drafts = kind == "bidirectional"
+    return BlockLayout(block_pattern(kind, q, device), torch.arange(q, device=device),
+                       torch.full((q,), drafts, device=device), drafts, drafts)
 
 
 class DecodeBatch:
     def __init__(self, model, prompts: list[list[int]], request_ids: list[int], stats: list[RequestStats],
-                 *, adapter: str | None = None, lora_mode: str = "draft_only", profile: bool = False):
+                 *, capacity: int, adapter: str | None = None, lora_mode: str = "draft_only", profile: bool = False):
+        """capacity: KV slots per row, at least the longest prompt + new tokens + the widest forward."""
         self.model = model
         self.rows = list(request_ids)
         self.prompts = dict(zip(request_ids, prompts))  # request id -> prompt ids (prompt-lookup drafts read them)
         self.stats = stats
         self.adapter = adapter
         self.lora_mode = lora_mode
-        device = model.device
-        width = max(len(p) for p in prompts)
-        pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
-        self.prompt_ids = torch.full((len(prompts), width), pad, dtype=torch.long, device=device)
-        self.valid = torch.zeros(len(prompts), width, dtype=torch.bool, device=device)
-        for i, p in enumerate(prompts):
-            self.prompt_ids[i, width - len(p):] = torch.tensor(p, device=device)
-            self.valid[i, width - len(p):] = True
-        self.cache = DynamicCache(config=model.config)
-        self.next_pos = self.valid.sum(1)
+        self.lengths = [0] * len(prompts)  # committed slots per row (host copy: no device sync to read it)
+        self.cache = RaggedCache(model.config.num_hidden_layers, capacity)
         self.profile = profile  # time every forward (synchronising the device) into forward_s
         self.forward_s = 0.0
+        self._layouts: dict[tuple[str, int, int], BlockLayout] = {}
 
     def __len__(self) -> int:
         return len(self.rows)
 
-    def _run(self, kind: str, tokens: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
-             logits_index, counted: list[bool] | None) -> torch.Tensor:
-        spec = FORWARD_KINDS[kind]
-        on = spec.drafts or self.lora_mode == "both"
-        t0 = self._clock()
-        with self.model.adapter_enabled(self.adapter, on):
-            logits, _ = self.model(tokens, attention_mask=mask, position_ids=positions, cache=self.cache,
-                                   logits_index=logits_index)
-        if self.profile:
-            self.forward_s += self._clock() - t0
-        for i, rid in enumerate(self.rows):
-            if counted is None or counted[i]:
-                self.stats[rid].forwards[kind] += 1
-        return logits
+    def layout(self, kind: str, q: int, masks_per_row: int = 0) -> BlockLayout:
+        """The block layout of a forward kind at width q, built once per shape."""
+        key = (FORWARD_KINDS[kind].layout, q, masks_per_row)
+        if key not in self._layouts:
+            self._layouts[key] = make_layout(key[0], q, masks_per_row, self.model.device)
+        return self._layouts[key]
+
+    def _adapter_context(self, layout: BlockLayout, rows: int):
+        if self.adapter is None or self.lora_mode == "both" or layout.all_drafting or not layout.any_drafting:
+            on = self.lora_mode == "both" or layout.all_drafting
+            return self.model.adapter_enabled(self.adapter, on)
+        return lora_token_gate(self.model, self.adapter, layout.drafting[None].expand(rows, -1))
 
     def _clock(self) -> float:
         if not self.profile:
@@ -82,57 +98,52 @@ class DecodeBatch:
         return time.perf_counter()
 
     def prefill(self) -> torch.Tensor:
-        """Causal forward over the left-padded prompts (writes the cache); logits of each row's last token."""
-        width = self.prompt_ids.shape[1]
-        positions = (self.valid.long().cumsum(1) - 1).clamp(min=0)
-        return self._run("prefill", self.prompt_ids, causal_mask(self.valid, width), positions,
-                         slice(width - 1, width), None)
+        """Causal forward over the left-aligned prompts (writes slots 0..len-1); logits of each row's last token."""
+        device = self.model.device
+        sizes = [len(self.prompts[rid]) for rid in self.rows]
+        pad = self.model.config.pad_token_id if self.model.config.pad_token_id is not None else 0
+        ids = torch.full((len(self), max(sizes)), pad, dtype=torch.long, device=device)
+        for i, rid in enumerate(self.rows):
+            ids[i, :sizes[i]] = torch.tensor(self.prompts[rid], device=device)
+        last = torch.tensor(sizes, device=device)[:, None] - 1
+        logits = self.forward(ids, "prefill", logits_index=last)
+        self.lengths = sizes
+        return logits
 
-    def forward(self, tokens: torch.Tensor, kind: str, *, logits_index: slice | None = None,
-                counted: list[bool] | None = None) -> torch.Tensor:
-        """Run tokens (B, Q) after each row's valid prefix as a `kind` forward (see FORWARD_KINDS).
+    def forward(self, tokens: torch.Tensor, kind: str, *, logits_index: slice | torch.Tensor | None = None,
+                counted: list[bool] | None = None, masks_per_row: int = 0) -> torch.Tensor:
+        """Run tokens (B, Q) as a `kind` forward written at each row's length (see FORWARD_KINDS); the cache keeps
+        them only once `advance` says so.
 
         logits_index: the query positions that need logits (the vocabulary projection skips the others).
         counted: which rows count this forward in their stats (default: all).
+        masks_per_row: masks per sub-block of a "verify_draft" forward.
         """
-        spec = FORWARD_KINDS[kind]
+        device = tokens.device
         q = tokens.shape[1]
-        key_valid = torch.cat([self.valid, torch.ones(len(self), q, dtype=torch.bool, device=self.valid.device)], 1)
-        mask = draft_mask(key_valid, q) if spec.bidirectional else causal_mask(key_valid, q)
-        positions = self.next_pos[:, None] + torch.arange(q, device=tokens.device)
-        logits = self._run(kind, tokens, mask, positions, logits_index, counted)
-        if spec.writes_cache:
-            self.valid = key_valid
-        else:
-            self.cache.crop(-q)
+        layout = self.layout(kind, q, masks_per_row)
+        lengths = torch.tensor(self.lengths, device=device)
+        self.cache.begin(self.lengths, q, device)
+        mask = ragged_mask(lengths, self.cache.window, layout.pattern)
+        positions = lengths[:, None] + layout.offsets
+        t0 = self._clock()
+        with self._adapter_context(layout, len(self)):
+            logits, _ = self.model(tokens, attention_mask=mask, position_ids=positions, cache=self.cache,
+                                   logits_index=logits_index)
+        if self.profile:
+            self.forward_s += self._clock() - t0
+        name = FORWARD_KINDS[kind].counted_as
+        for i, rid in enumerate(self.rows):
+            if counted is None or counted[i]:
+                self.stats[rid].forwards[name] += 1
         return logits
 
-    def keep_written(self, q: int, keep: torch.Tensor) -> None:
-        """After a write of q tokens, keep the first keep[b] of them for row b; drop the rest from the cache."""
-        offsets = torch.arange(q, device=keep.device)
-        self.valid[:, -q:] &= offsets[None, :] < keep[:, None]
-        self.next_pos = self.next_pos + keep
-        self._compact()
+    def advance(self, keep: list[int]) -> None:
+        """After a forward, keep its first keep[b] tokens in row b (the rest will be overwritten)."""
+        self.lengths = [n + k for n, k in zip(self.lengths, keep)]
 
     def select(self, keep_rows: list[int]) -> None:
         """Keep only these batch rows (indices into the current batch)."""
-        index = torch.tensor(keep_rows, dtype=torch.long, device=self.valid.device)
-        self.cache.batch_select_indices(index)
-        self.valid = self.valid[index]
-        self.next_pos = self.next_pos[index]
+        self.cache.select_rows(torch.tensor(keep_rows, dtype=torch.long, device=self.model.device))
+        self.lengths = [self.lengths[i] for i in keep_rows]
         self.rows = [self.rows[i] for i in keep_rows]
-        self._compact()
-
-    def _compact(self) -> None:
-        """Gather each row's valid slots to the right end; length becomes the longest row's count."""
-        if len(self) == 0 or bool(self.valid.all()):
-            return
-        counts = self.valid.sum(1)
-        new_len = int(counts.max())
-        order = torch.argsort(self.valid.to(torch.int8), dim=1, stable=True)[:, -new_len:]
-        new_valid = torch.gather(self.valid, 1, order)
-        for layer in self.cache.layers:
-            idx = order[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[-1])
-            layer.keys = torch.gather(layer.keys, 2, idx)
-            layer.values = torch.gather(layer.values, 2, idx)
-        self.valid = new_valid

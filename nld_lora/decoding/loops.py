@@ -1,4 +1,4 @@
-"""The three decoding loops over a DecodeBatch: AR, block diffusion, linear self-speculation."""
+"""The decoding loops over a DecodeBatch: AR, block diffusion, linear and single-forward self-speculation."""
 
 from __future__ import annotations
 
@@ -13,13 +13,15 @@ from nld_lora.kernels import verify_greedy, verify_sampled
 from nld_lora.kernels.rng import mix32
 
 
-def _commit_rows(batch: DecodeBatch, out: Outputs, new_tokens: list[list[int]], seeds: torch.Tensor) -> torch.Tensor:
-    """Commit per-row tokens, drop finished rows; returns the seeds of the rows still live."""
+def _commit_rows(batch: DecodeBatch, out: Outputs, new_tokens: list[list[int]], seeds: torch.Tensor,
+                 *carried: torch.Tensor):
+    """Commit per-row tokens, drop finished rows; returns the seeds (and any carried per-row tensors) of the rows
+    still live."""
     live = [i for i, rid in enumerate(batch.rows) if not out.commit(rid, new_tokens[i])]
     if len(live) != len(batch):
         batch.select(live)
-        seeds = seeds[live]
-    return seeds
+        seeds, carried = seeds[live], tuple(t[live] for t in carried)
+    return (seeds, *carried) if carried else seeds
 
 
 def _prefill(batch: DecodeBatch, out: Outputs, cfg: DecodeSettings, gen: torch.Generator) -> torch.Tensor:
@@ -31,7 +33,7 @@ def run_ar(batch: DecodeBatch, out: Outputs, cfg: DecodeSettings, gen: torch.Gen
     seeds = _prefill(batch, out, cfg, gen)
     while len(batch):
         logits = batch.forward(seeds[:, None], "ar")
-        batch.keep_written(1, torch.ones(len(batch), dtype=torch.long, device=seeds.device))
+        batch.advance([1] * len(batch))
         seeds = select_tokens(logits[:, -1], cfg.temperature, gen, cfg.top_k, cfg.top_p)
         seeds = _commit_rows(batch, out, [[t] for t in seeds.tolist()], seeds)
 
@@ -76,9 +78,16 @@ def run_diffusion(batch: DecodeBatch, out: Outputs, cfg: DecodeSettings, gen: to
         if commit_log is not None:
             commit_log.append(commits.clone())
         logits = batch.forward(block, "commit", logits_index=slice(width - 1, width))
-        batch.keep_written(width, torch.full((len(batch),), width, dtype=torch.long, device=seeds.device))
+        batch.advance([width] * len(batch))
         seeds = select_tokens(logits[:, -1], cfg.temperature, gen, cfg.top_k, cfg.top_p)
         seeds = _commit_rows(batch, out, torch.cat([block[:, 1:], seeds[:, None]], 1).tolist(), seeds)
+
+
+def _to_host(n_acc: torch.Tensor, drafts: torch.Tensor, tokens: torch.Tensor):
+    """One device->host copy per cycle: accepted counts, drafts and emitted tokens as lists."""
+    k = drafts.shape[1]
+    host = torch.cat([n_acc[:, None], drafts, tokens.long()], 1).tolist()
+    return [r[0] for r in host], [r[1:k + 1] for r in host], [r[k + 1:] for r in host]
 
 
 def _cycle_seeds(cfg: DecodeSettings, rows: list[int], cycle: int, device) -> torch.Tensor:
@@ -118,6 +127,38 @@ def _merge_drafts(lookups: list[list[int]], drafts: torch.Tensor | None, k: int,
     return merged
 
 
+def _verify(target: torch.Tensor, drafts: torch.Tensor, draft_logits: torch.Tensor | None, cfg: DecodeSettings,
+            gen: torch.Generator, batch: DecodeBatch, cycle: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Target logits (B, k+1, V) against drafts (B, k): emitted tokens (B, k+1; -1 past the bonus) and the number
+    of accepted drafts per row. Greedy: longest agreeing prefix + AR's token; sampled: rejection sampling (or NLD's
+    exact-match rule), lossless either way."""
+    n_rows, k = drafts.shape
+    cu = torch.arange(n_rows + 1, device=drafts.device, dtype=torch.int32) * k
+    if cfg.temperature <= 0:
+        tokens, n_acc = verify_greedy(target.reshape(-1, target.shape[-1]), drafts.reshape(-1), cu)
+    elif cfg.acceptance == "exact_match":
+        tokens, n_acc = _exact_match(target, drafts, cfg, gen)
+    else:
+        temps = torch.full((n_rows,), cfg.temperature, device=drafts.device)
+        tokens, n_acc = verify_sampled(
+            filter_logits(target, cfg.top_k, cfg.top_p).reshape(-1, target.shape[-1]),
+            filter_logits(draft_logits, cfg.top_k, cfg.top_p).reshape(-1, target.shape[-1]),
+            drafts.reshape(-1), cu, temps, _cycle_seeds(cfg, batch.rows, cycle, drafts.device),
+        )
+    return tokens, n_acc.long()
+
+
+def _record(batch: DecodeBatch, out: Outputs, starts: list[int], accepted: list[int], drafted: list[list[int]],
+            emitted: list[list[int]], lookups: list[list[int]] | None) -> list[list[int]]:
+    """Per-row cycle statistics; returns each row's new tokens (accepted drafts + the bonus token)."""
+    new = []
+    for i, rid in enumerate(batch.rows):
+        out.stats[rid].record_cycle(starts[i], accepted[i], drafted[i])
+        out.stats[rid].lookup_cycles += bool(lookups and lookups[i])
+        new.append(emitted[i][: accepted[i] + 1])
+    return new
+
+
 def run_self_spec(batch: DecodeBatch, out: Outputs, cfg: DecodeSettings, gen: torch.Generator) -> None:
     """Draft [seed, mask x k] bidirectionally (adapter on), verify causally (adapter off), keep prefix + bonus."""
     seeds = _prefill(batch, out, cfg, gen)
@@ -127,6 +168,7 @@ def run_self_spec(batch: DecodeBatch, out: Outputs, cfg: DecodeSettings, gen: to
     while len(batch):
         n_rows = len(batch)
         lookups = _lookup_drafts(batch, out, cfg, k)
+        draft_logits = None
         if lookups is not None and all(lookups):
             drafts = _merge_drafts(lookups, None, k, mask_id, seeds.device)  # every row matched: no draft forward
         else:
@@ -136,29 +178,53 @@ def run_self_spec(batch: DecodeBatch, out: Outputs, cfg: DecodeSettings, gen: to
             drafts = select_tokens(draft_logits, cfg.temperature, gen, cfg.top_k, cfg.top_p)
             if lookups is not None:
                 drafts = _merge_drafts(lookups, drafts, k, mask_id, seeds.device)
-        starts = batch.next_pos.tolist()
-        verify_in = torch.cat([seeds[:, None], drafts], 1)
-        target = batch.forward(verify_in, "verify")
-        cu = torch.arange(n_rows + 1, device=seeds.device, dtype=torch.int32) * k
-        if cfg.temperature <= 0:
-            tokens, n_acc = verify_greedy(target.reshape(-1, target.shape[-1]), drafts.reshape(-1), cu)
-        elif cfg.acceptance == "exact_match":
-            tokens, n_acc = _exact_match(target, drafts, cfg, gen)
-        else:
-            temps = torch.full((n_rows,), cfg.temperature, device=seeds.device)
-            tokens, n_acc = verify_sampled(
-                filter_logits(target, cfg.top_k, cfg.top_p).reshape(-1, target.shape[-1]),
-                filter_logits(draft_logits, cfg.top_k, cfg.top_p).reshape(-1, target.shape[-1]),
-                drafts.reshape(-1), cu, temps, _cycle_seeds(cfg, batch.rows, cycle, seeds.device),
-            )
-        n_acc = n_acc.long()
-        batch.keep_written(k + 1, n_acc + 1)
-        accepted, drafted, emitted = n_acc.tolist(), drafts.tolist(), tokens.tolist()
-        new = []
-        for i, rid in enumerate(batch.rows):
-            out.stats[rid].record_cycle(starts[i], accepted[i], drafted[i])
-            out.stats[rid].lookup_cycles += bool(lookups and lookups[i])
-            new.append(emitted[i][: accepted[i] + 1])
+        starts = list(batch.lengths)
+        target = batch.forward(torch.cat([seeds[:, None], drafts], 1), "verify")
+        tokens, n_acc = _verify(target, drafts, draft_logits, cfg, gen, batch, cycle)
+        accepted, drafted, emitted = _to_host(n_acc, drafts, tokens)
+        batch.advance([a + 1 for a in accepted])
+        new = _record(batch, out, starts, accepted, drafted, emitted, lookups)
         seeds = tokens[torch.arange(n_rows, device=tokens.device), n_acc].long()
         seeds = _commit_rows(batch, out, new, seeds)
+        cycle += 1
+
+
+def run_self_spec_quadratic(batch: DecodeBatch, out: Outputs, cfg: DecodeSettings, gen: torch.Generator) -> None:
+    """Single-forward self-speculation: one forward verifies the drafts d_1..d_k after the seed d_0 and drafts the
+    next block. Input [d_0..d_k, then k+1 sub-blocks of k+1 masks] (layout: masks.quadratic_pattern); row d_i is
+    causal (adapter off), sub-block i's masks see d_0..d_i and themselves (adapter on). After n accepted drafts the
+    bonus token is AR's prediction at row d_n and the next drafts are sub-block n's mask predictions 2..k+1 (its
+    first mask sits where the bonus token goes). The first forward has no drafts to verify: it only drafts."""
+    seeds = _prefill(batch, out, cfg, gen)
+    mask_id = batch.model.mask_token_id
+    k = cfg.draft_len
+    masks_per_row = k + 1
+    drafts = torch.empty(len(batch), 0, dtype=torch.long, device=seeds.device)
+    draft_logits = None
+    cycle = 0
+    while len(batch):
+        n_rows, n_drafts = drafts.shape
+        lookups = _lookup_drafts(batch, out, cfg, n_drafts) if n_drafts else None
+        if lookups is not None:
+            drafts = _merge_drafts(lookups, drafts, n_drafts, mask_id, seeds.device)
+        verify_rows = n_drafts + 1
+        masks = torch.full((n_rows, verify_rows * masks_per_row), mask_id, dtype=torch.long, device=seeds.device)
+        logits = batch.forward(torch.cat([seeds[:, None], drafts, masks], 1), "verify_draft",
+                               masks_per_row=masks_per_row)
+        starts = list(batch.lengths)
+        rows = torch.arange(n_rows, device=seeds.device)
+        if n_drafts:
+            tokens, n_acc = _verify(logits[:, :verify_rows], drafts, draft_logits, cfg, gen, batch, cycle)
+            accepted, drafted, emitted = _to_host(n_acc, drafts, tokens)
+            new = _record(batch, out, starts, accepted, drafted, emitted, lookups)
+        else:
+            tokens = select_tokens(logits[:, :1], cfg.temperature, gen, cfg.top_k, cfg.top_p)
+            n_acc = torch.zeros(n_rows, dtype=torch.long, device=seeds.device)
+            accepted, new = [0] * n_rows, tokens.tolist()
+        batch.advance([a + 1 for a in accepted])
+        sub_blocks = logits[:, verify_rows:].reshape(n_rows, verify_rows, masks_per_row, -1)
+        draft_logits = sub_blocks[rows, n_acc, 1:]
+        drafts = select_tokens(draft_logits, cfg.temperature, gen, cfg.top_k, cfg.top_p)
+        seeds = tokens[rows, n_acc].long()
+        seeds, drafts, draft_logits = _commit_rows(batch, out, new, seeds, drafts, draft_logits)
         cycle += 1

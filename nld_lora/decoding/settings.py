@@ -13,9 +13,15 @@ POLICIES = ("confidence", "leftmost")
 ACCEPTANCE_RULES = ("rejection", "exact_match")
 
 
-def resolve_draft_len(block_size: int, draft_len: int | None) -> int:
-    """Draft tokens per self-speculation cycle: as given, else block_size - 1 (NLD drafts [seed, mask x (B-1)])."""
-    return draft_len if draft_len is not None else max(block_size - 1, 1)
+QUADRATIC_DRAFT_LEN = 3  # single-forward default: (k+1)(k+2) = 20 tokens per forward, what a CPU affords
+
+
+def resolve_draft_len(block_size: int, draft_len: int | None, quadratic: bool = False) -> int:
+    """Draft tokens per self-speculation cycle: as given, else block_size - 1 (NLD drafts [seed, mask x (B-1)]);
+    single-forward mode (whose forward grows as (k+1)(k+2)) defaults to min(QUADRATIC_DRAFT_LEN, block_size - 1)."""
+    if draft_len is not None:
+        return draft_len
+    return max(min(block_size - 1, QUADRATIC_DRAFT_LEN) if quadratic else block_size - 1, 1)
 
 
 @dataclass
@@ -46,11 +52,13 @@ class DecodeSettings:
             raise ValueError(f"temperature must be >= 0; got {self.temperature}")
         return self
 
-    def resolved(self, model_block_size: int, adapter_draft_len: int | None = None) -> DecodeSettings:
-        """A copy with block_size and draft_len filled in (the adapter's trained draft_len wins over the default)."""
+    def resolved(self, model_block_size: int, adapter_draft_len: int | None = None,
+                 quadratic: bool = False) -> DecodeSettings:
+        """A copy with block_size and draft_len filled in (linear mode: the adapter's trained draft_len wins over the
+        default; single-forward mode keeps its own small default)."""
         block = self.block_size or model_block_size
-        draft = self.draft_len if self.draft_len is not None else adapter_draft_len
-        return dataclasses.replace(self, block_size=block, draft_len=resolve_draft_len(block, draft))
+        draft = self.draft_len if self.draft_len is not None or quadratic else adapter_draft_len
+        return dataclasses.replace(self, block_size=block, draft_len=resolve_draft_len(block, draft, quadratic))
 
     def replace(self, **changes) -> DecodeSettings:
         """A copy with some fields changed; unknown names are an error that lists the valid ones."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-FORWARD_KINDS = ("prefill", "ar", "draft", "verify", "denoise", "commit")
+FORWARD_KINDS = ("prefill", "ar", "draft", "verify", "verify_draft", "denoise", "commit")
 
 
 def _mean(values: list[int]) -> float:

@@ -2,6 +2,7 @@
 
 lora_mode "draft_only" (NLD's deployment): the adapter is ON for draft/denoise forwards and OFF for prefill, AR,
 verify and commit forwards, so AR output is untouched. "both": ON for every forward (output then differs from AR).
+A forward that verifies and drafts at once (single-forward self-speculation) gates the adapter per token instead.
 An adapter folder may carry nld_adapter.json (written by the trainer); its lora_mode and draft_len are the defaults.
 """
 
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors import safe_open
 from torch import nn
 
@@ -160,3 +162,24 @@ def lora_enabled(model, adapter: str | None, on: bool) -> Iterator[None]:
         yield
     finally:
         peft.base_model.disable_adapter_layers()
+
+
+@contextmanager
+def lora_token_gate(model, adapter: str, gate: torch.Tensor) -> Iterator[None]:
+    """Run the enclosed forwards with adapter `adapter` on for the tokens where gate (batch, q) is True and off for
+    the others. Each LoRA A matrix sees its input times the gate, so a gated-off token's delta B(A(0)) is exactly 0
+    and its output equals the base model's bit for bit."""
+    peft = peft_of(model)
+    scale = gate[..., None]
+    hooks = []
+    with lora_enabled(model, adapter, True):
+        for module in peft.base_model.model.modules():
+            lora_a = getattr(module, "lora_A", None)
+            if isinstance(lora_a, nn.ModuleDict) and adapter in lora_a:
+                hooks.append(lora_a[adapter].register_forward_pre_hook(
+                    lambda _module, args: (args[0] * scale.to(args[0].dtype),)))
+        try:
+            yield
+        finally:
+            for hook in hooks:
+                hook.remove()

@@ -39,6 +39,46 @@ def draft_mask(key_valid: torch.Tensor, q_len: int) -> torch.Tensor:
     return _with_diagonal(mask, past)
 
 
+def block_pattern(kind: str, q: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Which of a forward's q new tokens each new token sees, (q, q) bool: "causal" or "bidirectional"."""
+    ones = torch.ones(q, q, dtype=torch.bool, device=device)
+    return ones.tril() if kind == "causal" else ones
+
+
+def quadratic_pattern(verify_rows: int, masks_per_row: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Single-forward self-speculation block [d_0..d_(S-1), S sub-blocks of masks], (q, q) bool.
+
+    Verify row d_i sees d_0..d_i; the masks of sub-block i (slots S + i*M .. S + i*M + M-1) see d_0..d_i and
+    their own sub-block.
+    """
+    s, m = verify_rows, masks_per_row
+    q = s * (1 + m)
+    pattern = torch.zeros(q, q, dtype=torch.bool, device=device)
+    pattern[:s, :s] = torch.ones(s, s, dtype=torch.bool, device=device).tril()
+    for i in range(s):
+        rows = slice(s + i * m, s + (i + 1) * m)
+        pattern[rows, :i + 1] = True
+        pattern[rows, rows] = True
+    return pattern
+
+
+def quadratic_offsets(verify_rows: int, masks_per_row: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Position of each token of the quadratic block past the row's length: d_i at i, its masks at i+1 .. i+M."""
+    verify = torch.arange(verify_rows, device=device)
+    masks = verify[:, None] + 1 + torch.arange(masks_per_row, device=device)[None, :]
+    return torch.cat([verify, masks.reshape(-1)])
+
+
+def ragged_mask(lengths: torch.Tensor, window: int, pattern: torch.Tensor) -> torch.Tensor:
+    """(batch, 1, q, window) mask for q new tokens written at slots lengths[b] .. lengths[b] + q - 1 of a
+    left-aligned cache: every slot below lengths[b] is visible, the new block as `pattern` says, nothing else."""
+    q = pattern.shape[0]
+    rel = torch.arange(window, device=lengths.device)[None, :] - lengths[:, None]
+    inside = (rel >= 0) & (rel < q)
+    block = pattern[:, rel.clamp(0, q - 1)].transpose(0, 1)
+    return ((rel < 0)[:, None, :] | (inside[:, None, :] & block))[:, None]
+
+
 def dual_stream_mask(seq_len: int, block_size: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """Training layout [x_t | x_0] of length 2L (shared positions 0..L-1), shape (1, 1, 2L, 2L).
 
