@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,7 +16,7 @@ from nld_lora.decoding.loops import run_ar, run_diffusion, run_self_spec, run_se
 from nld_lora.decoding.outputs import Outputs
 from nld_lora.decoding.settings import DecodeSettings, resolve_draft_len
 from nld_lora.decoding.stats import GenerationStats
-from nld_lora.model.adapters import LoadedAdapter, check_lora_mode
+from nld_lora.model.adapters import LoadedAdapter, check_lora_mode, decode_encoders
 
 MODES = ("ar", "diffusion", "self_spec", "self_spec_quadratic")
 SPEC_MODES = ("self_spec", "self_spec_quadratic")
@@ -116,6 +118,7 @@ def generate(
     progress: bool = False,
     add_special_tokens: bool = True,
     profile: bool = False,
+    compile: bool = False,
     **decode: Any,
 ) -> GenerationResult:
     """Decode prompts with mode "ar", "diffusion", "self_spec" (linear: a draft forward, then a verify forward) or
@@ -127,6 +130,8 @@ def generate(
     uses that adapter's own mode. draft_len defaults to the adapter's trained one, else block_size - 1.
     Greedy self-speculation (either mode) emits exactly AR's tokens. profile=True times every model forward (synchronising a GPU), so
     stats.forward_s and stats.overhead_share tell how much of the wall time the runtime itself costs.
+    compile=True runs the backbone through torch.compile (dynamic shapes; the first call per shape family compiles,
+    later calls in the process reuse it): it removes most per-op overhead of small models and launch-bound GPUs.
     """
     prompts = normalize_prompts(model, prompts_or_ids, add_special_tokens)
     adapter_name = _pick_adapter(model, adapter)
@@ -136,28 +141,44 @@ def generate(
                        quadratic=mode == "self_spec_quadratic")
     lora = check_lora_mode(lora_mode or loaded.lora_mode)
     _validate(model, prompts, mode, max_new_tokens, cfg)
-    loop = LOOPS[mode]
     out = Outputs(len(prompts), max_new_tokens, model.eos_token_ids)
     gen = torch.Generator(device=model.device).manual_seed(cfg.seed)
-    size = batch_size or len(prompts)
     t0 = time.perf_counter()
-    forward_s = 0.0
-    bar = tqdm(total=len(prompts), desc=f"generate[{mode}]", unit="prompt", disable=not progress)
-    for start in range(0, len(prompts), size):
-        ids = list(range(start, min(start + size, len(prompts))))
-        tb = time.perf_counter()
-        chunk = [prompts[i] for i in ids]
-        capacity = max(map(len, chunk)) + max_new_tokens + lookahead(mode, cfg.block_size, cfg.draft_len)
-        batch = DecodeBatch(model, chunk, ids, out.stats, capacity=capacity, adapter=adapter_name, lora_mode=lora,
-                            profile=profile)
-        loop(batch, out, cfg, gen)
-        forward_s += batch.forward_s
-        for i in ids:
-            out.stats[i].wall_s = time.perf_counter() - tb
-        bar.update(len(ids))
-    bar.close()
+    with compiled_backbone(model, compile), tqdm(total=len(prompts), desc=f"generate[{mode}]", unit="prompt",
+                                                 disable=not progress) as bar:
+        forward_s = 0.0
+        for start in range(0, len(prompts), batch_size or len(prompts)):
+            ids = list(range(start, min(start + (batch_size or len(prompts)), len(prompts))))
+            tb = time.perf_counter()
+            chunk = [prompts[i] for i in ids]
+            capacity = max(map(len, chunk)) + max_new_tokens + lookahead(mode, cfg.block_size, cfg.draft_len)
+            batch = DecodeBatch(model, chunk, ids, out.stats, capacity=capacity, adapter=adapter_name,
+                                lora_mode=lora, profile=profile)
+            LOOPS[mode](batch, out, cfg, gen)
+            forward_s += batch.forward_s
+            for i in ids:
+                out.stats[i].wall_s = time.perf_counter() - tb
+            bar.update(len(ids))
     stats = GenerationStats(out.stats, time.perf_counter() - t0, forward_s if profile else None)
     texts = None
     if model.tokenizer is not None:
         texts = [model.tokenizer.decode(seq, skip_special_tokens=False) for seq in out.tokens]
     return GenerationResult(out.tokens, texts, stats, prompts, cfg)
+
+
+@contextmanager
+def compiled_backbone(model, on: bool) -> Iterator[None]:
+    """Within the block the backbone runs through torch.compile (nn.Module.compile, dynamic shapes); afterwards it is
+    eager again (training on the same model object stays uncompiled). Compiled code is cached per process."""
+    if not on:
+        yield
+        return
+    encoders = decode_encoders(model)
+    previous = [e._compiled_call_impl for e in encoders]
+    for e in encoders:
+        e.compile(dynamic=True)
+    try:
+        yield
+    finally:
+        for e, p in zip(encoders, previous):
+            e._compiled_call_impl = p

@@ -9,13 +9,14 @@ of a forward (FORWARD_KINDS) decides its block layout (mask pattern, positions),
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 
 from nld_lora.decoding.ragged_cache import RaggedCache
 from nld_lora.decoding.stats import RequestStats
-from nld_lora.model.adapters import lora_token_gate
+from nld_lora.model.adapters import lora_token_gate, pathway_encoder
 from nld_lora.model.masks import block_pattern, quadratic_offsets, quadratic_pattern, ragged_mask
 
 
@@ -84,11 +85,14 @@ class DecodeBatch:
             self._layouts[key] = make_layout(key[0], q, masks_per_row, self.model.device)
         return self._layouts[key]
 
-    def _adapter_context(self, layout: BlockLayout, rows: int):
-        if self.adapter is None or self.lora_mode == "both" or layout.all_drafting or not layout.any_drafting:
-            on = self.lora_mode == "both" or layout.all_drafting
-            return self.model.adapter_enabled(self.adapter, on)
-        return lora_token_gate(self.model, self.adapter, layout.drafting[None].expand(rows, -1))
+    def _pathway(self, layout: BlockLayout, rows: int):
+        """(backbone twin or None, context manager) for a forward with this layout: a twin without PEFT wrappers
+        where the adapter is wholly on or off, PEFT with a per-token gate where only some tokens draft."""
+        if self.adapter is not None and self.lora_mode != "both" and layout.any_drafting and not layout.all_drafting:
+            return None, lora_token_gate(self.model, self.adapter, layout.drafting[None].expand(rows, -1))
+        on = self.lora_mode == "both" or layout.all_drafting
+        encoder = pathway_encoder(self.model, self.adapter, on)
+        return encoder, nullcontext() if encoder is not None else self.model.adapter_enabled(self.adapter, on)
 
     def _clock(self) -> float:
         if not self.profile:
@@ -126,10 +130,11 @@ class DecodeBatch:
         self.cache.begin(self.lengths, q, device)
         mask = ragged_mask(lengths, self.cache.window, layout.pattern)
         positions = lengths[:, None] + layout.offsets
+        encoder, context = self._pathway(layout, len(self))
         t0 = self._clock()
-        with self._adapter_context(layout, len(self)):
+        with context:
             logits, _ = self.model(tokens, attention_mask=mask, position_ids=positions, cache=self.cache,
-                                   logits_index=logits_index)
+                                   logits_index=logits_index, encoder=encoder)
         if self.profile:
             self.forward_s += self._clock() - t0
         name = FORWARD_KINDS[kind].counted_as

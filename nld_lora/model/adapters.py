@@ -19,6 +19,8 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from nld_lora.model.pathways import merged_copy, structure_copy
+
 LORA_MODES = ("draft_only", "both")
 ADAPTER_META = "nld_adapter.json"
 
@@ -34,6 +36,8 @@ class LoadedAdapter:
     path: str
     lora_mode: str = "draft_only"
     meta: dict[str, Any] = field(default_factory=dict)
+    gate: TokenGate | None = None  # per-token gate hooks, installed on first use (single-forward self-spec)
+    merged: nn.Module | bool | None = None  # inference twin with this adapter merged (False: cannot merge)
 
 
 def adapter_metadata(path: str | Path) -> dict[str, Any]:
@@ -103,6 +107,7 @@ def attach_adapter(model, path: str | Path, *, name: str | None = None, lora_mod
     name = name or Path(path).name.replace(".", "_") or "default"
     peft = peft_of(model)
     if peft is None:
+        model.__dict__["_base_encoder"] = structure_copy(model.encoder)  # before PEFT wraps its Linear layers
         # Any task_type loads (NVIDIA ships CAUSAL_LM): the runtime drives the model itself, so PEFT's plain
         # wrapper is used instead of a task wrapper that expects transformers' generate hooks.
         config = PeftConfig.from_pretrained(str(path))
@@ -137,6 +142,7 @@ def detach_adapter(model, name: str | None = None) -> None:
     if len(names) == len(model.adapters):
         peft.base_model.unload()
         _set_peft(model, None)
+        model.__dict__.pop("_base_encoder", None)
         model.adapters.clear()
         model.active_adapter = None
         return
@@ -144,6 +150,26 @@ def detach_adapter(model, name: str | None = None) -> None:
         peft.base_model.delete_adapter(n)
         del model.adapters[n]
     model.active_adapter = next(iter(model.adapters))
+
+
+def pathway_encoder(model, adapter: str | None, on: bool) -> nn.Module | None:
+    """The backbone twin for a forward with adapter `adapter` on or off (see model/pathways.py); None where the
+    PEFT-wrapped backbone must run instead (no adapter loaded through attach_adapter, or one that cannot merge)."""
+    base = model.__dict__.get("_base_encoder")
+    if base is None or (on and adapter is None):
+        return None
+    if not on:
+        return base
+    loaded = model.adapters[adapter]
+    if loaded.merged is None:
+        loaded.merged = merged_copy(base, model.encoder, adapter) or False
+    return loaded.merged or None
+
+
+def decode_encoders(model) -> list[nn.Module]:
+    """Every backbone tree the runtime may run: the PEFT-managed one and the inference twins built so far."""
+    twins = [model.__dict__.get("_base_encoder")] + [a.merged for a in model.adapters.values()]
+    return [model.encoder] + [t for t in twins if isinstance(t, nn.Module)]
 
 
 @contextmanager
@@ -164,22 +190,37 @@ def lora_enabled(model, adapter: str | None, on: bool) -> Iterator[None]:
         peft.base_model.disable_adapter_layers()
 
 
+class TokenGate:
+    """Forward pre-hook on an adapter's LoRA A matrices: their input times the current per-token gate (None: no
+    gate). Installed once per adapter, so compiled forwards see the same hooks every call."""
+
+    def __init__(self) -> None:
+        self.gate: torch.Tensor | None = None
+
+    def __call__(self, _module: nn.Module, args: tuple) -> tuple | None:
+        return None if self.gate is None else (args[0] * self.gate.to(args[0].dtype),)
+
+
+def _token_gate(model, adapter: str) -> TokenGate:
+    loaded = model.adapters[adapter]
+    if loaded.gate is None:
+        loaded.gate = TokenGate()
+        for module in peft_of(model).base_model.model.modules():
+            lora_a = getattr(module, "lora_A", None)
+            if isinstance(lora_a, nn.ModuleDict) and adapter in lora_a:
+                lora_a[adapter].register_forward_pre_hook(loaded.gate)
+    return loaded.gate
+
+
 @contextmanager
 def lora_token_gate(model, adapter: str, gate: torch.Tensor) -> Iterator[None]:
     """Run the enclosed forwards with adapter `adapter` on for the tokens where gate (batch, q) is True and off for
     the others. Each LoRA A matrix sees its input times the gate, so a gated-off token's delta B(A(0)) is exactly 0
     and its output equals the base model's bit for bit."""
-    peft = peft_of(model)
-    scale = gate[..., None]
-    hooks = []
+    hook = _token_gate(model, adapter)
     with lora_enabled(model, adapter, True):
-        for module in peft.base_model.model.modules():
-            lora_a = getattr(module, "lora_A", None)
-            if isinstance(lora_a, nn.ModuleDict) and adapter in lora_a:
-                hooks.append(lora_a[adapter].register_forward_pre_hook(
-                    lambda _module, args: (args[0] * scale.to(args[0].dtype),)))
+        hook.gate = gate[..., None]
         try:
             yield
         finally:
-            for hook in hooks:
-                hook.remove()
+            hook.gate = None

@@ -76,12 +76,14 @@ class TriModeModel(nn.Module):
         position_ids: torch.Tensor | None = None,
         cache: Any = None,
         logits_index: torch.Tensor | slice | None = None,
+        encoder: nn.Module | None = None,
     ) -> tuple[torch.Tensor, Any]:
         """Run the backbone with an explicit 4D mask and positions; return (logits, cache).
 
         logits_index selects query positions before the head (saves the vocab projection elsewhere).
+        encoder: an inference twin of the backbone (model/pathways.py) to run instead of `self.encoder`.
         """
-        out = self.encoder(
+        out = (encoder or self.encoder)(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,

@@ -1,0 +1,57 @@
+"""Inference-only twins of the backbone that skip PEFT's per-layer wrappers.
+
+With an adapter attached, every targeted Linear goes through PEFT's LoRA wrapper even when the adapter is off;
+on a small or launch-bound model that doubles the cost of an AR or verify forward. The runtime therefore keeps:
+- a base twin: the backbone's module tree as it was before PEFT wrapped it (the same leaf modules and weights), for
+  forwards with the adapter off;
+- a merged twin per adapter: the base twin with each targeted Linear replaced by one holding W + scaling * B @ A,
+  for forwards with the adapter on (drafts), at the base model's cost. It copies the targeted weights only.
+Forwards that gate the adapter per token, adapters being trained, and quantized bases keep using PEFT.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+
+def structure_copy(module: nn.Module) -> nn.Module:
+    """A copy of the module tree whose containers are new objects and whose leaves (modules without children) are
+    the same objects: parameters are shared, and wrapping a child in the original no longer shows in the copy."""
+    if not module._modules:
+        return module
+    twin = copy.copy(module)
+    twin._modules = {name: structure_copy(child) for name, child in module._modules.items()}
+    twin._parameters = dict(module._parameters)
+    twin._buffers = dict(module._buffers)
+    return twin
+
+
+def _set_submodule(root: nn.Module, path: str, new: nn.Module) -> None:
+    parent_path, _, name = path.rpartition(".")
+    parent = root.get_submodule(parent_path) if parent_path else root
+    parent._modules[name] = new
+
+
+def merged_copy(base_twin: nn.Module, wrapped: nn.Module, adapter: str) -> nn.Module | None:
+    """base_twin with adapter `adapter` merged into copies of the Linear layers that PEFT wrapped in `wrapped` (the
+    same tree after PEFT); None when a wrapped layer is not a plain Linear (quantized) or uses a LoRA variant."""
+    twin = structure_copy(base_twin)
+    for path, layer in wrapped.named_modules():
+        lora_a = getattr(layer, "lora_A", None)
+        if not isinstance(lora_a, nn.ModuleDict) or adapter not in lora_a:
+            continue
+        base = layer.get_base_layer()
+        if type(base) is not nn.Linear or adapter in getattr(layer, "lora_variant", {}):
+            return None
+        merged = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None,
+                           device=base.weight.device, dtype=base.weight.dtype)
+        with torch.no_grad():
+            merged.weight.copy_(base.weight + layer.get_delta_weight(adapter).to(base.weight.dtype))
+            if base.bias is not None:
+                merged.bias.copy_(base.bias)
+        merged.requires_grad_(False)
+        _set_submodule(twin, path, merged)
+    return twin
