@@ -1,0 +1,42 @@
+"""Inference twins of the backbone (model/pathways.py) and the compiled decode path."""
+
+import pytest
+import torch
+
+from nld_lora.model.adapters import lora_enabled, pathway_encoder
+from nld_lora.model.masks import causal_mask, draft_mask
+from tests.helpers import make_adapter, random_prompts, tiny_model
+
+
+@torch.no_grad()
+def test_twins_reproduce_peft_with_the_adapter_off_and_on(tmp_path):
+    model = tiny_model(seed=2)
+    keys = set(model.state_dict())
+    name = model.attach_adapter(make_adapter(model, tmp_path / "lora", target_modules=("q_proj", "down_proj")))
+    ids = torch.tensor([[4, 8, 15, 16, 23, 42]])
+    valid = torch.ones(1, 6, dtype=torch.bool)
+    pos = torch.arange(6)[None]
+    for mask in (causal_mask(valid, 6), draft_mask(valid, 6)):
+        with lora_enabled(model, name, False):
+            off = model(ids, attention_mask=mask, position_ids=pos)[0]
+        with lora_enabled(model, name, True):
+            on = model(ids, attention_mask=mask, position_ids=pos)[0]
+        base = model(ids, attention_mask=mask, position_ids=pos, encoder=pathway_encoder(model, name, False))[0]
+        merged = model(ids, attention_mask=mask, position_ids=pos, encoder=pathway_encoder(model, name, True))[0]
+        assert torch.equal(base, off)
+        assert torch.allclose(merged, on, atol=1e-5) and not torch.allclose(merged, off, atol=1e-3)
+    assert pathway_encoder(model, name, True) is pathway_encoder(model, name, True)  # built once
+    model.detach_adapter()
+    assert set(model.state_dict()) == keys and pathway_encoder(model, None, False) is None
+
+
+@pytest.mark.slow
+def test_compiled_decoding_is_lossless_and_leaves_the_model_eager(tmp_path):
+    model = tiny_model(seed=1)
+    model.attach_adapter(make_adapter(model, tmp_path / "lora"))
+    prompts = random_prompts(3, seed=4)
+    ar = model.generate(prompts, mode="ar", max_new_tokens=12, batch_size=1)
+    for mode in ("ar", "self_spec", "self_spec_quadratic"):
+        res = model.generate(prompts, mode=mode, max_new_tokens=12, batch_size=1, compile=True, draft_len=2)
+        assert res.sequences == ar.sequences, mode
+    assert model.encoder._compiled_call_impl is None
