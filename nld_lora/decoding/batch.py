@@ -53,7 +53,7 @@ def make_layout(kind: str, q: int, masks_per_row: int, device: torch.device) -> 
         rows = q // (1 + masks_per_row)
         drafting = torch.arange(q, device=device) >= rows
         return BlockLayout(quadratic_pattern(rows, masks_per_row, device),
-                           quadratic_offsets(rows, masks_per_row, device), drafting, False, True)
+                           quadratic_offsets(rows, masks_per_row, device), drafting, False, masks_per_row > 0)
     drafts = kind == "bidirectional"
     return BlockLayout(block_pattern(kind, q, device), torch.arange(q, device=device),
                        torch.full((q,), drafts, device=device), drafts, drafts)

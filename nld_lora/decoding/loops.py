@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from nld_lora.decoding.auto import DraftPlanner
 from nld_lora.decoding.batch import DecodeBatch
 from nld_lora.decoding.lookup import ngram_draft
 from nld_lora.decoding.outputs import Outputs
@@ -159,14 +160,44 @@ def _record(batch: DecodeBatch, out: Outputs, starts: list[int], accepted: list[
     return new
 
 
+def _planner(batch: DecodeBatch, cfg: DecodeSettings, quadratic: bool) -> DraftPlanner | None:
+    """The adaptive draft-length planner (prior: the adapter's evaluated per-position rates), or None."""
+    if not cfg.adaptive_draft:
+        return None
+    loaded = batch.model.adapters.get(batch.adapter) if batch.adapter else None
+    prior = (loaded.meta.get("eval") or {}).get("per_position") if loaded is not None and not quadratic else None
+    return DraftPlanner(cfg.draft_len, quadratic, prior)
+
+
+def _ar_step(batch: DecodeBatch, out: Outputs, cfg: DecodeSettings, gen: torch.Generator,
+             seeds: torch.Tensor) -> torch.Tensor:
+    logits = batch.forward(seeds[:, None], "ar")
+    batch.advance([1] * len(batch))
+    seeds = select_tokens(logits[:, -1], cfg.temperature, gen, cfg.top_k, cfg.top_p)
+    return _commit_rows(batch, out, [[t] for t in seeds.tolist()], seeds)
+
+
+def _note_choice(batch: DecodeBatch, out: Outputs, k: int) -> None:
+    for rid in batch.rows:
+        out.stats[rid].draft_len_choices.append(k)
+
+
 def run_self_spec(batch: DecodeBatch, out: Outputs, cfg: DecodeSettings, gen: torch.Generator) -> None:
-    """Draft [seed, mask x k] bidirectionally (adapter on), verify causally (adapter off), keep prefix + bonus."""
+    """Draft [seed, mask x k] bidirectionally (adapter on), verify causally (adapter off), keep prefix + bonus.
+    With adaptive_draft, k is chosen per cycle (0: an AR step)."""
     seeds = _prefill(batch, out, cfg, gen)
     mask_id = batch.model.mask_token_id
-    k = cfg.draft_len
+    planner = _planner(batch, cfg, quadratic=False)
     cycle = 0
     while len(batch):
         n_rows = len(batch)
+        k = planner.choose(batch) if planner else cfg.draft_len
+        if planner:
+            _note_choice(batch, out, k)
+        if k == 0:
+            seeds = _ar_step(batch, out, cfg, gen, seeds)
+            planner.finish(k)
+            continue
         lookups = _lookup_drafts(batch, out, cfg, k)
         draft_logits = None
         if lookups is not None and all(lookups):
@@ -183,6 +214,9 @@ def run_self_spec(batch: DecodeBatch, out: Outputs, cfg: DecodeSettings, gen: to
         tokens, n_acc = _verify(target, drafts, draft_logits, cfg, gen, batch, cycle)
         accepted, drafted, emitted = _to_host(n_acc, drafts, tokens)
         batch.advance([a + 1 for a in accepted])
+        if planner:
+            planner.record(accepted, k)
+            planner.finish(k)
         new = _record(batch, out, starts, accepted, drafted, emitted, lookups)
         seeds = tokens[torch.arange(n_rows, device=tokens.device), n_acc].long()
         seeds = _commit_rows(batch, out, new, seeds)
@@ -191,19 +225,23 @@ def run_self_spec(batch: DecodeBatch, out: Outputs, cfg: DecodeSettings, gen: to
 
 def run_self_spec_quadratic(batch: DecodeBatch, out: Outputs, cfg: DecodeSettings, gen: torch.Generator) -> None:
     """Single-forward self-speculation: one forward verifies the drafts d_1..d_k after the seed d_0 and drafts the
-    next block. Input [d_0..d_k, then k+1 sub-blocks of k+1 masks] (layout: masks.quadratic_pattern); row d_i is
+    next block. Input [d_0..d_k, then k+1 sub-blocks of k'+1 masks] (layout: masks.quadratic_pattern); row d_i is
     causal (adapter off), sub-block i's masks see d_0..d_i and themselves (adapter on). After n accepted drafts the
-    bonus token is AR's prediction at row d_n and the next drafts are sub-block n's mask predictions 2..k+1 (its
-    first mask sits where the bonus token goes). The first forward has no drafts to verify: it only drafts."""
+    bonus token is AR's prediction at row d_n and the next drafts are sub-block n's mask predictions 2..k'+1 (its
+    first mask sits where the bonus token goes). The first forward has no drafts to verify: it only drafts.
+    k' = k except with adaptive_draft, which picks it per cycle (0: no masks, a plain verify forward)."""
     seeds = _prefill(batch, out, cfg, gen)
     mask_id = batch.model.mask_token_id
-    k = cfg.draft_len
-    masks_per_row = k + 1
+    planner = _planner(batch, cfg, quadratic=True)
     drafts = torch.empty(len(batch), 0, dtype=torch.long, device=seeds.device)
     draft_logits = None
     cycle = 0
     while len(batch):
         n_rows, n_drafts = drafts.shape
+        next_len = planner.choose(batch) if planner else cfg.draft_len
+        if planner:
+            _note_choice(batch, out, next_len)
+        masks_per_row = next_len + 1 if next_len else 0
         lookups = _lookup_drafts(batch, out, cfg, n_drafts) if n_drafts else None
         if lookups is not None:
             drafts = _merge_drafts(lookups, drafts, n_drafts, mask_id, seeds.device)
@@ -217,14 +255,24 @@ def run_self_spec_quadratic(batch: DecodeBatch, out: Outputs, cfg: DecodeSetting
             tokens, n_acc = _verify(logits[:, :verify_rows], drafts, draft_logits, cfg, gen, batch, cycle)
             accepted, drafted, emitted = _to_host(n_acc, drafts, tokens)
             new = _record(batch, out, starts, accepted, drafted, emitted, lookups)
+            if planner:
+                planner.record(accepted, n_drafts)
         else:
             tokens = select_tokens(logits[:, :1], cfg.temperature, gen, cfg.top_k, cfg.top_p)
             n_acc = torch.zeros(n_rows, dtype=torch.long, device=seeds.device)
             accepted, new = [0] * n_rows, tokens.tolist()
         batch.advance([a + 1 for a in accepted])
-        sub_blocks = logits[:, verify_rows:].reshape(n_rows, verify_rows, masks_per_row, -1)
-        draft_logits = sub_blocks[rows, n_acc, 1:]
-        drafts = select_tokens(draft_logits, cfg.temperature, gen, cfg.top_k, cfg.top_p)
+        if planner:
+            planner.finish(next_len)
+        if masks_per_row:
+            sub_blocks = logits[:, verify_rows:].reshape(n_rows, verify_rows, masks_per_row, -1)
+            draft_logits = sub_blocks[rows, n_acc, 1:]
+            drafts = select_tokens(draft_logits, cfg.temperature, gen, cfg.top_k, cfg.top_p)
+        else:
+            draft_logits, drafts = None, torch.empty(n_rows, 0, dtype=torch.long, device=seeds.device)
         seeds = tokens[rows, n_acc].long()
-        seeds, drafts, draft_logits = _commit_rows(batch, out, new, seeds, drafts, draft_logits)
+        if draft_logits is None:
+            seeds, drafts = _commit_rows(batch, out, new, seeds, drafts)
+        else:
+            seeds, drafts, draft_logits = _commit_rows(batch, out, new, seeds, drafts, draft_logits)
         cycle += 1

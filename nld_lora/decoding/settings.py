@@ -33,7 +33,10 @@ class DecodeSettings:
     threshold: float = 0.9  # diffusion: commit every masked position at least this confident
     policy: str = "confidence"  # diffusion: the forced commit per step (confidence | leftmost)
     max_steps: int | None = None  # diffusion: denoising steps per block (None: block_size - 1)
-    draft_len: int | None = None  # self-spec: None = the adapter's trained draft_len, else block_size - 1
+    draft_len: int | str | None = None  # self-spec: None = the adapter's trained draft_len, else block_size - 1;
+    # "auto" = adaptive_draft with the default as the ceiling
+    adaptive_draft: bool = False  # self-spec: each cycle picks 0..draft_len drafts by measured acceptance and
+    # forward costs (decoding/auto.py); 0 = an AR step
     acceptance: str = "rejection"  # self-spec at temperature > 0: rejection sampling | exact_match (NLD's rule)
     ngram: int = 0  # self-spec, greedy: prompt-lookup drafts (longest matching suffix up to ngram tokens) when one
     # matches, the diffusion draft otherwise; a cycle whose every row matched skips the draft forward. 0 = off
@@ -48,6 +51,8 @@ class DecodeSettings:
             raise ValueError(f"block_size must be >= 1; got {self.block_size}")
         if self.ngram < 0:
             raise ValueError(f"ngram must be >= 0; got {self.ngram}")
+        if isinstance(self.draft_len, str) and self.draft_len != "auto":
+            raise ValueError(f"draft_len must be an integer or 'auto'; got {self.draft_len!r}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0; got {self.temperature}")
         return self
@@ -57,8 +62,12 @@ class DecodeSettings:
         """A copy with block_size and draft_len filled in (linear mode: the adapter's trained draft_len wins over the
         default; single-forward mode keeps its own small default)."""
         block = self.block_size or model_block_size
-        draft = self.draft_len if self.draft_len is not None or quadratic else adapter_draft_len
-        return dataclasses.replace(self, block_size=block, draft_len=resolve_draft_len(block, draft, quadratic))
+        auto = self.draft_len == "auto"
+        draft = None if auto else self.draft_len
+        if draft is None and not quadratic and not auto:
+            draft = adapter_draft_len
+        return dataclasses.replace(self, block_size=block, draft_len=resolve_draft_len(block, draft, quadratic),
+                                   adaptive_draft=self.adaptive_draft or auto)
 
     def replace(self, **changes) -> DecodeSettings:
         """A copy with some fields changed; unknown names are an error that lists the valid ones."""

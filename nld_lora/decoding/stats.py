@@ -40,6 +40,7 @@ class RequestStats:
     cycle_starts: list[int] = field(default_factory=list)
     cycle_drafts: list[list[int]] = field(default_factory=list)
     lookup_cycles: int = 0  # cycles whose draft came from prompt lookup (DecodeSettings.ngram)
+    draft_len_choices: list[int] = field(default_factory=list)  # per cycle, with adaptive_draft (0 = an AR step)
     finish_reason: str = ""
     wall_s: float = 0.0
 
@@ -122,6 +123,15 @@ class GenerationStats:
         return sum(r.lookup_cycles for r in self.requests)
 
     @property
+    def draft_len_choices(self) -> dict[int, int]:
+        """How often each draft length was chosen (adaptive_draft; empty otherwise), 0 = an AR step."""
+        counts: dict[int, int] = {}
+        for r in self.requests:
+            for k in r.draft_len_choices:
+                counts[k] = counts.get(k, 0) + 1
+        return dict(sorted(counts.items()))
+
+    @property
     def per_position_attempts(self) -> list[int]:
         """Cycles that reached draft position j (pooled over requests)."""
         return _pooled(self.requests, "position_attempts")
@@ -141,5 +151,5 @@ class GenerationStats:
             "acceptance_length": self.acceptance_length, "acceptance_lengths": self.acceptance_lengths,
             "per_position_acceptance": self.per_position_acceptance, "wall_s": self.wall_s,
             "forward_s": self.forward_s, "overhead_share": self.overhead_share,
-            "tokens_per_s": self.tokens_per_s, "per_request": [r.as_dict() for r in self.requests],
+            "tokens_per_s": self.tokens_per_s, "draft_len_choices": self.draft_len_choices, "per_request": [r.as_dict() for r in self.requests],
         }

@@ -1,0 +1,60 @@
+"""draft_len="auto": the planner's rule, and that adaptive decoding stays lossless and reports its choices."""
+
+import pytest
+
+from nld_lora.decoding.auto import DraftPlanner, expected_tokens
+from tests.helpers import make_adapter, random_prompts, tiny_model
+
+
+def test_expected_tokens_is_one_plus_the_survival_sum():
+    assert expected_tokens([0.5, 0.5, 0.5], 0) == 1.0
+    assert expected_tokens([0.5, 0.5, 0.5], 3) == pytest.approx(1 + 0.5 + 0.25 + 0.125)
+
+
+class _Rows:
+    def __init__(self, n: int):
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+
+def _planner_with_costs(rates: list[float], costs: list[float], quadratic: bool = False) -> DraftPlanner:
+    planner = DraftPlanner(len(rates), quadratic, prior=rates)
+    planner._costs[1] = costs  # seconds per cycle for k = 0..max_len, as forward_seconds would have measured them
+    return planner
+
+
+def test_planner_drafts_only_where_positions_pay_for_themselves():
+    flat = [1.0] * 5  # drafting costs no more than an AR step: take every position worth anything
+    assert _planner_with_costs([0.9] * 4, flat).choose(_Rows(1)) == 4
+    steep = [1.0, 2.0, 2.2, 2.4, 2.6]  # a cycle costs two forwards: rates of 0.3 never pay for it
+    assert _planner_with_costs([0.3] * 4, steep).choose(_Rows(1)) == 0
+    cliff = [1.0, 1.0, 1.0, 9.0, 9.0]  # positions 3+ cost far more than they return
+    assert _planner_with_costs([0.9] * 4, cliff).choose(_Rows(1)) == 2
+
+
+def test_planner_learns_rates_and_the_runtime_overhead():
+    planner = _planner_with_costs([0.9] * 4, [1.0, 1.5, 1.6, 1.7, 1.8])
+    assert planner.choose(_Rows(1)) == 4
+    for _ in range(40):
+        planner.record([0, 0, 0], drafted=4)  # three rows, no draft accepted
+    assert planner.rates()[0] < 0.05 and planner.choose(_Rows(1)) == 0
+    planner.time_ratio[False] = 10.0  # AR steps measured far slower than predicted: speculation wins again
+    assert planner.choose(_Rows(1)) > 0
+
+
+@pytest.mark.parametrize("mode", ["self_spec", "self_spec_quadratic"])
+def test_auto_draft_len_is_lossless_and_reports_its_choices(mode, tmp_path):
+    model = tiny_model(seed=1)
+    prompts = random_prompts(6, seed=2)
+    ar = model.generate(prompts, mode="ar", max_new_tokens=20, batch_size=3)
+    model.attach_adapter(make_adapter(model, tmp_path / "lora"))
+    for kw in ({}, {"ngram": 2}):
+        res = model.generate(prompts, mode=mode, max_new_tokens=20, batch_size=3, draft_len="auto", **kw)
+        assert res.sequences == ar.sequences
+        assert res.settings.adaptive_draft and res.settings.draft_len >= 1
+        choices = res.stats.draft_len_choices
+        assert sum(choices.values()) > 0 and all(0 <= k <= res.settings.draft_len for k in choices)
+    with pytest.raises(ValueError, match="integer or 'auto'"):
+        model.generate(prompts, mode=mode, draft_len="longest")
