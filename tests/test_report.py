@@ -12,6 +12,7 @@ from nld_lora.decoding.settings import DecodeSettings
 from nld_lora.decoding.stats import GenerationStats, RequestStats
 from nld_lora.report import ReportConfig, build_report
 from nld_lora.report.metrics import bootstrap_ci, histogram, pooled_acceptance, summarize_run, token_agreement
+from nld_lora.report.speed import SPEED_CANDIDATES
 from tests.helpers import ROOT, make_adapter, saved_tiny_model
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -74,6 +75,10 @@ def test_report_files_exist_parse_and_agree(tmp_path):
     md = (tmp_path / "rep" / "report.md").read_text()
     assert f"{on_disk['before']['acceptance_length']:.3f}" in md and f"{on_disk['after']['tpf']:.3f}" in md
     assert "**0 mismatching prompts**" in md
+    fastest = on_disk["after"]["fastest"]
+    assert fastest["mode"] in SPEED_CANDIDATES and fastest["mode"] in md and fastest["tokens_per_s_batch1"] > 0
+    assert fastest["selection_prompts"] == 2 and not fastest["selected_on_timed_prompts"]
+    assert fastest["selection_tokens_per_s"][fastest["mode"]] == max(fastest["selection_tokens_per_s"].values())
     for name in on_disk["plots"].values():
         data = (tmp_path / "rep" / name).read_bytes()
         assert data.startswith(PNG_MAGIC) and f"]({name})" in md

@@ -26,6 +26,7 @@ from nld_lora.report.metrics import (
     token_agreement,
 )
 from nld_lora.report.plots import plot_categories, plot_histograms, plot_per_position
+from nld_lora.report.speed import fastest_mode
 from nld_lora.report.writers import write_markdown
 
 SCHEMA_VERSION = 1
@@ -44,6 +45,8 @@ class ReportConfig:
     use_chat_template: bool | None = None  # as in collection: None = only conversations / with a system prompt
     lora_mode: str = "draft_only"  # "both" also runs verify with the adapter: output then differs from AR
     fit_prompts: int = 0  # also measure before/after on this many training prompts (fit vs transfer)
+    fastest_mode: bool = True  # speed rows also for the fastest lossless mode (report/speed.py), chosen on
+    # the speed_prompts that follow the timed ones
 
 
 def machine_info() -> dict[str, Any]:
@@ -94,6 +97,13 @@ def build_report(model: Any, adapters: list[str], prompts: str | Path, out_dir: 
     for run in runs.values():
         run["speedup_vs_ar"] = safe_ratio(run["tokens_per_s"], runs["ar"]["tokens_per_s"])
         run["speedup_vs_ar_batch1"] = safe_ratio(run["tokens_per_s_batch1"], runs["ar"]["tokens_per_s_batch1"])
+    if cfg.fastest_mode:
+        timed = texts[: cfg.speed_prompts]
+        selection = texts[cfg.speed_prompts: 2 * cfg.speed_prompts] or timed
+        for label in ("before", *names):
+            runs[label]["fastest"] = fastest_mode(model, selection, timed, plans[label]["adapter"], settings,
+                                                  cfg.max_new_tokens, runs["ar"]["tokens_per_s_batch1"])
+            runs[label]["fastest"]["selected_on_timed_prompts"] = selection is timed
 
     spec_labels = ["before", *names]
     greedy = settings.temperature <= 0
@@ -193,6 +203,11 @@ def headline(report: dict[str, Any]) -> str:
         f"(batch {report['settings']['batch_size']}); AR {report['ar']['tokens_per_s']:.1f} tok/s",
         f"lossless check     {report['lossless']['mismatches']} mismatching prompts of {report['n_prompts']}",
     ]
+    if "fastest" in a:
+        fb, fa = b["fastest"], a["fastest"]
+        lines.append(f"fastest lossless   {fb['mode']} {fb['speedup_vs_ar_batch1']:.2f}x -> {fa['mode']} "
+                     f"{fa['speedup_vs_ar_batch1']:.2f}x AR at batch 1; AR {report['ar']['tokens_per_s_batch1']:.1f} "
+                     "tok/s")
     if "fit" in report:
         fit = report["fit"]
         lines.append(f"fit vs transfer    {100 * fit['gain']:+.1f}% on {fit['n_prompts']} training prompts, "

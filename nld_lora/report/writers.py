@@ -17,6 +17,18 @@ def _pct(x: float) -> str:
     return f"{100 * x:+.1f}%"
 
 
+def _fastest_rows(report: dict[str, Any]) -> list[str]:
+    """Headline rows for the fastest lossless mode (report/speed.py), when the report measured it."""
+    b, a = report["before"].get("fastest"), report["after"].get("fastest")
+    if not (b and a):
+        return []
+    where = "the timed prompts (too few prompts to hold some out)" if a["selected_on_timed_prompts"] else \
+        f"{a['selection_prompts']} other prompts"
+    return [f"| fastest lossless mode, batch 1 (chosen on {where}) | {b['mode']} | {a['mode']} | |",
+            f"| its tokens/s, batch 1 | {b['tokens_per_s_batch1']:.1f} ({b['speedup_vs_ar_batch1']:.2f}x AR) | "
+            f"{a['tokens_per_s_batch1']:.1f} ({a['speedup_vs_ar_batch1']:.2f}x AR) | |"]
+
+
 def _fit_lines(report: dict[str, Any]) -> list[str]:
     """Fit vs transfer: the adapter's gain on prompts it was trained on next to its gain on held-out ones."""
     if "fit" not in report:
@@ -81,6 +93,7 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
         f"{report['after']['speedup_vs_ar']:.2f}x | |",
         f"| speedup vs AR (batch 1) | {report['before']['speedup_vs_ar_batch1']:.2f}x | "
         f"{report['after']['speedup_vs_ar_batch1']:.2f}x | |",
+        *_fastest_rows(report),
         "",
         f"Lossless check (greedy self-spec vs AR): **{report['lossless']['mismatches']} mismatching prompts**"
         if report["lossless"]["checked"] else "Lossless check: not applicable (sampling).",
