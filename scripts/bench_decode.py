@@ -1,6 +1,8 @@
 """Decode benchmark: per mode, at batch 1 and batch 8, TPF, mean acceptance, tokens/s, speedup over AR and the
-runtime's overhead share (wall time outside model forwards / total wall time), plus transformers' own greedy
-`generate` and its prompt-lookup decoding on the same weights (the model's AR view) as batch-1 baselines.
+runtime's overhead share (wall time outside model forwards / total wall time) and, for draft_len="auto", the draft
+lengths chosen (k:cycles, 0 = an AR step); rows with torch.compile (compiled once outside the timing); plus
+transformers' own greedy `generate` and its prompt-lookup decoding on the same weights (the model's AR view) as
+batch-1 baselines.
 
     python scripts/bench_decode.py [--model data/tiny-nld-code] [--adapter DIR] [--prompts FILE] [--n 32]
 
@@ -44,6 +46,40 @@ def transformers_rows(model, args, prompt_ids: list[list[int]], ar_sequences: li
     return rows
 
 
+def decode_rows(args, model) -> list[tuple[str, dict]]:
+    """(label, generate keywords) per row; the first row (eager AR) is the speed reference of its batch size."""
+    ngram = {"ngram": args.ngram} if args.ngram else {}
+    rows = [("ar", {"mode": "ar"}), ("diffusion", {"mode": "diffusion"}), ("self_spec", {"mode": "self_spec"}),
+            ("self_spec auto", {"mode": "self_spec", "draft_len": "auto"}),
+            ("self_spec_quadratic k3", {"mode": "self_spec_quadratic"}),
+            ("self_spec_quadratic auto", {"mode": "self_spec_quadratic", "draft_len": "auto"})]
+    if ngram:
+        rows += [("self_spec ngram", {"mode": "self_spec", **ngram}),
+                 ("self_spec auto ngram", {"mode": "self_spec", "draft_len": "auto", **ngram}),
+                 ("self_spec_quadratic k3 ngram", {"mode": "self_spec_quadratic", **ngram})]
+    if args.adapter:
+        model.attach_adapter(args.adapter)
+        lora = {"adapter": model.active_adapter}
+        rows += [("self_spec+lora", {"mode": "self_spec", **lora}),
+                 ("self_spec+lora auto", {"mode": "self_spec", "draft_len": "auto", **lora}),
+                 ("self_spec_quadratic+lora k3", {"mode": "self_spec_quadratic", **lora})]
+        if ngram:
+            rows += [("self_spec+lora ngram", {"mode": "self_spec", **lora, **ngram}),
+                     ("self_spec+lora auto ngram", {"mode": "self_spec", "draft_len": "auto", **lora, **ngram})]
+    if args.compile_batches:
+        best = [("compiled ar", {"mode": "ar"}), ("compiled self_spec ngram", {"mode": "self_spec", **ngram}),
+                ("compiled self_spec_quadratic k3", {"mode": "self_spec_quadratic"})]
+        if args.adapter:
+            best.append(("compiled self_spec+lora ngram", {"mode": "self_spec", "adapter": model.active_adapter,
+                                                            **ngram}))
+        rows += [(label, {**kw, "compile": True}) for label, kw in best]
+    return rows
+
+
+def compile_batches(args) -> set[int]:
+    return {int(b) for b in args.compile_batches.split(",")} if args.compile_batches else set()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="data/tiny-nld-code")
@@ -57,42 +93,40 @@ def main() -> None:
     p.add_argument("--lookup", type=int, default=10, help="prompt_lookup_num_tokens of the transformers baseline")
     p.add_argument("--no-transformers", action="store_true", help="skip the transformers baseline rows")
     p.add_argument("--ngram", type=int, default=3, help="adds self_spec rows with prompt-lookup drafts (0: none)")
+    p.add_argument("--compile-batches", default="1", help="batch sizes that also get torch.compile rows ('': none)")
     args = p.parse_args()
     model = nld_lora.load(args.model, device=args.device, dtype=args.dtype)
     records, _ = read_prompts(args.prompts, limit=args.n)
     prompts = [r.prompt for r in records]
-    rows = [("ar", {"mode": "ar"}), ("diffusion", {"mode": "diffusion"}), ("self_spec", {"mode": "self_spec"})]
-    if args.ngram:
-        rows.append(("self_spec+ngram", {"mode": "self_spec", "ngram": args.ngram}))
-    if args.adapter:
-        model.attach_adapter(args.adapter)
-        rows.append(("self_spec+lora", {"mode": "self_spec", "adapter": model.active_adapter}))
-        if args.ngram:
-            rows.append(("self_spec+lora+ngram", {"mode": "self_spec", "adapter": model.active_adapter,
-                                                  "ngram": args.ngram}))
+    rows = decode_rows(args, model)
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
     print(f"model {args.model}, {len(prompts)} prompts, {args.max_new_tokens} new tokens, device {device}, "
           f"torch threads {torch.get_num_threads()}")
-    print(f"{'batch':>5} {'mode':>20} {'TPF':>7} {'accept':>7} {'tok/s':>9} {'vs AR':>7} {'overhead':>9}")
+    print(f"{'batch':>5} {'mode':>30} {'TPF':>7} {'accept':>7} {'tok/s':>9} {'vs AR':>7} {'overhead':>9}  draft lens")
     model.generate(prompts[:2], mode="self_spec", max_new_tokens=8, adapter=False)  # warm-up
     ar_batch1 = None
     for bs in [int(b) for b in args.batch_sizes.split(",")]:
         ar_speed = None
         for label, kw in rows:
+            if kw.get("compile") and bs not in compile_batches(args):
+                continue
             kw = {"adapter": False, **kw}
+            if kw.get("compile"):  # compile outside the timing: every shape family once, on two prompts
+                model.generate(prompts[:2], max_new_tokens=args.max_new_tokens, batch_size=bs, **kw)
             res = model.generate(prompts, max_new_tokens=args.max_new_tokens, batch_size=bs, profile=True, **kw)
             st = res.stats
             if ar_speed is None:
                 ar_speed = st.tokens_per_s
                 if bs == 1:
                     ar_batch1 = res
-            acc = f"{st.acceptance_length:.2f}" if kw["mode"] == "self_spec" else "-"
-            print(f"{bs:>5} {label:>20} {st.tpf:>7.3f} {acc:>7} {st.tokens_per_s:>9.1f} "
-                  f"{st.tokens_per_s / ar_speed:>6.2f}x {100 * st.overhead_share:>8.1f}%")
+            acc = f"{st.acceptance_length:.2f}" if kw["mode"].startswith("self_spec") else "-"
+            chosen = " ".join(f"{k}:{n}" for k, n in st.draft_len_choices.items())
+            print(f"{bs:>5} {label:>30} {st.tpf:>7.3f} {acc:>7} {st.tokens_per_s:>9.1f} "
+                  f"{st.tokens_per_s / ar_speed:>6.2f}x {100 * st.overhead_share:>8.1f}%  {chosen}")
     if ar_batch1 is not None and not args.no_transformers:
         ar_speed = ar_batch1.stats.tokens_per_s
         for label, speed, same in transformers_rows(model, args, ar_batch1.prompt_ids, ar_batch1.sequences):
-            print(f"{1:>5} {label:>20} {'-':>7} {'-':>7} {speed:>9.1f} {speed / ar_speed:>6.2f}x {'-':>9}"
+            print(f"{1:>5} {label:>30} {'-':>7} {'-':>7} {speed:>9.1f} {speed / ar_speed:>6.2f}x {'-':>9}"
                   f"   (same tokens as the runtime's AR on {same}/{len(prompts)} prompts)")
 
 
