@@ -234,12 +234,28 @@ def test_profile_splits_wall_time_into_forwards_and_overhead():
     assert model.generate(random_prompts(1), mode="ar", max_new_tokens=2).stats.overhead_share is None
 
 
-def test_ngram_draft_takes_the_longest_latest_match():
-    from nld_lora.decoding.lookup import ngram_draft
+def _ngram_draft_by_scan(context: list[int], max_ngram: int, k: int) -> list[int]:
+    """Reference: scan the context backwards for the longest suffix n-gram's latest earlier match."""
+    for n in range(min(max_ngram, len(context) - 1), 0, -1):
+        for start in range(len(context) - n - 1, -1, -1):
+            if context[start:start + n] == context[-n:]:
+                return context[start + n:start + n + k]
+    return []
 
-    assert ngram_draft([5, 1, 2, 3, 9, 7, 1, 2], max_ngram=3, k=3) == [3, 9, 7]
-    assert ngram_draft([1, 2, 4, 0, 2, 5, 1, 2], max_ngram=2, k=2) == [4, 0]  # the 2-gram beats the later 1-gram
-    assert ngram_draft([4, 5, 6], max_ngram=3, k=2) == []
+
+def test_ngram_index_takes_the_longest_latest_match_as_a_scan_does():
+    from nld_lora.decoding.lookup import NgramIndex
+
+    assert NgramIndex([5, 1, 2, 3, 9, 7, 1, 2], max_ngram=3).draft(3) == [3, 9, 7]
+    assert NgramIndex([1, 2, 4, 0, 2, 5, 1, 2], max_ngram=2).draft(2) == [4, 0]  # the 2-gram beats the later 1-gram
+    assert NgramIndex([4, 5, 6], max_ngram=3).draft(2) == []
+    gen = torch.Generator().manual_seed(0)
+    for trial in range(200):
+        tokens = torch.randint(0, 4 + trial % 5, (int(torch.randint(1, 60, (1,), generator=gen)),),
+                               generator=gen).tolist()
+        index = NgramIndex(tokens[:len(tokens) // 2], max_ngram=3)
+        index.extend(tokens[len(tokens) // 2:])  # grown in two steps, as decoding does
+        assert index.draft(4) == _ngram_draft_by_scan(tokens, 3, 4), tokens
 
 
 @pytest.mark.parametrize("k", [1, 4])

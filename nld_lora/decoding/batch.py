@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from nld_lora.decoding.lookup import NgramIndex
 from nld_lora.decoding.ragged_cache import RaggedCache
 from nld_lora.decoding.stats import RequestStats
 from nld_lora.model.adapters import lora_token_gate, pathway_encoder
@@ -66,6 +67,7 @@ class DecodeBatch:
         self.model = model
         self.rows = list(request_ids)
         self.prompts = dict(zip(request_ids, prompts))  # request id -> prompt ids (prompt-lookup drafts read them)
+        self.ngram_index: dict[int, NgramIndex] = {}  # request id -> its prompt-lookup index (built on first use)
         self.stats = stats
         self.adapter = adapter
         self.lora_mode = lora_mode

@@ -7,13 +7,29 @@ always safe to verify; it pays when the text repeats itself (code, quoting the p
 from __future__ import annotations
 
 
-def ngram_draft(context: list[int], max_ngram: int, k: int, min_ngram: int = 1) -> list[int]:
-    """Up to k tokens after the latest earlier match of the longest suffix n-gram (max_ngram down to min_ngram)."""
-    for n in range(min(max_ngram, len(context) - 1), min_ngram - 1, -1):
-        pattern = context[-n:]
-        for start in range(len(context) - n - 1, -1, -1):
-            if context[start:start + n] == pattern:
-                follow = context[start + n:start + n + k]
-                if follow:
-                    return follow
-    return []
+class NgramIndex:
+    """For every n-gram (n <= max_ngram) of a growing token list, where its latest occurrence was followed: a draft
+    costs O(max_ngram) dictionary lookups, and each new token O(max_ngram) updates, whatever the context length."""
+
+    def __init__(self, tokens: list[int], max_ngram: int):
+        self.max_ngram = max_ngram
+        self.tokens: list[int] = []
+        self.follower: dict[tuple[int, ...], int] = {}  # n-gram -> position of the token after its latest occurrence
+        self.extend(tokens)
+
+    def extend(self, new: list[int]) -> None:
+        tokens = self.tokens
+        for token in new:
+            i = len(tokens)
+            for n in range(1, min(self.max_ngram, i) + 1):
+                self.follower[tuple(tokens[i - n:i])] = i
+            tokens.append(token)
+
+    def draft(self, k: int, min_ngram: int = 1) -> list[int]:
+        """Up to k tokens after the latest earlier match of the longest suffix n-gram (max_ngram down to min_ngram)."""
+        tokens = self.tokens
+        for n in range(min(self.max_ngram, len(tokens) - 1), min_ngram - 1, -1):
+            at = self.follower.get(tuple(tokens[len(tokens) - n:]))
+            if at is not None:
+                return tokens[at:at + k]
+        return []

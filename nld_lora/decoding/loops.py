@@ -6,7 +6,7 @@ import torch
 
 from nld_lora.decoding.auto import DraftPlanner
 from nld_lora.decoding.batch import DecodeBatch
-from nld_lora.decoding.lookup import ngram_draft
+from nld_lora.decoding.lookup import NgramIndex
 from nld_lora.decoding.outputs import Outputs
 from nld_lora.decoding.sampling import filter_logits, select_tokens, select_with_confidence
 from nld_lora.decoding.settings import DecodeSettings
@@ -113,7 +113,14 @@ def _lookup_drafts(batch: DecodeBatch, out: Outputs, cfg: DecodeSettings, k: int
     without draft probabilities); None when lookup is off."""
     if cfg.ngram <= 0 or cfg.temperature > 0:
         return None
-    return [ngram_draft(batch.prompts[rid] + out.tokens[rid], cfg.ngram, k) for rid in batch.rows]
+    drafts = []
+    for rid in batch.rows:
+        index = batch.ngram_index.get(rid)
+        if index is None:
+            index = batch.ngram_index[rid] = NgramIndex(batch.prompts[rid], cfg.ngram)
+        index.extend(out.tokens[rid][len(index.tokens) - len(batch.prompts[rid]):])
+        drafts.append(index.draft(k))
+    return drafts
 
 
 def _merge_drafts(lookups: list[list[int]], drafts: torch.Tensor | None, k: int, filler: int,
@@ -184,38 +191,41 @@ def _note_choice(batch: DecodeBatch, out: Outputs, k: int) -> None:
 
 def run_self_spec(batch: DecodeBatch, out: Outputs, cfg: DecodeSettings, gen: torch.Generator) -> None:
     """Draft [seed, mask x k] bidirectionally (adapter on), verify causally (adapter off), keep prefix + bonus.
-    With adaptive_draft, k is chosen per cycle (0: an AR step)."""
+    With adaptive_draft, k is chosen per cycle (0: an AR step). With prompt lookup, a cycle whose every row found
+    a lookup draft skips the draft forward and verifies only as many tokens as the longest lookup."""
     seeds = _prefill(batch, out, cfg, gen)
     mask_id = batch.model.mask_token_id
     planner = _planner(batch, cfg, quadratic=False)
     cycle = 0
     while len(batch):
         n_rows = len(batch)
-        k = planner.choose(batch) if planner else cfg.draft_len
-        if planner:
-            _note_choice(batch, out, k)
-        if k == 0:
-            seeds = _ar_step(batch, out, cfg, gen, seeds)
-            planner.finish(k)
-            continue
-        lookups = _lookup_drafts(batch, out, cfg, k)
+        lookups = _lookup_drafts(batch, out, cfg, cfg.draft_len)
         draft_logits = None
         if lookups is not None and all(lookups):
-            drafts = _merge_drafts(lookups, None, k, mask_id, seeds.device)  # every row matched: no draft forward
+            k = max(map(len, lookups))
+            drafts = _merge_drafts(lookups, None, k, mask_id, seeds.device)  # no draft forward
         else:
+            k = planner.choose(batch) if planner else cfg.draft_len
+            if planner:
+                _note_choice(batch, out, k)
+            if k == 0:
+                seeds = _ar_step(batch, out, cfg, gen, seeds)
+                planner.finish(k)
+                continue
             block = torch.full((n_rows, k + 1), mask_id, dtype=torch.long, device=seeds.device)
             block[:, 0] = seeds
             draft_logits = batch.forward(block, "draft", logits_index=slice(1, None))
             drafts = select_tokens(draft_logits, cfg.temperature, gen, cfg.top_k, cfg.top_p)
             if lookups is not None:
-                drafts = _merge_drafts(lookups, drafts, k, mask_id, seeds.device)
+                drafts = _merge_drafts([found[:k] for found in lookups], drafts, k, mask_id, seeds.device)
         starts = list(batch.lengths)
         target = batch.forward(torch.cat([seeds[:, None], drafts], 1), "verify")
         tokens, n_acc = _verify(target, drafts, draft_logits, cfg, gen, batch, cycle)
         accepted, drafted, emitted = _to_host(n_acc, drafts, tokens)
         batch.advance([a + 1 for a in accepted])
-        if planner:
-            planner.record(accepted, k)
+        if planner and draft_logits is not None:
+            if not (lookups and any(lookups)):
+                planner.record(accepted, k)
             planner.finish(k)
         new = _record(batch, out, starts, accepted, drafted, emitted, lookups)
         seeds = tokens[torch.arange(n_rows, device=tokens.device), n_acc].long()
