@@ -67,12 +67,18 @@ def decode_rows(args, model) -> list[tuple[str, dict]]:
             rows += [("self_spec+lora ngram", {"mode": "self_spec", **lora, **ngram}),
                      ("self_spec+lora auto ngram", {"mode": "self_spec", "draft_len": "auto", **lora, **ngram})]
     if args.compile_batches:
-        best = [("compiled ar", {"mode": "ar"}), ("compiled self_spec ngram", {"mode": "self_spec", **ngram}),
+        best = [("compiled ar", {"mode": "ar"}),
+                ("compiled self_spec auto ngram", {"mode": "self_spec", "draft_len": "auto", **ngram}),
                 ("compiled self_spec_quadratic k3", {"mode": "self_spec_quadratic"})]
         if args.adapter:
-            best.append(("compiled self_spec+lora ngram", {"mode": "self_spec", "adapter": model.active_adapter,
-                                                            **ngram}))
+            best.append(("compiled self_spec+lora auto ngram", {"mode": "self_spec", "draft_len": "auto",
+                                                                 "adapter": model.active_adapter, **ngram}))
         rows += [(label, {**kw, "compile": True}) for label, kw in best]
+    if args.only:
+        wanted = [w.strip() for w in args.only.split(",")]
+        rows = [row for row in rows if row[0] in wanted]
+        if not rows or rows[0][0] != "ar":
+            raise SystemExit(f"--only must start with 'ar' (the speed reference) and name existing rows; got {wanted}")
     return rows
 
 
@@ -93,6 +99,7 @@ def main() -> None:
     p.add_argument("--lookup", type=int, default=10, help="prompt_lookup_num_tokens of the transformers baseline")
     p.add_argument("--no-transformers", action="store_true", help="skip the transformers baseline rows")
     p.add_argument("--ngram", type=int, default=3, help="adds self_spec rows with prompt-lookup drafts (0: none)")
+    p.add_argument("--only", default="", help="comma-separated row labels to run (the first must be 'ar')")
     p.add_argument("--compile-batches", default="1", help="batch sizes that also get torch.compile rows ('': none)")
     args = p.parse_args()
     model = nld_lora.load(args.model, device=args.device, dtype=args.dtype)
