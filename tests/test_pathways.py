@@ -40,3 +40,24 @@ def test_compiled_decoding_is_lossless_and_leaves_the_model_eager(tmp_path):
         res = model.generate(prompts, mode=mode, max_new_tokens=12, batch_size=1, compile=True, draft_len=2)
         assert res.sequences == ar.sequences, mode
     assert model.encoder._compiled_call_impl is None
+
+
+def test_static_shape_cache_is_lossless(tmp_path):
+    """The CUDA-graph layout (attention over the whole capacity, index-tensor writes) gives the same tokens."""
+    from nld_lora.decoding.api import LOOPS
+    from nld_lora.decoding.batch import DecodeBatch
+    from nld_lora.decoding.outputs import Outputs
+    from nld_lora.decoding.settings import DecodeSettings
+
+    model = tiny_model(seed=3)
+    prompts = random_prompts(4, seed=9)
+    ar = model.generate(prompts, mode="ar", max_new_tokens=16)
+    cfg = DecodeSettings(draft_len=3).resolved(model.block_size)
+    for mode in ("ar", "self_spec", "self_spec_quadratic"):
+        out = Outputs(len(prompts), 16, model.eos_token_ids)
+        batch = DecodeBatch(model, prompts, list(range(4)), out.stats, capacity=256, static_shapes=True)
+        LOOPS[mode](batch, out, cfg, torch.Generator())
+        assert out.tokens == ar.sequences, mode
+        assert batch.cache.window == 256
+    with pytest.raises(ValueError, match="compile="):
+        model.generate(prompts, compile="max")

@@ -20,6 +20,8 @@ from nld_lora.model.adapters import LoadedAdapter, check_lora_mode, decode_encod
 
 MODES = ("ar", "diffusion", "self_spec", "self_spec_quadratic")
 SPEC_MODES = ("self_spec", "self_spec_quadratic")
+COMPILE_MODES = (False, True, "reduce-overhead")
+STATIC_CAPACITY_STEP = 256
 LOOPS = {"ar": run_ar, "diffusion": run_diffusion, "self_spec": run_self_spec,
          "self_spec_quadratic": run_self_spec_quadratic}
 
@@ -118,7 +120,7 @@ def generate(
     progress: bool = False,
     add_special_tokens: bool = True,
     profile: bool = False,
-    compile: bool = False,
+    compile: bool | str = False,
     **decode: Any,
 ) -> GenerationResult:
     """Decode prompts with mode "ar", "diffusion", "self_spec" (linear: a draft forward, then a verify forward) or
@@ -130,8 +132,10 @@ def generate(
     uses that adapter's own mode. draft_len defaults to the adapter's trained one, else block_size - 1.
     Greedy self-speculation (either mode) emits exactly AR's tokens. profile=True times every model forward (synchronising a GPU), so
     stats.forward_s and stats.overhead_share tell how much of the wall time the runtime itself costs.
-    compile=True runs the backbone through torch.compile (dynamic shapes; the first call per shape family compiles,
-    later calls in the process reuse it): it removes most per-op overhead of small models and launch-bound GPUs.
+    compile=True runs the backbone's decode forwards through torch.compile (dynamic shapes; the first call per shape
+    family compiles, later calls in the process reuse it): it removes most per-op overhead of small models.
+    compile="reduce-overhead" (GPU) adds CUDA graphs: the KV cache then keeps static shapes (attention spans the
+    whole capacity, rounded up to STATIC_CAPACITY_STEP slots so calls share graphs).
     """
     prompts = normalize_prompts(model, prompts_or_ids, add_special_tokens)
     adapter_name = _pick_adapter(model, adapter)
@@ -141,6 +145,9 @@ def generate(
                        quadratic=mode == "self_spec_quadratic")
     lora = check_lora_mode(lora_mode or loaded.lora_mode)
     _validate(model, prompts, mode, max_new_tokens, cfg)
+    if compile not in COMPILE_MODES:
+        raise ValueError(f"compile={compile!r}; expected one of {COMPILE_MODES}")
+    static = compile == "reduce-overhead"
     out = Outputs(len(prompts), max_new_tokens, model.eos_token_ids)
     gen = torch.Generator(device=model.device).manual_seed(cfg.seed)
     t0 = time.perf_counter()
@@ -152,8 +159,10 @@ def generate(
             tb = time.perf_counter()
             chunk = [prompts[i] for i in ids]
             capacity = max(map(len, chunk)) + max_new_tokens + lookahead(mode, cfg.block_size, cfg.draft_len)
+            if static:
+                capacity = -(-capacity // STATIC_CAPACITY_STEP) * STATIC_CAPACITY_STEP
             batch = DecodeBatch(model, chunk, ids, out.stats, capacity=capacity, adapter=adapter_name,
-                                lora_mode=lora, profile=profile)
+                                lora_mode=lora, profile=profile, static_shapes=static)
             LOOPS[mode](batch, out, cfg, gen)
             forward_s += batch.forward_s
             for i in ids:
@@ -167,16 +176,20 @@ def generate(
 
 
 @contextmanager
-def compiled_backbone(model, on: bool) -> Iterator[None]:
-    """Within the block the backbone runs through torch.compile (nn.Module.compile, dynamic shapes); afterwards it is
-    eager again (training on the same model object stays uncompiled). Compiled code is cached per process."""
-    if not on:
+def compiled_backbone(model, compile: bool | str) -> Iterator[None]:
+    """Within the block the backbone runs through torch.compile (nn.Module.compile; dynamic shapes, or CUDA graphs
+    with "reduce-overhead"); afterwards it is eager again (training on the same model object stays uncompiled).
+    Compiled code is cached per process."""
+    if not compile:
         yield
         return
     encoders = decode_encoders(model)
     previous = [e._compiled_call_impl for e in encoders]
     for e in encoders:
-        e.compile(dynamic=True)
+        if compile == "reduce-overhead":
+            e.compile(mode="reduce-overhead")
+        else:
+            e.compile(dynamic=True)
     try:
         yield
     finally:

@@ -62,8 +62,10 @@ def make_layout(kind: str, q: int, masks_per_row: int, device: torch.device) -> 
 
 class DecodeBatch:
     def __init__(self, model, prompts: list[list[int]], request_ids: list[int], stats: list[RequestStats],
-                 *, capacity: int, adapter: str | None = None, lora_mode: str = "draft_only", profile: bool = False):
-        """capacity: KV slots per row, at least the longest prompt + new tokens + the widest forward."""
+                 *, capacity: int, adapter: str | None = None, lora_mode: str = "draft_only", profile: bool = False,
+                 static_shapes: bool = False):
+        """capacity: KV slots per row, at least the longest prompt + new tokens + the widest forward.
+        static_shapes: attention always spans the whole capacity (CUDA graphs; see RaggedCache)."""
         self.model = model
         self.rows = list(request_ids)
         self.prompts = dict(zip(request_ids, prompts))  # request id -> prompt ids (prompt-lookup drafts read them)
@@ -72,7 +74,7 @@ class DecodeBatch:
         self.adapter = adapter
         self.lora_mode = lora_mode
         self.lengths = [0] * len(prompts)  # committed slots per row (host copy: no device sync to read it)
-        self.cache = RaggedCache(model.config.num_hidden_layers, capacity)
+        self.cache = RaggedCache(model.config.num_hidden_layers, capacity, static=static_shapes)
         self.profile = profile  # time every forward (synchronising the device) into forward_s
         self.forward_s = 0.0
         self._layouts: dict[tuple[str, int, int], BlockLayout] = {}
@@ -112,18 +114,19 @@ class DecodeBatch:
         for i, rid in enumerate(self.rows):
             ids[i, :sizes[i]] = torch.tensor(self.prompts[rid], device=device)
         last = torch.tensor(sizes, device=device)[:, None] - 1
-        logits = self.forward(ids, "prefill", logits_index=last)
+        logits = self.forward(ids, "prefill", logits_index=last, eager=True)
         self.lengths = sizes
         return logits
 
     def forward(self, tokens: torch.Tensor, kind: str, *, logits_index: slice | torch.Tensor | None = None,
-                counted: list[bool] | None = None, masks_per_row: int = 0) -> torch.Tensor:
+                counted: list[bool] | None = None, masks_per_row: int = 0, eager: bool = False) -> torch.Tensor:
         """Run tokens (B, Q) as a `kind` forward written at each row's length (see FORWARD_KINDS); the cache keeps
         them only once `advance` says so.
 
         logits_index: the query positions that need logits (the vocabulary projection skips the others).
         counted: which rows count this forward in their stats (default: all).
         masks_per_row: masks per sub-block of a "verify_draft" forward.
+        eager: bypass a torch.compile'd backbone (the prefill: one shape per prompt length, run once).
         """
         device = tokens.device
         q = tokens.shape[1]
@@ -136,7 +139,7 @@ class DecodeBatch:
         t0 = self._clock()
         with context:
             logits, _ = self.model(tokens, attention_mask=mask, position_ids=positions, cache=self.cache,
-                                   logits_index=logits_index, encoder=encoder)
+                                   logits_index=logits_index, encoder=encoder, eager=eager)
         if self.profile:
             self.forward_s += self._clock() - t0
         name = FORWARD_KINDS[kind].counted_as

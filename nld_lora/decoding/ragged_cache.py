@@ -26,6 +26,9 @@ class RaggedLayer(CacheLayerMixin):
         rows, heads, _, dim = key_states.shape
         self.keys = key_states.new_zeros(rows, heads, self.owner.capacity, dim)
         self.values = value_states.new_zeros(rows, heads, self.owner.capacity, value_states.shape[-1])
+        if self.owner.static:  # CUDA graphs may then write into these tensors in place (as transformers' StaticCache)
+            torch._dynamo.mark_static_address(self.keys)
+            torch._dynamo.mark_static_address(self.values)
         self.device = key_states.device
         self.is_initialized = True
 
@@ -55,11 +58,13 @@ class RaggedLayer(CacheLayerMixin):
 class RaggedCache(Cache):
     """A transformers Cache whose next forward writes row b's q new tokens at slots start[b] .. start[b] + q - 1.
 
-    `begin(starts, q)` is called before every forward; attention then reads slots [0, max(start) + q).
+    `begin(starts, q)` is called before every forward; attention then reads slots [0, max(start) + q), or with
+    static=True every slot, through index tensors only: shapes then depend on (rows, q) alone, as CUDA graphs need.
     """
 
-    def __init__(self, num_layers: int, capacity: int):
+    def __init__(self, num_layers: int, capacity: int, static: bool = False):
         self.capacity = capacity
+        self.static = static
         self.window = 0
         self._uniform_start: int | None = 0
         self._index: torch.Tensor | None = None  # (rows, 1, q, 1) slot of each new token, for ragged writes
@@ -71,9 +76,9 @@ class RaggedCache(Cache):
         end = max(starts) + q
         if end > self.capacity:
             raise ValueError(f"the KV cache holds {self.capacity} slots; this forward needs {end}")
-        self.window = end
+        self.window = self.capacity if self.static else end
         self._q = q
-        if min(starts) == end - q:
+        if min(starts) == end - q and not self.static:
             self._uniform_start, self._index = end - q, None
         else:
             self._uniform_start = None

@@ -77,13 +77,16 @@ class TriModeModel(nn.Module):
         cache: Any = None,
         logits_index: torch.Tensor | slice | None = None,
         encoder: nn.Module | None = None,
+        eager: bool = False,
     ) -> tuple[torch.Tensor, Any]:
         """Run the backbone with an explicit 4D mask and positions; return (logits, cache).
 
         logits_index selects query positions before the head (saves the vocab projection elsewhere).
         encoder: an inference twin of the backbone (model/pathways.py) to run instead of `self.encoder`.
+        eager: call the backbone's forward directly, past a torch.compile wrapper (nn.Module.compile) if any.
         """
-        out = (encoder or self.encoder)(
+        backbone = encoder or self.encoder
+        out = (backbone._call_impl if eager else backbone)(  # _call_impl: nn.Module.__call__ minus the compiled wrapper
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
