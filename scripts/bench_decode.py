@@ -73,7 +73,8 @@ def decode_rows(args, model) -> list[tuple[str, dict]]:
         if args.adapter:
             best.append(("compiled self_spec+lora auto ngram", {"mode": "self_spec", "draft_len": "auto",
                                                                  "adapter": model.active_adapter, **ngram}))
-        rows += [(label, {**kw, "compile": True}) for label, kw in best]
+        mode = True if args.compile_mode == "default" else args.compile_mode
+        rows += [(label, {**kw, "compile": mode}) for label, kw in best]
     if args.only:
         wanted = [w.strip() for w in args.only.split(",")]
         rows = [row for row in rows if row[0] in wanted]
@@ -100,6 +101,8 @@ def main() -> None:
     p.add_argument("--no-transformers", action="store_true", help="skip the transformers baseline rows")
     p.add_argument("--ngram", type=int, default=3, help="adds self_spec rows with prompt-lookup drafts (0: none)")
     p.add_argument("--only", default="", help="comma-separated row labels to run (the first must be 'ar')")
+    p.add_argument("--compile-mode", default="default", choices=["default", "reduce-overhead"],
+                   help="torch.compile mode of the compiled rows (reduce-overhead: CUDA graphs)")
     p.add_argument("--compile-batches", default="1", help="batch sizes that also get torch.compile rows ('': none)")
     args = p.parse_args()
     model = nld_lora.load(args.model, device=args.device, dtype=args.dtype)

@@ -19,6 +19,17 @@ echo "== bench_decode ==" | tee -a "$LOG"
 ADAPTER=runs/tiny_code/train/linear_spec_lora  # the default recipe's adapter, when carried along
 ADAPTER_ARGS=()
 [ -d "$ADAPTER" ] && ADAPTER_ARGS=(--adapter "$ADAPTER")
-python scripts/bench_decode.py --device cuda --n 32 "${ADAPTER_ARGS[@]}" 2>&1 | tee -a "$LOG"
+python scripts/bench_decode.py --device cuda --n 32 --compile-batches 1,8 --compile-mode reduce-overhead \
+  "${ADAPTER_ARGS[@]}" 2>&1 | tee -a "$LOG"
+echo "== compiled decode (CUDA graphs) stays lossless ==" | tee -a "$LOG"
+python - <<'PY' 2>&1 | tail -3 | tee -a "$LOG"
+import nld_lora
+m = nld_lora.load("data/tiny-nld-code", device="cuda")
+p = ["def add(a, b):\n", "class Stack:\n    def push(self, item):\n"]
+ar = m.generate(p, mode="ar", max_new_tokens=48)
+for mode in ("self_spec", "self_spec_quadratic"):
+    r = m.generate(p, mode=mode, max_new_tokens=48, compile="reduce-overhead", draft_len="auto", ngram=3)
+    print(mode, "equal to AR:", r.sequences == ar.sequences, "choices", r.stats.draft_len_choices)
+PY
 echo "== scale_check 8b (bf16 + 4-bit QLoRA) ==" | tee -a "$LOG"
 python scripts/scale_check.py --shape 8b --qlora --workdir /tmp/nld_scale_check --out "$OUT/scale_8b.json" 2>&1 | tail -6 | tee -a "$LOG"
