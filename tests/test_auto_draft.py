@@ -27,21 +27,32 @@ def _planner_with_costs(rates: list[float], costs: list[float], quadratic: bool 
 
 def test_planner_drafts_only_where_positions_pay_for_themselves():
     flat = [1.0] * 5  # drafting costs no more than an AR step: take every position worth anything
-    assert _planner_with_costs([0.9] * 4, flat).choose(_Rows(1)) == 4
+    assert _planner_with_costs([0.9] * 4, flat).choose(_Rows(1))[0] == 4
     steep = [1.0, 2.0, 2.2, 2.4, 2.6]  # a cycle costs two forwards: rates of 0.3 never pay for it
-    assert _planner_with_costs([0.3] * 4, steep).choose(_Rows(1)) == 0
+    assert _planner_with_costs([0.3] * 4, steep).choose(_Rows(1))[0] == 0
     cliff = [1.0, 1.0, 1.0, 9.0, 9.0]  # positions 3+ cost far more than they return
-    assert _planner_with_costs([0.9] * 4, cliff).choose(_Rows(1)) == 2
+    assert _planner_with_costs([0.9] * 4, cliff).choose(_Rows(1))[0] == 2
 
 
 def test_planner_learns_rates_and_the_runtime_overhead():
     planner = _planner_with_costs([0.9] * 4, [1.0, 1.5, 1.6, 1.7, 1.8])
-    assert planner.choose(_Rows(1)) == 4
+    assert planner.choose(_Rows(1))[0] == 4
     for _ in range(40):
         planner.record([0, 0, 0], drafted=4)  # three rows, no draft accepted
-    assert planner.rates()[0] < 0.05 and planner.choose(_Rows(1)) == 0
+    assert planner.rates()[0] < 0.05 and planner.choose(_Rows(1))[0] == 0
     planner.time_ratio[False] = 10.0  # AR steps measured far slower than predicted: speculation wins again
-    assert planner.choose(_Rows(1)) > 0
+    assert planner.choose(_Rows(1))[0] > 0
+
+
+def test_planner_takes_lookup_drafts_only_while_they_pay(monkeypatch):
+    import nld_lora.decoding.auto as auto
+
+    monkeypatch.setattr(auto, "forward_seconds", lambda batch, width: 1.0 + 0.1 * width)  # a measured cost curve
+    planner = DraftPlanner(4, quadratic=False, prior=[0.05] * 4)  # diffusion drafts: never worth a draft forward
+    assert planner.choose(_Rows(1), lookup_len=3) == (3, True)  # lookup prior 0.6: 2.18 tokens for 1.4 s
+    for _ in range(20):
+        planner.record([0], drafted=3, lookup=True)  # but the lookups keep failing
+    assert planner.choose(_Rows(1), lookup_len=3) == (0, False)
 
 
 @pytest.mark.parametrize("mode", ["self_spec", "self_spec_quadratic"])

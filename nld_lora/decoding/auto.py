@@ -5,7 +5,8 @@ position i is accepted given that position i-1 was), and costs the forwards of i
 width k+1 (linear) or one forward of width (k+1)(k+2) (single-forward). k = 0 is a plain AR step (one forward of
 width 1, one token). The planner takes the k with the most tokens per second. Rates start from a prior (the
 adapter's evaluated per-position rates when it has them, else PRIOR_RATE) worth PRIOR_WEIGHT cycles and are
-updated with every verified cycle of the call. Forward times are measured once per (batch rows, width) and process;
+updated with every verified cycle of the call. Forward times are measured once per process at widths 1, 2, 4, 8, ...
+(interpolated between) and per power-of-two bucket of batch rows, eager and compiled apart;
 the runtime's own per-cycle cost (verification, bookkeeping) is learnt from the wall time of the cycles run, as a
 running ratio of measured to predicted time, kept apart for AR steps and speculative cycles.
 """
@@ -32,20 +33,33 @@ def expected_tokens(rates: list[float], k: int) -> float:
 
 
 def forward_seconds(batch, width: int) -> float:
-    """Median wall time of a verify-shaped forward of `width` tokens on this batch (not counted, not kept: the next
-    forward overwrites its cache slots); cached on the model per (device, rows, width)."""
-    costs = batch.model.__dict__.setdefault("_forward_cost_s", {})
-    key = (str(batch.model.device), len(batch), width)
+    """Predicted wall time of a forward of `width` tokens on this batch: linear between measured widths 1, 2, 4, 8,
+    ... (measure_forward), per power-of-two bucket of batch rows, eager or compiled."""
+    low = 1 << (width.bit_length() - 1)
+    t_low = measure_forward(batch, low)
+    if low == width:
+        return t_low
+    t_high = measure_forward(batch, 2 * low)
+    return t_low + (t_high - t_low) * (width - low) / low
+
+
+def measure_forward(batch, width: int) -> float:
+    """Median wall time of a verify-shaped forward of `width` tokens (not counted, not kept: the next forward
+    overwrites its cache slots); measured once per process and (device, compiled, rows bucket, width)."""
+    model = batch.model
+    costs = model.__dict__.setdefault("_forward_cost_s", {})
+    rows = 1 << (len(batch) - 1).bit_length()
+    key = (str(model.device), model.encoder._compiled_call_impl is not None, rows, width)
     if key not in costs:
-        tokens = torch.full((len(batch), width), batch.model.mask_token_id, device=batch.model.device)
+        tokens = torch.full((len(batch), width), model.mask_token_id, device=model.device)
         times = []
-        batch.forward(tokens, "verify", counted=[False] * len(batch), logits_index=slice(0, 1))  # warm-up
-        for _ in range(TIMING_REPEATS):
-            _sync(batch.model.device)
+        for rep in range(TIMING_REPEATS + 1):
+            _sync(model.device)
             t0 = time.perf_counter()
             batch.forward(tokens, "verify", counted=[False] * len(batch), logits_index=slice(0, 1))
-            _sync(batch.model.device)
-            times.append(time.perf_counter() - t0)
+            _sync(model.device)
+            if rep:  # the first one warms up
+                times.append(time.perf_counter() - t0)
         costs[key] = sorted(times)[len(times) // 2]
     return costs[key]
 
@@ -55,23 +69,42 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+class _Rates:
+    """Per-position acceptance counts with a prior worth PRIOR_WEIGHT cycles."""
+
+    def __init__(self, prior: list[float]):
+        self.prior = prior
+        self.attempts = [0] * len(prior)
+        self.accepts = [0] * len(prior)
+
+    def values(self) -> list[float]:
+        return [(a + PRIOR_WEIGHT * p) / (t + PRIOR_WEIGHT) for a, t, p in zip(self.accepts, self.attempts,
+                                                                                 self.prior)]
+
+    def record(self, accepted: list[int], drafted: int) -> None:
+        for n in accepted:
+            for j in range(min(n + 1, drafted)):
+                self.attempts[j] += 1
+                self.accepts[j] += j < n
+
+
 class DraftPlanner:
-    """Chooses the draft length of the next cycle (0..max_len) for one decode batch."""
+    """Chooses the next cycle for one decode batch: an AR step, k diffusion drafts (1..max_len), or, when every row
+    found one, the prompt-lookup drafts (their own rates, prior PRIOR_RATE; cost: one verify forward)."""
 
     def __init__(self, max_len: int, quadratic: bool, prior: list[float] | None = None):
         self.max_len = max_len
         self.quadratic = quadratic
         prior = [min(max(float(r), 0.05), 0.95) for r in (prior or [])]
-        self.prior = (prior + [prior[-1] if prior else PRIOR_RATE] * max_len)[:max_len]
-        self.attempts = [0] * max_len
-        self.accepts = [0] * max_len
+        self.diffusion = _Rates((prior + [prior[-1] if prior else PRIOR_RATE] * max_len)[:max_len])
+        self.lookup = _Rates([PRIOR_RATE] * max_len)
         self.time_ratio = {False: 1.0, True: 1.0}  # measured / predicted cycle time: AR steps, speculative cycles
         self._started = self._predicted = 0.0
         self._costs: dict[int, list[float]] = {}  # batch rows -> predicted seconds per cycle for k = 0..max_len
 
     def rates(self) -> list[float]:
-        return [(a + PRIOR_WEIGHT * p) / (t + PRIOR_WEIGHT) for a, t, p in zip(self.accepts, self.attempts,
-                                                                                 self.prior)]
+        """The diffusion drafts' per-position rates as currently estimated."""
+        return self.diffusion.values()
 
     def cycle_seconds(self, batch, k: int) -> float:
         if k == 0:
@@ -80,19 +113,29 @@ class DraftPlanner:
             return forward_seconds(batch, (k + 1) * (k + 2))
         return 2 * forward_seconds(batch, k + 1)
 
-    def choose(self, batch) -> int:
-        """The draft length with the most expected tokens per second (0: an AR step); starts the cycle's clock."""
+    def choose(self, batch, lookup_len: int = 0, verifying: int = 0) -> tuple[int, bool]:
+        """(draft length, take the lookup drafts) with the most expected tokens per second (0: an AR step);
+        lookup_len: the longest lookup draft when every row found one, else 0. verifying (single-forward mode): the
+        drafts this cycle's forward verifies, which set its real width. Starts the cycle's clock."""
         if len(batch) not in self._costs:
             self._costs[len(batch)] = [self.cycle_seconds(batch, k) for k in range(self.max_len + 1)]
         costs = self._costs[len(batch)]
-        best, best_rate, tokens, survive = 0, 1.0 / (costs[0] * self.time_ratio[False]), 1.0, 1.0
         spec_ratio = self.time_ratio[True]
-        for k, r in enumerate(self.rates(), start=1):
+        best, best_rate, predicted = (0, False), 1.0 / (costs[0] * self.time_ratio[False]), costs[0]
+        tokens, survive = 1.0, 1.0
+        for k, r in enumerate(self.diffusion.values(), start=1):
             survive *= r
             tokens += survive
             if tokens / (costs[k] * spec_ratio) > best_rate:
-                best, best_rate = k, tokens / (costs[k] * spec_ratio)
-        self._predicted = costs[best]
+                best, best_rate, predicted = (k, False), tokens / (costs[k] * spec_ratio), costs[k]
+        if lookup_len:
+            verify = forward_seconds(batch, lookup_len + 1)
+            if expected_tokens(self.lookup.values(), lookup_len) / (verify * spec_ratio) > best_rate:
+                best, predicted = (lookup_len, True), verify
+        if self.quadratic:  # ranked by the steady state; this forward's width also depends on the drafts it verifies
+            k = best[0]
+            predicted = forward_seconds(batch, (verifying + 1) * (k + 2) if k else verifying + 1)
+        self._predicted = predicted
         self._started = time.perf_counter()
         return best
 
@@ -101,9 +144,6 @@ class DraftPlanner:
         ratio = (time.perf_counter() - self._started) / self._predicted
         self.time_ratio[k > 0] += COST_SMOOTHING * (ratio - self.time_ratio[k > 0])
 
-    def record(self, accepted: list[int], drafted: int) -> None:
-        """Update the rates with one cycle's verified rows (accepted drafts per row out of `drafted`)."""
-        for n in accepted:
-            for j in range(min(n + 1, drafted)):
-                self.attempts[j] += 1
-                self.accepts[j] += j < n
+    def record(self, accepted: list[int], drafted: int, lookup: bool = False) -> None:
+        """Update the rates of diffusion (or lookup) drafts with one cycle's verified rows."""
+        (self.lookup if lookup else self.diffusion).record(accepted, drafted)

@@ -200,18 +200,22 @@ def run_self_spec(batch: DecodeBatch, out: Outputs, cfg: DecodeSettings, gen: to
     while len(batch):
         n_rows = len(batch)
         lookups = _lookup_drafts(batch, out, cfg, cfg.draft_len)
-        draft_logits = None
-        if lookups is not None and all(lookups):
-            k = max(map(len, lookups))
-            drafts = _merge_drafts(lookups, None, k, mask_id, seeds.device)  # no draft forward
-        else:
-            k = planner.choose(batch) if planner else cfg.draft_len
-            if planner:
+        all_found = lookups is not None and all(lookups)
+        longest = max(map(len, lookups)) if all_found else 0
+        if planner:
+            k, use_lookup = planner.choose(batch, longest)
+            if not use_lookup:
                 _note_choice(batch, out, k)
-            if k == 0:
-                seeds = _ar_step(batch, out, cfg, gen, seeds)
-                planner.finish(k)
-                continue
+        else:
+            k, use_lookup = (longest, True) if all_found else (cfg.draft_len, False)
+        draft_logits = None
+        if use_lookup:
+            drafts = _merge_drafts(lookups, None, k, mask_id, seeds.device)  # no draft forward
+        elif k == 0:
+            seeds = _ar_step(batch, out, cfg, gen, seeds)
+            planner.finish(k)
+            continue
+        else:
             block = torch.full((n_rows, k + 1), mask_id, dtype=torch.long, device=seeds.device)
             block[:, 0] = seeds
             draft_logits = batch.forward(block, "draft", logits_index=slice(1, None))
@@ -223,9 +227,9 @@ def run_self_spec(batch: DecodeBatch, out: Outputs, cfg: DecodeSettings, gen: to
         tokens, n_acc = _verify(target, drafts, draft_logits, cfg, gen, batch, cycle)
         accepted, drafted, emitted = _to_host(n_acc, drafts, tokens)
         batch.advance([a + 1 for a in accepted])
-        if planner and draft_logits is not None:
-            if not (lookups and any(lookups)):
-                planner.record(accepted, k)
+        if planner:
+            if use_lookup or not (lookups and any(lookups)):
+                planner.record(accepted, k, lookup=use_lookup)
             planner.finish(k)
         new = _record(batch, out, starts, accepted, drafted, emitted, lookups)
         seeds = tokens[torch.arange(n_rows, device=tokens.device), n_acc].long()
@@ -248,7 +252,7 @@ def run_self_spec_quadratic(batch: DecodeBatch, out: Outputs, cfg: DecodeSetting
     cycle = 0
     while len(batch):
         n_rows, n_drafts = drafts.shape
-        next_len = planner.choose(batch) if planner else cfg.draft_len
+        next_len = planner.choose(batch, verifying=n_drafts)[0] if planner else cfg.draft_len
         if planner:
             _note_choice(batch, out, next_len)
         masks_per_row = next_len + 1 if next_len else 0
