@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import argparse
 import platform
+import statistics
 import tempfile
 import time
+from typing import Any
 
 import torch
 
@@ -23,13 +25,18 @@ from nld_lora.data.readers import read_prompts
 from nld_lora.model.export import export_ar_view
 
 
-def transformers_rows(model, args, prompt_ids: list[list[int]], ar_sequences: list[list[int]]) -> list[tuple]:
-    """transformers' greedy generate and prompt-lookup decoding on the AR view, one prompt at a time."""
+def load_ar_view(model):
+    """transformers' own Ministral3ForCausalLM on the model's weights (its AR view)."""
     from transformers import AutoModelForCausalLM
 
     with tempfile.TemporaryDirectory() as tmp:
         view = export_ar_view(model.source_folder, tmp)
-        hf = AutoModelForCausalLM.from_pretrained(str(view), dtype=model.dtype).to(model.device).eval()
+        return AutoModelForCausalLM.from_pretrained(str(view), dtype=model.dtype).to(model.device).eval()
+
+
+def transformers_rows(hf, model, args, prompt_ids: list[list[int]], ar_sequences: list[list[int]]) -> list[tuple]:
+    """transformers' greedy generate and prompt-lookup decoding on the AR view, one prompt at a time:
+    (label, tokens/s, prompts whose tokens equal the runtime's AR)."""
     eos = sorted(model.eos_token_ids)
     pad = model.config.pad_token_id or 0
     rows = []
@@ -100,6 +107,7 @@ def main() -> None:
     p.add_argument("--lookup", type=int, default=10, help="prompt_lookup_num_tokens of the transformers baseline")
     p.add_argument("--no-transformers", action="store_true", help="skip the transformers baseline rows")
     p.add_argument("--ngram", type=int, default=3, help="adds self_spec rows with prompt-lookup drafts (0: none)")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the table shows medians")
     p.add_argument("--only", default="", help="comma-separated row labels to run (the first must be 'ar')")
     p.add_argument("--compile-mode", default="default", choices=["default", "reduce-overhead"],
                    help="torch.compile mode of the compiled rows (reduce-overhead: CUDA graphs)")
@@ -112,33 +120,48 @@ def main() -> None:
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
     print(f"model {args.model}, {len(prompts)} prompts, {args.max_new_tokens} new tokens, device {device}, "
           f"torch threads {torch.get_num_threads()}")
-    print(f"{'batch':>5} {'mode':>30} {'TPF':>7} {'accept':>7} {'tok/s':>9} {'vs AR':>7} {'overhead':>9}  draft lens")
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     model.generate(prompts[:2], mode="self_spec", max_new_tokens=8, adapter=False)  # warm-up
-    ar_batch1 = None
-    for bs in [int(b) for b in args.batch_sizes.split(",")]:
-        ar_speed = None
-        for label, kw in rows:
-            if kw.get("compile") and bs not in compile_batches(args):
-                continue
-            kw = {"adapter": False, **kw}
-            if kw.get("compile"):  # compile outside the timing: every shape family once, on two prompts
-                model.generate(prompts[:2], max_new_tokens=args.max_new_tokens, batch_size=bs, **kw)
-            res = model.generate(prompts, max_new_tokens=args.max_new_tokens, batch_size=bs, profile=True, **kw)
-            st = res.stats
-            if ar_speed is None:
-                ar_speed = st.tokens_per_s
-                if bs == 1:
-                    ar_batch1 = res
-            acc = f"{st.acceptance_length:.2f}" if kw["mode"].startswith("self_spec") else "-"
-            chosen = " ".join(f"{k}:{n}" for k, n in st.draft_len_choices.items())
-            print(f"{bs:>5} {label:>30} {st.tpf:>7.3f} {acc:>7} {st.tokens_per_s:>9.1f} "
-                  f"{st.tokens_per_s / ar_speed:>6.2f}x {100 * st.overhead_share:>8.1f}%  {chosen}")
-    if ar_batch1 is not None and not args.no_transformers:
-        ar_speed = ar_batch1.stats.tokens_per_s
-        for label, speed, same in transformers_rows(model, args, ar_batch1.prompt_ids, ar_batch1.sequences):
-            print(f"{1:>5} {label:>30} {'-':>7} {'-':>7} {speed:>9.1f} {speed / ar_speed:>6.2f}x {'-':>9}"
-                  f"   (same tokens as the runtime's AR on {same}/{len(prompts)} prompts)")
-
+    for bs in batch_sizes:  # compile outside the timing: every shape family once, on two prompts
+        for _, kw in rows:
+            if kw.get("compile") and bs in compile_batches(args):
+                model.generate(prompts[:2], max_new_tokens=args.max_new_tokens, batch_size=bs, **{"adapter": False,
+                                                                                                  **kw})
+    hf = load_ar_view(model) if 1 in batch_sizes and not args.no_transformers else None
+    speeds: dict[tuple, list[float]] = {}
+    ratios: dict[tuple, list[float]] = {}
+    last: dict[tuple, Any] = {}
+    for _ in range(args.rounds):  # rounds interleave the rows, so a slow spell of the machine hits them all
+        for bs in batch_sizes:
+            ar = None
+            for label, kw in rows:
+                if kw.get("compile") and bs not in compile_batches(args):
+                    continue
+                res = model.generate(prompts, max_new_tokens=args.max_new_tokens, batch_size=bs, profile=True,
+                                     **{"adapter": False, **kw})
+                ar = ar or res
+                speeds.setdefault((bs, label), []).append(res.stats.tokens_per_s)
+                ratios.setdefault((bs, label), []).append(res.stats.tokens_per_s / ar.stats.tokens_per_s)
+                last[(bs, label)] = (res, kw)
+            if bs == 1 and hf is not None:
+                for label, speed, same in transformers_rows(hf, model, args, ar.prompt_ids, ar.sequences):
+                    speeds.setdefault((bs, label), []).append(speed)
+                    ratios.setdefault((bs, label), []).append(speed / ar.stats.tokens_per_s)
+                    last[(bs, label)] = (same, None)
+    print(f"median of {args.rounds} interleaved rounds; 'vs AR' = median of the per-round ratios to that round's AR")
+    print(f"{'batch':>5} {'mode':>34} {'TPF':>7} {'accept':>7} {'tok/s':>9} {'vs AR':>7} {'overhead':>9}  draft lens")
+    for (bs, label), values in speeds.items():
+        res, kw = last[(bs, label)]
+        speed, ratio = statistics.median(values), statistics.median(ratios[(bs, label)])
+        if kw is None:
+            print(f"{bs:>5} {label:>34} {'-':>7} {'-':>7} {speed:>9.1f} {ratio:>6.2f}x {'-':>9}"
+                  f"  (same tokens as the runtime's AR on {res}/{len(prompts)} prompts)")
+            continue
+        st = res.stats
+        acc = f"{st.acceptance_length:.2f}" if kw["mode"].startswith("self_spec") else "-"
+        chosen = " ".join(f"{k}:{n}" for k, n in st.draft_len_choices.items())
+        print(f"{bs:>5} {label:>34} {st.tpf:>7.3f} {acc:>7} {speed:>9.1f} {ratio:>6.2f}x "
+              f"{100 * st.overhead_share:>8.1f}%  {chosen}")
 
 if __name__ == "__main__":
     main()
