@@ -28,7 +28,7 @@ def test_greedy_self_spec_equals_ar(batch_size, tmp_path):
     _set_eos_to_frequent_token(model, prompts)
     ar = model.generate(prompts, mode="ar", max_new_tokens=24, batch_size=batch_size)
     assert "eos" in ar.finish_reasons and "length" in ar.finish_reasons
-    for k in (1, 3, 6):
+    for k in (1, 2, 3, 6):  # 1 .. block_size - 1, and past it
         ss = model.generate(prompts, mode="self_spec", max_new_tokens=24, draft_len=k, batch_size=batch_size)
         assert ss.sequences == ar.sequences, f"draft_len={k}"
         assert ss.finish_reasons == ar.finish_reasons
