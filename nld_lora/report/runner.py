@@ -75,6 +75,9 @@ def build_report(model: Any, adapters: list[str], prompts: str | Path, out_dir: 
     categories = [r.category for r in records]
     names = [model.attach_adapter(path, name=f"adapter{i}" if len(adapters) > 1 else "after",
                                   lora_mode=cfg.lora_mode) for i, path in enumerate(adapters)]
+    if cfg.decode.draft_len == "auto" or cfg.decode.adaptive_draft:
+        raise ValueError("report: decode.draft_len must be a fixed length (acceptance is compared at one draft "
+                         "length); the fastest-mode rows already time draft_len='auto'")
     block = cfg.decode.block_size or model.block_size
     k = resolve_draft_len(block, cfg.decode.draft_len)
     settings = cfg.decode.replace(block_size=block, draft_len=k).validate()
