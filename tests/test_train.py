@@ -41,6 +41,25 @@ def test_student_layout_equals_blocks_run_one_by_one():
             torch.testing.assert_close(student[b, j], ref[0, 1:], atol=1e-5, rtol=0)
 
 
+def test_quadratic_draft_layout_hides_the_seed_like_a_single_forward_sub_block():
+    """layout="quadratic": row j of a block == mask row j of a sub-block that sees the prefix before s only."""
+    model = tiny_model(seed=3)
+    ids = torch.randint(3, 90, (1, 20))
+    k, s = 3, 9
+    batch = DraftBatch(ids, torch.tensor([20]), torch.tensor([[s]]), k, "quadratic")
+    cache, _ = teacher_pass(model, batch, None)
+    student = student_logits(model, batch, cache, model.mask_token_id)
+    c = DynamicCache(config=model.config)
+    model(ids[:, :s], attention_mask=causal_mask(torch.ones(1, s, dtype=torch.bool), s),
+          position_ids=torch.arange(s)[None], cache=c)
+    block = torch.full((1, k + 1), model.mask_token_id)
+    ref, _ = model(block, attention_mask=draft_mask(torch.ones(1, s + k + 1, dtype=torch.bool), k + 1),
+                   position_ids=torch.arange(s, s + k + 1)[None], cache=c)
+    torch.testing.assert_close(student[0, 0], ref[0, 1:], atol=1e-5, rtol=0)
+    with pytest.raises(ConfigError, match="draft_layout"):
+        TrainConfig(draft_layout="diagonal").validate()
+
+
 def test_distillation_has_zero_gradient_when_student_equals_teacher():
     teacher = torch.randn(2, 3, 4, 50)
     valid = torch.ones(2, 3, 4, dtype=torch.bool)

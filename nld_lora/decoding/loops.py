@@ -168,11 +168,14 @@ def _record(batch: DecodeBatch, out: Outputs, starts: list[int], accepted: list[
 
 
 def _planner(batch: DecodeBatch, cfg: DecodeSettings, quadratic: bool) -> DraftPlanner | None:
-    """The adaptive draft-length planner (prior: the adapter's evaluated per-position rates), or None."""
+    """The adaptive draft-length planner (prior: the adapter's evaluated per-position rates when it was trained for
+    this mode's draft layout), or None."""
     if not cfg.adaptive_draft:
         return None
     loaded = batch.model.adapters.get(batch.adapter) if batch.adapter else None
-    prior = (loaded.meta.get("eval") or {}).get("per_position") if loaded is not None and not quadratic else None
+    layout = "quadratic" if quadratic else "linear"
+    trained_for = loaded.meta.get("draft_layout", "linear") if loaded is not None else None
+    prior = (loaded.meta.get("eval") or {}).get("per_position") if trained_for == layout else None
     return DraftPlanner(cfg.draft_len, quadratic, prior)
 
 

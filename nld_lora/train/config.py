@@ -33,6 +33,8 @@ class TrainConfig:
     distill_temperature: float = 3.0
     distill_top: int = 200
     position_weighting: str = "accepted_plus_one"  # accepted_plus_one | uniform
+    draft_layout: str = "linear"  # linear (mode self_spec) | quadratic (self_spec_quadratic: the draft block's
+    # first token is a mask, not the seed)
     max_seq_len: int = 512
     eval_fraction: float = 0.05
     eval_split: str = "group"  # group: hold out whole groups (source files) -> selection by transfer | prompt
@@ -61,6 +63,8 @@ class TrainConfig:
             (self.draft_len is None or self.draft_len >= 1, f"draft_len must be >= 1; got {self.draft_len}"),
             (self.scheduler in ("cosine", "wsd", "constant"), f"scheduler={self.scheduler!r}: cosine|wsd|constant"),
             (self.distill in ("lk_hybrid", "kl", "none"), f"distill={self.distill!r}: lk_hybrid|kl|none"),
+            (self.draft_layout in ("linear", "quadratic"),
+             f"draft_layout={self.draft_layout!r}: linear|quadratic"),
             (self.position_weighting in ("accepted_plus_one", "uniform"),
              f"position_weighting={self.position_weighting!r}: accepted_plus_one|uniform"),
             (self.mixed_precision in ("auto", "no", "bf16", "fp16"), "mixed_precision: auto|no|bf16|fp16"),

@@ -48,7 +48,7 @@ def split_eval(seqs: list[Sequence], fraction: float, seed: int,
 
 
 def make_batch(seqs: list[Sequence], blocks: int, draft_len: int, generator: torch.Generator,
-               pad_id: int, device: torch.device | str = "cpu") -> DraftBatch:
+               pad_id: int, device: torch.device | str = "cpu", layout: str = "linear") -> DraftBatch:
     """Right-padded ids and `blocks` draft starts per sequence, uniform over the target part."""
     length = max(len(s.ids) for s in seqs)
     ids = torch.full((len(seqs), length), pad_id, dtype=torch.long)
@@ -59,4 +59,4 @@ def make_batch(seqs: list[Sequence], blocks: int, draft_len: int, generator: tor
         if hi >= lo:
             starts[i] = torch.randint(lo, hi + 1, (blocks,), generator=generator)
     lengths = torch.tensor([len(s.ids) for s in seqs])
-    return DraftBatch(ids.to(device), lengths.to(device), starts.to(device), draft_len)
+    return DraftBatch(ids.to(device), lengths.to(device), starts.to(device), draft_len, layout)

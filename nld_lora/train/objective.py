@@ -26,6 +26,8 @@ class DraftBatch:
     lengths: torch.Tensor  # (B,)
     starts: torch.Tensor  # (B, nb), -1 marks an unused block
     draft_len: int
+    layout: str = "linear"  # linear: block [x_s, mask x k]; quadratic: [mask x (k+1)] (x_s unseen, as in
+    # single-forward self-speculation, where the first mask sits where the bonus token goes)
 
 
 @dataclass
@@ -39,7 +41,8 @@ class DraftLossOutput:
 
 
 def block_layout(batch: DraftBatch, mask_token_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Student input ids [x_s, mask x k] per block, positions, and the (B, 1, Q, L + Q) attention mask."""
+    """Student input ids [x_s, mask x k] per block ([mask x (k+1)] for the quadratic layout), positions, and the
+    (B, 1, Q, L + Q) attention mask."""
     ids, starts, k = batch.input_ids, batch.starts, batch.draft_len
     bsz, length = ids.shape
     nb = starts.shape[1]
@@ -47,7 +50,8 @@ def block_layout(batch: DraftBatch, mask_token_id: int) -> tuple[torch.Tensor, t
     safe = starts.clamp(min=0)
     seeds = torch.gather(ids, 1, safe)
     block_ids = torch.full((bsz, nb, width), mask_token_id, dtype=torch.long, device=ids.device)
-    block_ids[:, :, 0] = seeds
+    if batch.layout == "linear":
+        block_ids[:, :, 0] = seeds
     positions = (safe[:, :, None] + torch.arange(width, device=ids.device)).reshape(bsz, nb * width)
     prefix = torch.arange(length, device=ids.device)
     sees_prefix = prefix[None, None, :] < safe[:, :, None]  # (B, nb, L)

@@ -85,7 +85,8 @@ def evaluate_drafts(model, seqs: list[Sequence], cfg: TrainConfig, draft_len: in
     lengths: list[int] = []
     pad = model.config.pad_token_id or 0
     for i in range(0, len(seqs), batch_size):
-        batch = make_batch(seqs[i:i + batch_size], cfg.eval_blocks_per_seq, draft_len, gen, pad, model.device)
+        batch = make_batch(seqs[i:i + batch_size], cfg.eval_blocks_per_seq, draft_len, gen, pad, model.device,
+                           cfg.draft_layout)
         cache, teacher = teacher_pass(model, batch, adapter)
         with lora_enabled(model, adapter, on=True):
             student = student_logits(model, batch, cache, model.mask_token_id)
@@ -109,7 +110,8 @@ def save_adapter(peft_model, out: Path, model, cfg: TrainConfig, draft_len: int,
     src = tmp / ADAPTER_NAME if (tmp / ADAPTER_NAME).is_dir() else tmp
     release_style_config(src / "adapter_config.json", model.name_or_path)
     meta = {"base_model": model.name_or_path, "base_weights_hash": model.weights_hash, "lora_mode": "draft_only",
-            "draft_len": draft_len, "block_size": model.block_size, "train_config": to_dict(cfg), **extra}
+            "draft_len": draft_len, "draft_layout": cfg.draft_layout, "block_size": model.block_size,
+            "train_config": to_dict(cfg), **extra}
     (src / ADAPTER_META).write_text(json.dumps(meta, indent=2) + "\n")
     shutil.rmtree(out, ignore_errors=True)
     os.replace(src, out)
@@ -295,7 +297,7 @@ def train_step(run: TrainingRun) -> DraftLossOutput:
     picks = torch.randint(0, len(run.train_seqs), (cfg.grad_accum, cfg.batch_size * world), generator=gen)
     for micro in range(cfg.grad_accum):
         mine = [run.train_seqs[int(i)] for i in picks[micro, rank::world]]
-        batch = make_batch(mine, cfg.blocks_per_seq, run.draft_len, gen, pad, acc.device)
+        batch = make_batch(mine, cfg.blocks_per_seq, run.draft_len, gen, pad, acc.device, cfg.draft_layout)
         with acc.accumulate(run.wrapped):
             cache, teacher = teacher_pass(run.model, batch, ADAPTER_NAME)
             with lora_enabled(run.model, ADAPTER_NAME, on=True), acc.autocast():
