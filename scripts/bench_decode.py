@@ -69,9 +69,11 @@ def decode_rows(args, model) -> list[tuple[str, dict]]:
         lora = {"adapter": model.active_adapter}
         rows += [("self_spec+lora", {"mode": "self_spec", **lora}),
                  ("self_spec+lora auto", {"mode": "self_spec", "draft_len": "auto", **lora}),
-                 ("self_spec_quadratic+lora k3", {"mode": "self_spec_quadratic", **lora})]
+                 ("self_spec_quadratic+lora k3", {"mode": "self_spec_quadratic", **lora}),
+                 ("self_spec_quadratic+lora auto", {"mode": "self_spec_quadratic", "draft_len": "auto", **lora})]
         if ngram:
-            rows += [("self_spec+lora ngram", {"mode": "self_spec", **lora, **ngram}),
+            rows += [("self_spec_quadratic+lora k3 ngram", {"mode": "self_spec_quadratic", **lora, **ngram}),
+                     ("self_spec+lora ngram", {"mode": "self_spec", **lora, **ngram}),
                      ("self_spec+lora auto ngram", {"mode": "self_spec", "draft_len": "auto", **lora, **ngram})]
     if args.compile_batches:
         best = [("compiled ar", {"mode": "ar"}),

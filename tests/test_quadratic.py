@@ -47,8 +47,15 @@ def test_one_quadratic_forward_equals_separate_verify_and_draft_forwards(tmp_pat
     positions = torch.cat([torch.arange(n), n + quadratic_offsets(s, m)])[None]
     gate = torch.zeros(1, n + q, dtype=torch.bool)
     gate[0, n + s:] = True
-    with lora_token_gate(model, name, gate):
+    base_twin = model.__dict__.pop("_base_encoder")  # first through PEFT with gate hooks, then the gated twin
+    with lora_token_gate(model, name, gate) as encoder:
+        assert encoder is None
         logits = model(ids, attention_mask=mask, position_ids=positions)[0]
+    model.__dict__["_base_encoder"] = base_twin
+    with lora_token_gate(model, name, gate) as encoder:
+        assert encoder is not None
+        twin_logits = model(ids, attention_mask=mask, position_ids=positions, encoder=encoder)[0]
+    torch.testing.assert_close(twin_logits, logits, atol=1e-5, rtol=0)
     for i in range(s):
         w = n + i + 1
         cache = DynamicCache(config=model.config)
@@ -64,6 +71,7 @@ def test_one_quadratic_forward_equals_separate_verify_and_draft_forwards(tmp_pat
     with lora_enabled(model, name, False):
         plain = model(ids, attention_mask=mask, position_ids=positions)[0]
     assert torch.equal(logits[0, :n + s], plain[0, :n + s])  # gated-off rows are the base model's, bit for bit
+    assert torch.equal(twin_logits[0, :n + s], plain[0, :n + s])
     assert not torch.allclose(logits[0, n + s:], plain[0, n + s:])
 
 

@@ -90,13 +90,14 @@ class DecodeBatch:
         return self._layouts[key]
 
     def _pathway(self, layout: BlockLayout, rows: int):
-        """(backbone twin or None, context manager) for a forward with this layout: a twin without PEFT wrappers
-        where the adapter is wholly on or off, PEFT with a per-token gate where only some tokens draft."""
+        """Context manager yielding the backbone to run for this layout (None: the model's own, PEFT switched as
+        needed): a twin without PEFT wrappers where the adapter is wholly on or off, a gated twin (or PEFT with a
+        per-token gate) where only some tokens draft."""
         if self.adapter is not None and self.lora_mode != "both" and layout.any_drafting and not layout.all_drafting:
-            return None, lora_token_gate(self.model, self.adapter, layout.drafting[None].expand(rows, -1))
+            return lora_token_gate(self.model, self.adapter, layout.drafting[None].expand(rows, -1))
         on = self.lora_mode == "both" or layout.all_drafting
         encoder = pathway_encoder(self.model, self.adapter, on)
-        return encoder, nullcontext() if encoder is not None else self.model.adapter_enabled(self.adapter, on)
+        return nullcontext(encoder) if encoder is not None else self.model.adapter_enabled(self.adapter, on)
 
     def _clock(self) -> float:
         if not self.profile:
@@ -135,9 +136,8 @@ class DecodeBatch:
         self.cache.begin(self.lengths, q, device)
         mask = ragged_mask(lengths, self.cache.window, layout.pattern)
         positions = lengths[:, None] + layout.offsets
-        encoder, context = self._pathway(layout, len(self))
         t0 = self._clock()
-        with context:
+        with self._pathway(layout, len(self)) as encoder:
             logits, _ = self.model(tokens, attention_mask=mask, position_ids=positions, cache=self.cache,
                                    logits_index=logits_index, encoder=encoder, eager=eager)
         if self.profile:

@@ -19,7 +19,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from nld_lora.model.pathways import merged_copy, structure_copy
+from nld_lora.model.pathways import gated_copy, merged_copy, structure_copy
 
 LORA_MODES = ("draft_only", "both")
 ADAPTER_META = "nld_adapter.json"
@@ -36,8 +36,10 @@ class LoadedAdapter:
     path: str
     lora_mode: str = "draft_only"
     meta: dict[str, Any] = field(default_factory=dict)
-    gate: TokenGate | None = None  # per-token gate hooks, installed on first use (single-forward self-spec)
+    gate: TokenGate | None = None  # per-token gate holder (single-forward self-spec), created on first use
+    gate_hooked: bool = False  # the holder is installed as a pre-hook on this adapter's PEFT LoRA A matrices
     merged: nn.Module | bool | None = None  # inference twin with this adapter merged (False: cannot merge)
+    gated: nn.Module | bool | None = None  # inference twin with a per-token gated delta (False: cannot build)
 
 
 def adapter_metadata(path: str | Path) -> dict[str, Any]:
@@ -166,9 +168,20 @@ def pathway_encoder(model, adapter: str | None, on: bool) -> nn.Module | None:
     return loaded.merged or None
 
 
+def gated_encoder(model, adapter: str) -> tuple[nn.Module | None, TokenGate]:
+    """(the gated twin of adapter `adapter` or None where PEFT must run, its gate holder)."""
+    loaded = model.adapters[adapter]
+    if loaded.gate is None:
+        loaded.gate = TokenGate()
+    base = model.__dict__.get("_base_encoder")
+    if base is not None and loaded.gated is None:
+        loaded.gated = gated_copy(base, model.encoder, adapter, loaded.gate) or False
+    return (loaded.gated or None), loaded.gate
+
+
 def decode_encoders(model) -> list[nn.Module]:
     """Every backbone tree the runtime may run: the PEFT-managed one and the inference twins built so far."""
-    twins = [model.__dict__.get("_base_encoder")] + [a.merged for a in model.adapters.values()]
+    twins = [model.__dict__.get("_base_encoder")] + [t for a in model.adapters.values() for t in (a.merged, a.gated)]
     return [model.encoder] + [t for t in twins if isinstance(t, nn.Module)]
 
 
@@ -201,26 +214,30 @@ class TokenGate:
         return None if self.gate is None else (args[0] * self.gate.to(args[0].dtype),)
 
 
-def _token_gate(model, adapter: str) -> TokenGate:
+def _install_gate_hooks(model, adapter: str, hook: TokenGate) -> None:
     loaded = model.adapters[adapter]
-    if loaded.gate is None:
-        loaded.gate = TokenGate()
+    if not loaded.gate_hooked:
         for module in peft_of(model).base_model.model.modules():
             lora_a = getattr(module, "lora_A", None)
             if isinstance(lora_a, nn.ModuleDict) and adapter in lora_a:
-                lora_a[adapter].register_forward_pre_hook(loaded.gate)
-    return loaded.gate
+                lora_a[adapter].register_forward_pre_hook(hook)
+        loaded.gate_hooked = True
 
 
 @contextmanager
-def lora_token_gate(model, adapter: str, gate: torch.Tensor) -> Iterator[None]:
+def lora_token_gate(model, adapter: str, gate: torch.Tensor) -> Iterator[nn.Module | None]:
     """Run the enclosed forwards with adapter `adapter` on for the tokens where gate (batch, q) is True and off for
-    the others. Each LoRA A matrix sees its input times the gate, so a gated-off token's delta B(A(0)) is exactly 0
+    the others; yields the backbone twin to run (model/pathways.py GatedLoRALinear), or None to run the PEFT model,
+    whose LoRA A matrices then see their input times the gate. Either way a gated-off token's delta is exactly 0
     and its output equals the base model's bit for bit."""
-    hook = _token_gate(model, adapter)
-    with lora_enabled(model, adapter, True):
-        hook.gate = gate[..., None]
-        try:
-            yield
-        finally:
-            hook.gate = None
+    encoder, hook = gated_encoder(model, adapter)
+    hook.gate = gate[..., None]
+    try:
+        if encoder is not None:
+            yield encoder
+        else:
+            _install_gate_hooks(model, adapter, hook)
+            with lora_enabled(model, adapter, True):
+                yield None
+    finally:
+        hook.gate = None

@@ -5,8 +5,10 @@ on a small or launch-bound model that doubles the cost of an AR or verify forwar
 - a base twin: the backbone's module tree as it was before PEFT wrapped it (the same leaf modules and weights), for
   forwards with the adapter off;
 - a merged twin per adapter: the base twin with each targeted Linear replaced by one holding W + scaling * B @ A,
-  for forwards with the adapter on (drafts), at the base model's cost. It copies the targeted weights only.
-Forwards that gate the adapter per token, adapters being trained, and quantized bases keep using PEFT.
+  for forwards with the adapter on (drafts), at the base model's cost. It copies the targeted weights only;
+- a gated twin per adapter: targeted Linears compute base(x) + scaling * B A (x * gate), for forwards whose tokens
+  are partly drafts (single-forward self-speculation); it shares every weight.
+Adapters being trained and quantized bases keep using PEFT.
 """
 
 from __future__ import annotations
@@ -54,4 +56,38 @@ def merged_copy(base_twin: nn.Module, wrapped: nn.Module, adapter: str) -> nn.Mo
                 merged.bias.copy_(base.bias)
         merged.requires_grad_(False)
         _set_submodule(twin, path, merged)
+    return twin
+
+
+class GatedLoRALinear(nn.Module):
+    """base(x) + scaling * B @ A @ (x * gate): the LoRA delta only on the tokens the gate holder marks (a
+    TokenGate whose .gate is (batch, q, 1) or None = every token), without PEFT's per-call bookkeeping."""
+
+    def __init__(self, base: nn.Linear, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float, holder):
+        super().__init__()
+        self.base = base
+        self.lora_a = lora_a
+        self.lora_b = lora_b
+        self.scaling = scaling
+        self.holder = holder
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate = self.holder.gate
+        low = nn.functional.linear(x if gate is None else x * gate.to(x.dtype), self.lora_a.to(x.dtype))
+        return self.base(x) + nn.functional.linear(low, self.lora_b.to(x.dtype)) * self.scaling
+
+
+def gated_copy(base_twin: nn.Module, wrapped: nn.Module, adapter: str, holder) -> nn.Module | None:
+    """base_twin with each Linear that PEFT wrapped for `adapter` in `wrapped` replaced by a GatedLoRALinear sharing
+    its weights and the adapter's A/B; None where merged_copy would be None (quantized base, LoRA variant)."""
+    twin = structure_copy(base_twin)
+    for path, layer in wrapped.named_modules():
+        lora_a = getattr(layer, "lora_A", None)
+        if not isinstance(lora_a, nn.ModuleDict) or adapter not in lora_a:
+            continue
+        base = layer.get_base_layer()
+        if type(base) is not nn.Linear or adapter in getattr(layer, "lora_variant", {}):
+            return None
+        _set_submodule(twin, path, GatedLoRALinear(base, lora_a[adapter].weight, layer.lora_B[adapter].weight,
+                                                   float(layer.scaling[adapter]), holder))
     return twin
