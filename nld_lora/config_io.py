@@ -27,7 +27,18 @@ def _coerce(value: Any, annotation: Any, path: str) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], path)
+        for option in inner[:-1]:  # the first type the value fits (int | str: "3" -> 3, "auto" -> "auto")
+            try:
+                return _coerce(value, option, path)
+            except ConfigError:
+                continue
+        try:
+            return _coerce(value, inner[-1], path)
+        except ConfigError as err:
+            if len(inner) == 1:
+                raise
+            names = " or ".join(getattr(a, "__name__", str(a)) for a in inner)
+            raise ConfigError(f"{path}: expected {names}, got {value!r}") from err
     if dataclasses.is_dataclass(annotation):
         if not isinstance(value, dict):
             raise ConfigError(f"{path}: expected a mapping, got {value!r}")

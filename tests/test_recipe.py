@@ -39,6 +39,15 @@ def test_recipe_config_errors_name_the_key():
         load_config(RecipeConfig, None, ["train.lora.rank=4"])
 
 
+def test_union_settings_take_the_first_type_that_fits():
+    from nld_lora.cli import GenerateConfig
+
+    assert load_config(GenerateConfig, None, ["decode.draft_len=4"]).decode.draft_len == 4
+    assert load_config(GenerateConfig, None, ["decode.draft_len=auto"]).decode.draft_len == "auto"
+    with pytest.raises(ConfigError, match=r"max_new_tokens: expected int, got 'many'"):
+        load_config(GenerateConfig, None, ["max_new_tokens=many"])
+
+
 @pytest.mark.parametrize("name", ["tiny_code", "nld_8b"])
 def test_shipped_recipe_configs_parse(name):
     from tests.helpers import ROOT
