@@ -20,21 +20,14 @@ from nld_lora.decoding.stats import RequestStats
 from nld_lora.model.adapters import lora_token_gate, pathway_encoder
 from nld_lora.model.masks import block_pattern, quadratic_offsets, quadratic_pattern, ragged_mask
 
-
-@dataclass(frozen=True)
-class ForwardKind:
-    layout: str  # causal | bidirectional | quadratic (see BlockLayout)
-    counted_as: str  # the stats counter it increments
-
-
-FORWARD_KINDS = {
-    "prefill": ForwardKind("causal", "prefill"),
-    "ar": ForwardKind("causal", "ar"),
-    "verify": ForwardKind("causal", "verify"),
-    "commit": ForwardKind("causal", "commit"),
-    "draft": ForwardKind("bidirectional", "draft"),
-    "denoise": ForwardKind("bidirectional", "denoise"),
-    "verify_draft": ForwardKind("quadratic", "verify_draft"),
+FORWARD_KINDS = {  # kind -> block layout (see BlockLayout); each kind is also its own stats counter
+    "prefill": "causal",
+    "ar": "causal",
+    "verify": "causal",
+    "commit": "causal",
+    "draft": "bidirectional",
+    "denoise": "bidirectional",
+    "verify_draft": "quadratic",
 }
 
 
@@ -84,7 +77,7 @@ class DecodeBatch:
 
     def layout(self, kind: str, q: int, masks_per_row: int = 0) -> BlockLayout:
         """The block layout of a forward kind at width q, built once per shape."""
-        key = (FORWARD_KINDS[kind].layout, q, masks_per_row)
+        key = (FORWARD_KINDS[kind], q, masks_per_row)
         if key not in self._layouts:
             self._layouts[key] = make_layout(key[0], q, masks_per_row, self.model.device)
         return self._layouts[key]
@@ -142,10 +135,9 @@ class DecodeBatch:
                                    logits_index=logits_index, encoder=encoder, eager=eager)
         if self.profile:
             self.forward_s += self._clock() - t0
-        name = FORWARD_KINDS[kind].counted_as
         for i, rid in enumerate(self.rows):
             if counted is None or counted[i]:
-                self.stats[rid].forwards[name] += 1
+                self.stats[rid].forwards[kind] += 1
         return logits
 
     def advance(self, keep: list[int]) -> None:
