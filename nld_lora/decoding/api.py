@@ -158,8 +158,7 @@ def generate(
             ids = list(range(start, min(start + (batch_size or len(prompts)), len(prompts))))
             tb = time.perf_counter()
             chunk = [prompts[i] for i in ids]
-            ahead = lookahead(mode, cfg.block_size, cfg.draft_len)
-            capacity = max(map(len, chunk)) + max_new_tokens + (2 * ahead if cfg.adaptive_draft else ahead)
+            capacity = max(map(len, chunk)) + max_new_tokens + lookahead(mode, cfg.block_size, cfg.draft_len)
             if static:
                 capacity = -(-capacity // STATIC_CAPACITY_STEP) * STATIC_CAPACITY_STEP
             batch = DecodeBatch(model, chunk, ids, out.stats, capacity=capacity, adapter=adapter_name,

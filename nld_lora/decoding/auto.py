@@ -34,13 +34,14 @@ def expected_tokens(rates: list[float], k: int) -> float:
 
 def forward_seconds(batch, width: int) -> float:
     """Predicted wall time of a forward of `width` tokens on this batch: linear between measured widths 1, 2, 4, 8,
-    ... (measure_forward), per power-of-two bucket of batch rows, eager or compiled."""
+    ... (measure_forward; the upper point capped at the widest forward the batch's cache has room for), per
+    power-of-two bucket of batch rows, eager or compiled."""
     low = 1 << (width.bit_length() - 1)
     t_low = measure_forward(batch, low)
     if low == width:
         return t_low
-    t_high = measure_forward(batch, 2 * low)
-    return t_low + (t_high - t_low) * (width - low) / low
+    high = min(2 * low, batch.cache.capacity - max(batch.lengths))
+    return t_low + (measure_forward(batch, high) - t_low) * (width - low) / (high - low)
 
 
 def measure_forward(batch, width: int) -> float:

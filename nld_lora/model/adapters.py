@@ -19,7 +19,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from nld_lora.model.pathways import gated_copy, merged_copy, structure_copy
+from nld_lora.model.pathways import gated_copy, lora_layers, merged_copy, structure_copy
 
 LORA_MODES = ("draft_only", "both")
 ADAPTER_META = "nld_adapter.json"
@@ -217,10 +217,8 @@ class TokenGate:
 def _install_gate_hooks(model, adapter: str, hook: TokenGate) -> None:
     loaded = model.adapters[adapter]
     if not loaded.gate_hooked:
-        for module in peft_of(model).base_model.model.modules():
-            lora_a = getattr(module, "lora_A", None)
-            if isinstance(lora_a, nn.ModuleDict) and adapter in lora_a:
-                lora_a[adapter].register_forward_pre_hook(hook)
+        for _, layer in lora_layers(peft_of(model).base_model.model, adapter):
+            layer.lora_A[adapter].register_forward_pre_hook(hook)
         loaded.gate_hooked = True
 
 

@@ -14,6 +14,7 @@ Adapters being trained and quantized bases keep using PEFT.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -37,26 +38,41 @@ def _set_submodule(root: nn.Module, path: str, new: nn.Module) -> None:
     parent._modules[name] = new
 
 
-def merged_copy(base_twin: nn.Module, wrapped: nn.Module, adapter: str) -> nn.Module | None:
-    """base_twin with adapter `adapter` merged into copies of the Linear layers that PEFT wrapped in `wrapped` (the
-    same tree after PEFT); None when a wrapped layer is not a plain Linear (quantized) or uses a LoRA variant."""
-    twin = structure_copy(base_twin)
+def lora_layers(wrapped: nn.Module, adapter: str) -> Iterator[tuple[str, nn.Module]]:
+    """(path, PEFT LoRA layer) for every layer of `wrapped` that carries adapter `adapter`."""
     for path, layer in wrapped.named_modules():
         lora_a = getattr(layer, "lora_A", None)
-        if not isinstance(lora_a, nn.ModuleDict) or adapter not in lora_a:
-            continue
+        if isinstance(lora_a, nn.ModuleDict) and adapter in lora_a:
+            yield path, layer
+
+
+def _twin_with(base_twin: nn.Module, wrapped: nn.Module, adapter: str,
+               build: Callable[[nn.Linear, nn.Module], nn.Module]) -> nn.Module | None:
+    """base_twin with each Linear that PEFT wrapped for `adapter` in `wrapped` (the same tree after PEFT) replaced by
+    build(base Linear, PEFT layer); None when a wrapped layer is not a plain Linear (quantized) or uses a LoRA
+    variant."""
+    twin = structure_copy(base_twin)
+    for path, layer in lora_layers(wrapped, adapter):
         base = layer.get_base_layer()
         if type(base) is not nn.Linear or adapter in getattr(layer, "lora_variant", {}):
             return None
+        _set_submodule(twin, path, build(base, layer))
+    return twin
+
+
+def merged_copy(base_twin: nn.Module, wrapped: nn.Module, adapter: str) -> nn.Module | None:
+    """base_twin with adapter `adapter` merged into copies of the Linear layers it targets (see _twin_with)."""
+
+    def merge(base: nn.Linear, layer: nn.Module) -> nn.Linear:
         merged = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None,
                            device=base.weight.device, dtype=base.weight.dtype)
         with torch.no_grad():
             merged.weight.copy_(base.weight + layer.get_delta_weight(adapter).to(base.weight.dtype))
             if base.bias is not None:
                 merged.bias.copy_(base.bias)
-        merged.requires_grad_(False)
-        _set_submodule(twin, path, merged)
-    return twin
+        return merged.requires_grad_(False)
+
+    return _twin_with(base_twin, wrapped, adapter, merge)
 
 
 class GatedLoRALinear(nn.Module):
@@ -78,16 +94,7 @@ class GatedLoRALinear(nn.Module):
 
 
 def gated_copy(base_twin: nn.Module, wrapped: nn.Module, adapter: str, holder) -> nn.Module | None:
-    """base_twin with each Linear that PEFT wrapped for `adapter` in `wrapped` replaced by a GatedLoRALinear sharing
-    its weights and the adapter's A/B; None where merged_copy would be None (quantized base, LoRA variant)."""
-    twin = structure_copy(base_twin)
-    for path, layer in wrapped.named_modules():
-        lora_a = getattr(layer, "lora_A", None)
-        if not isinstance(lora_a, nn.ModuleDict) or adapter not in lora_a:
-            continue
-        base = layer.get_base_layer()
-        if type(base) is not nn.Linear or adapter in getattr(layer, "lora_variant", {}):
-            return None
-        _set_submodule(twin, path, GatedLoRALinear(base, lora_a[adapter].weight, layer.lora_B[adapter].weight,
-                                                   float(layer.scaling[adapter]), holder))
-    return twin
+    """base_twin with each Linear the adapter targets replaced by a GatedLoRALinear sharing its weights and the
+    adapter's A/B (see _twin_with)."""
+    return _twin_with(base_twin, wrapped, adapter, lambda base, layer: GatedLoRALinear(
+        base, layer.lora_A[adapter].weight, layer.lora_B[adapter].weight, float(layer.scaling[adapter]), holder))
