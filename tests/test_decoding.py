@@ -21,13 +21,19 @@ def _set_eos_to_frequent_token(model, prompts):
     model.config.eos_token_id = counts.most_common(1)[0][0]
 
 
-@pytest.mark.parametrize("batch_size", [1, 5])
-def test_greedy_self_spec_equals_ar(batch_size, tmp_path):
+def ar_reference_with_early_stops(batch_size: int):
+    """(model, prompts, greedy AR result) where some requests stop on EOS mid-batch and others on the length."""
     model = tiny_model(seed=1)
     prompts = random_prompts(10, seed=batch_size)
     _set_eos_to_frequent_token(model, prompts)
     ar = model.generate(prompts, mode="ar", max_new_tokens=24, batch_size=batch_size)
     assert "eos" in ar.finish_reasons and "length" in ar.finish_reasons
+    return model, prompts, ar
+
+
+@pytest.mark.parametrize("batch_size", [1, 5])
+def test_greedy_self_spec_equals_ar(batch_size, tmp_path):
+    model, prompts, ar = ar_reference_with_early_stops(batch_size)
     for k in (1, 2, 3, 6):  # 1 .. block_size - 1, and past it
         ss = model.generate(prompts, mode="self_spec", max_new_tokens=24, draft_len=k, batch_size=batch_size)
         assert ss.sequences == ar.sequences, f"draft_len={k}"
