@@ -1,7 +1,7 @@
 """Decode benchmark: per mode, at batch 1 and batch 8, TPF, mean acceptance, tokens/s, speedup over AR and the
 runtime's overhead share (wall time outside model forwards / total wall time) and, for draft_len="auto", the draft
-lengths chosen (k:cycles, 0 = an AR step); rows with torch.compile (compiled once outside the timing); plus
-transformers' own greedy `generate` and its prompt-lookup decoding on the same weights (the model's AR view) as
+lengths chosen (k:cycles, 0 = an AR step); rows with torch.compile (compiled, and auto's forward costs measured,
+outside the timing); plus transformers' own greedy `generate` and its prompt-lookup decoding on the same weights (the model's AR view) as
 batch-1 baselines.
 
     python scripts/bench_decode.py [--model data/tiny-nld-code] [--adapter DIR] [--prompts FILE] [--n 32]
@@ -126,7 +126,9 @@ def main() -> None:
     model.generate(prompts[:2], mode="self_spec", max_new_tokens=8, adapter=False)  # warm-up
     for bs in batch_sizes:  # outside the timing: compile every shape family, and let draft_len="auto" measure its
         for _, kw in rows:  # forward costs (once per process), on the first bs prompts
-            if (kw.get("compile") and bs in compile_batches(args)) or kw.get("draft_len") == "auto":
+            if kw.get("compile") and bs not in compile_batches(args):
+                continue
+            if kw.get("compile") or kw.get("draft_len") == "auto":
                 model.generate(prompts[:bs], max_new_tokens=args.max_new_tokens, batch_size=bs,
                                **{"adapter": False, **kw})
     hf = load_ar_view(model) if 1 in batch_sizes and not args.no_transformers else None
