@@ -76,12 +76,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_collect(args: argparse.Namespace) -> int:
-    from accelerate import Accelerator
-
     from nld_lora.data import CollectConfig, collect, read_prompts
+    from nld_lora.parallel import make_accelerator
 
     cfg = _settings(CollectConfig, args)
-    accelerator = Accelerator(cpu=args.device == "cpu")
+    accelerator = make_accelerator(cpu=None if args.device is None else args.device == "cpu")
     model = _load(args).to(accelerator.device)
     records, report = read_prompts(args.prompts, cfg.fields, skip_bad=cfg.skip_bad, limit=cfg.limit)
     summary = collect(model, records, args.out, cfg, accelerator=accelerator)
@@ -109,7 +108,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(json.dumps({"adapter": res.adapter_dir, "steps": res.steps, "best_step": res.best_step,
                       "simulated_acceptance_before": round(res.baseline_simulated_acceptance, 4),
                       "simulated_acceptance_after": round(res.best_simulated_acceptance, 4),
-                      "wall_s": round(res.wall_s, 1), "processes": res.world_size}, indent=2))
+                      "wall_s": round(res.wall_s, 1), "processes": res.world_size,
+                      "parallelism": res.parallelism}, indent=2))
     return 0
 
 

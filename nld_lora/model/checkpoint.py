@@ -261,7 +261,7 @@ def load(
     HF causal LM folder.
 
     dtype: the whole model's dtype (default: the config's `dtype`, else the stored one). quantization: None, "4bit"
-    or "8bit" (bitsandbytes, CUDA only) for a frozen QLoRA base. The tokenizer is attached as `.tokenizer`.
+    or "8bit" (bitsandbytes, CPU or CUDA) for a frozen QLoRA base; the head stays in `dtype`. The tokenizer is attached as `.tokenizer`.
     """
     folder = resolve_folder(name_or_path)
     config_dict = read_config(folder)
@@ -295,10 +295,10 @@ def load(
     model.source_config = config_dict
     model.extra_eos_ids = stop_token_ids(folder, tokenizer)
     model.weights_hash = weights_fingerprint(files)
-    if quantization is not None:
+    if quantization is not None:  # straight onto the device, so the full-precision Linears never go there
         from nld_lora.model.quantize import quantize_frozen_base
 
-        quantize_frozen_base(model, quantization)
+        quantize_frozen_base(model, quantization, device=device)
     if device is not None:
         model.to(device)
     model.eval()

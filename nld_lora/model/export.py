@@ -15,7 +15,14 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from nld_lora.model.checkpoint import open_weights, read_config, read_tensor, resolve_folder, weight_files
+from nld_lora.model.checkpoint import (
+    open_weights,
+    read_config,
+    read_tensor,
+    resolve_folder,
+    weight_files,
+    weights_fingerprint,
+)
 from nld_lora.model.nld_config import CheckpointError
 from nld_lora.model.release import ADAPTER_SUBFOLDER
 
@@ -25,6 +32,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 NLD_ONLY_FIELDS = ("auto_map", "mask_token_id", "dlm_paradigm", "block_size", "dlm_loss_weight", "ar_loss_weight",
                    "dp_varying_mask_ratio")
 AR_VIEW_ARCHITECTURE = "Ministral3ForCausalLM"
+AR_VIEW_STAMP = "nld_ar_view.json"  # which source (weights fingerprint + config) an AR view folder was made from
 
 
 def export_adapter(adapter: str | os.PathLike, model_dir: str | os.PathLike) -> Path:
@@ -57,11 +65,19 @@ def export_adapter(adapter: str | os.PathLike, model_dir: str | os.PathLike) -> 
 
 
 def ar_view_config(config: dict) -> dict:
-    """The checkpoint's config as a plain Ministral3 causal LM (NLD-only fields dropped)."""
+    """The checkpoint's config as a plain Ministral3 causal LM (NLD-only fields dropped).
+
+    The Llama-4 query scaling is also written as the top-level `llama_4_scaling` key ({beta,
+    original_max_position_embeddings}) that vLLM's Mistral/Ministral3 model reads; transformers reads it from
+    `rope_parameters`. Without it vLLM decodes a different model past original_max_position_embeddings."""
     out = {k: v for k, v in config.items() if k not in NLD_ONLY_FIELDS}
     out["model_type"] = "ministral3"
     out["architectures"] = [AR_VIEW_ARCHITECTURE]
     out["tie_word_embeddings"] = False
+    rope = config.get("rope_parameters") or {}
+    if rope.get("llama_4_scaling_beta") is not None:
+        original = rope.get("original_max_position_embeddings", config.get("max_position_embeddings"))
+        out["llama_4_scaling"] = {"beta": rope["llama_4_scaling_beta"], "original_max_position_embeddings": original}
     return out
 
 
@@ -73,14 +89,26 @@ def _ar_key(key: str, source: Path) -> str:
     raise CheckpointError(f"{source}: tensor {key!r} is not in the NLD layout (encoder.* / diffusion_head)")
 
 
-def export_ar_view(model_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
-    """Write the AR view of an NLD folder, shard by shard (one shard in memory at a time). Returns out_dir."""
+def export_ar_view(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *, reuse: bool = True) -> Path:
+    """Write the AR view of an NLD folder, shard by shard (one shard in memory at a time). Returns out_dir.
+
+    reuse: keep an AR view already in out_dir that was made from the same weights and config (16 GB at 8B)."""
     src = resolve_folder(str(model_dir))
     out = Path(out_dir)
     if out.resolve() == src.resolve():
         raise CheckpointError(f"{out}: the AR view must go to another folder than the model")
     files = weight_files(src)
+    config = ar_view_config(read_config(src))
+    stamp = {"source": str(src), "weights_hash": weights_fingerprint(files), "config": config}
+    stamp_path = out / AR_VIEW_STAMP
+    if reuse and stamp_path.exists():
+        try:
+            if json.loads(stamp_path.read_text()) == stamp:
+                return out
+        except json.JSONDecodeError:
+            pass  # a damaged stamp: write the view again
     out.mkdir(parents=True, exist_ok=True)
+    stamp_path.unlink(missing_ok=True)
     weight_map: dict[str, str] = {}
     total = 0
     for i, f in enumerate(files):
@@ -95,8 +123,9 @@ def export_ar_view(model_dir: str | os.PathLike, out_dir: str | os.PathLike) -> 
     if len(files) > 1:
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-    (out / "config.json").write_text(json.dumps(ar_view_config(read_config(src)), indent=2, sort_keys=True) + "\n")
+    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     for name in TOKENIZER_FILES:
         if (src / name).exists():
             shutil.copy2(src / name, out / name)
+    stamp_path.write_text(json.dumps(stamp, indent=2, sort_keys=True) + "\n")  # last: marks the view complete
     return out

@@ -38,6 +38,7 @@ class TriModeModel(nn.Module):
         self.extra_eos_ids: set[int] = set()  # stop ids from generation_config.json / the tokenizer
         self.adapters: dict[str, lora.LoadedAdapter] = {}  # name -> folder, lora_mode, metadata
         self.active_adapter: str | None = None
+        self.quantization: str | None = None  # "4bit" / "8bit" when the backbone's Linears are bitsandbytes layers
 
     @property
     def mask_token_id(self) -> int:

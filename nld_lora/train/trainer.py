@@ -22,6 +22,8 @@ from tqdm import tqdm
 from nld_lora.config_io import ConfigError, to_dict
 from nld_lora.decoding.settings import resolve_draft_len
 from nld_lora.model.adapters import ADAPTER_META, lora_enabled, register_peft
+from nld_lora.model.quantize import quantized_twin
+from nld_lora.parallel import make_accelerator, parallelism
 from nld_lora.train.config import TrainConfig
 from nld_lora.train.data import Sequence, build_sequences, make_batch, split_eval
 from nld_lora.train.objective import (
@@ -47,15 +49,9 @@ class TrainResult:
     steps: int
     wall_s: float
     world_size: int = 1
+    parallelism: str = "single"  # what the run did: single | ddp | fsdp (nld_lora.parallel.parallelism)
     fit_baseline_simulated_acceptance: float | None = None  # on training sequences (fit), without the adapter
     fit_best_simulated_acceptance: float | None = None  # the same with the selected adapter
-
-
-def mixed_precision_for(setting: str) -> str:
-    """'auto' -> bf16 on a CUDA device that has it, else no mixed precision."""
-    if setting != "auto":
-        return setting
-    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
 
 
 def add_lora(model, cfg: TrainConfig):
@@ -77,40 +73,67 @@ def add_lora(model, cfg: TrainConfig):
 
 @torch.no_grad()
 def evaluate_drafts(model, seqs: list[Sequence], cfg: TrainConfig, draft_len: int, *, adapter: str | None,
-                    batch_size: int = 8) -> dict[str, Any]:
-    """Simulated acceptance on held-out sequences at fixed (seeded) draft starts, same passes as training."""
+                    batch_size: int = 8, accelerator: Any = None) -> dict[str, Any]:
+    """Simulated acceptance on held-out sequences at fixed (seeded) draft starts, same passes as training.
+
+    Collective under several processes: every rank draws the same batches, runs every world_size-th one (ranks
+    with fewer run a discarded extra batch, so sharded models see the same number of forwards on every rank) and
+    the counts are summed, so the figures equal a single-process run's.
+    """
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
     gen = torch.Generator().manual_seed(cfg.seed + 99991)
-    attempts = torch.zeros(draft_len, dtype=torch.long)
-    accepts = torch.zeros(draft_len, dtype=torch.long)
-    lengths: list[int] = []
     pad = model.config.pad_token_id or 0
-    for i in range(0, len(seqs), batch_size):
-        batch = make_batch(seqs[i:i + batch_size], cfg.eval_blocks_per_seq, draft_len, gen, pad, model.device,
-                           cfg.draft_layout)
+    batches = [make_batch(seqs[i:i + batch_size], cfg.eval_blocks_per_seq, draft_len, gen, pad, model.device,
+                          cfg.draft_layout) for i in range(0, len(seqs), batch_size)]
+    mine = batches[rank::world]
+    rounds = -(-len(batches) // world)
+    counts = torch.zeros(2 * draft_len + 2, dtype=torch.float64)  # attempts, accepts, sum of lengths, blocks
+    for j in range(rounds):
+        batch = mine[j] if j < len(mine) else batches[0]
         cache, teacher = teacher_pass(model, batch, adapter)
         with lora_enabled(model, adapter, on=True):
             student = student_logits(model, batch, cache, model.mask_token_id)
         out = draft_loss(student, teacher, row_validity(batch), position_weighting="uniform", distill="none")
-        attempts += out.position_attempts.cpu()
-        accepts += out.position_accepts.cpu()
-        lengths += out.accept_lengths.tolist()
+        if j < len(mine):
+            counts += torch.cat([out.position_attempts.cpu(), out.position_accepts.cpu(),
+                                 torch.tensor([out.accept_lengths.sum().item(), len(out.accept_lengths)])]).double()
+    if world > 1:
+        counts = accelerator.reduce(counts.to(accelerator.device), "sum").cpu()
+    attempts, accepts = counts[:draft_len].long(), counts[draft_len:2 * draft_len].long()
     return {
         "simulated_acceptance": simulated_acceptance(attempts, accepts),
-        "mean_block_acceptance": sum(lengths) / max(len(lengths), 1),
+        "mean_block_acceptance": float(counts[-2] / counts[-1].clamp(min=1)),
         "per_position": (accepts.double() / attempts.double().clamp(min=1)).tolist(),
-        "blocks": len(lengths),
+        "blocks": int(counts[-1]),
     }
 
 
-def save_adapter(peft_model, out: Path, model, cfg: TrainConfig, draft_len: int, extra: dict[str, Any]) -> None:
-    """PEFT folder + nld_adapter.json (base fingerprint, lora_mode, draft_len), written via a temp folder."""
+def adapter_state(peft_model: Any, adapter: str = ADAPTER_NAME) -> dict[str, torch.Tensor]:
+    """The adapter's LoRA tensors under PEFT's names, as plain CPU tensors; collective (every rank must call it):
+    sharded FSDP parameters (DTensors) are gathered in full. (Selected by name: PEFT clears requires_grad while
+    the adapter is disabled.)"""
+    state = {}
+    for name, param in peft_model.named_parameters():
+        if ".lora_" in name and f".{adapter}." in name:
+            full = param.full_tensor() if hasattr(param, "full_tensor") else param
+            state[name] = full.detach().cpu().clone()
+    if not state:
+        raise RuntimeError(f"the model carries no LoRA tensors of adapter {adapter!r}; nothing to save")
+    return state
+
+
+def save_adapter(peft_model, out: Path, model, cfg: TrainConfig, draft_len: int, extra: dict[str, Any],
+                 state: dict[str, torch.Tensor] | None = None) -> None:
+    """PEFT folder + nld_adapter.json (base fingerprint, lora_mode, draft_len), written via a temp folder.
+    state: the adapter tensors from adapter_state (needed when the model is sharded)."""
     tmp = out.parent / f".{out.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    peft_model.save_pretrained(str(tmp), selected_adapters=[ADAPTER_NAME])
+    peft_model.save_pretrained(str(tmp), selected_adapters=[ADAPTER_NAME], state_dict=state)
     src = tmp / ADAPTER_NAME if (tmp / ADAPTER_NAME).is_dir() else tmp
     release_style_config(src / "adapter_config.json", model.name_or_path)
     meta = {"base_model": model.name_or_path, "base_weights_hash": model.weights_hash, "lora_mode": "draft_only",
             "draft_len": draft_len, "draft_layout": cfg.draft_layout, "block_size": model.block_size,
+            "base_quantization": model.quantization,
             "train_config": to_dict(cfg), **extra}
     (src / ADAPTER_META).write_text(json.dumps(meta, indent=2) + "\n")
     shutil.rmtree(out, ignore_errors=True)
@@ -161,7 +184,8 @@ class TrainingRun:
     out: Path
     accelerator: Any
     model: Any
-    wrapped: Any  # the PEFT model as accelerate prepared it
+    peft: Any  # the PeftModel around `model` (adapter switching, saving)
+    wrapped: Any  # `model` as accelerate prepared it (DDP / FSDP): training forwards and backward go through it
     optimizer: Any
     scheduler: Any
     params: list[torch.nn.Parameter]
@@ -177,13 +201,9 @@ class TrainingRun:
 
 
 def setup_accelerator(cfg: TrainConfig, out: Path):
-    from accelerate import Accelerator
-
-    if cfg.wandb:
-        os.environ.setdefault("WANDB_MODE", cfg.wandb_mode)
-    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mixed_precision_for(cfg.mixed_precision),
-                       gradient_accumulation_steps=cfg.grad_accum, log_with=["wandb"] if cfg.wandb else None,
-                       project_dir=str(out))
+    """The Accelerator for training (the recipe builds its own the same way, nld_lora.parallel)."""
+    return make_accelerator(mixed_precision=cfg.mixed_precision, grad_accum=cfg.grad_accum, wandb=cfg.wandb,
+                            wandb_mode=cfg.wandb_mode, project_dir=out)
 
 
 def setup_data(model, dataset_dir: str | Path, cfg: TrainConfig) -> tuple[list[Sequence], list[Sequence]]:
@@ -203,17 +223,19 @@ def fit_sample(train_seqs: list[Sequence], n: int, seed: int) -> list[Sequence]:
     return [train_seqs[i] for i in order[:n]]
 
 
-def setup_optimization(peft_model, cfg: TrainConfig, accelerator):
-    """AdamW over the LoRA parameters and a transformers scheduler, prepared by accelerate."""
+def setup_optimization(model, cfg: TrainConfig, accelerator):
+    """AdamW over the LoRA parameters and a transformers scheduler, prepared by accelerate with the model (the
+    tri-mode model itself, not its PEFT wrapper, is the DDP/FSDP root, so every forward runs its hooks)."""
     from transformers import get_scheduler
 
-    params = [p for p in peft_model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     name = {"cosine": "cosine", "wsd": "warmup_stable_decay", "constant": "constant_with_warmup"}[cfg.scheduler]
     extra = {"num_decay_steps": max(cfg.steps // 5, 1)} if cfg.scheduler == "wsd" else None
     scheduler = get_scheduler(name, optimizer, num_warmup_steps=int(cfg.warmup_ratio * cfg.steps),
                               num_training_steps=cfg.steps, scheduler_specific_kwargs=extra)
-    wrapped, optimizer, scheduler = accelerator.prepare(peft_model, optimizer, scheduler)
+    wrapped, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    params = [p for p in wrapped.parameters() if p.requires_grad]  # FSDP replaces them with sharded ones
     return wrapped, optimizer, scheduler, params
 
 
@@ -243,48 +265,53 @@ def setup(model_or_path: Any, dataset_dir: str | Path, out_dir: str | Path, cfg:
     accelerator = accelerator or setup_accelerator(cfg, out)
     set_seed(cfg.seed)
     if isinstance(model_or_path, (str, Path)):
-        model = nld_lora.load(str(model_or_path), quantization=cfg.quantization)
+        model = nld_lora.load(str(model_or_path), device=accelerator.device, quantization=cfg.quantization)
+    elif cfg.quantization is not None and model_or_path.quantization != cfg.quantization:
+        model = quantized_twin(model_or_path.to(accelerator.device), cfg.quantization)
     else:
-        model = model_or_path
-    model.to(accelerator.device)
+        model = model_or_path.to(accelerator.device)
     train_seqs, eval_seqs = setup_data(model, dataset_dir, cfg)
     peft_model = add_lora(model, cfg)
     try:
-        wrapped, optimizer, scheduler, params = setup_optimization(peft_model, cfg, accelerator)
+        wrapped, optimizer, scheduler, params = setup_optimization(model, cfg, accelerator)
         if cfg.wandb:
-            accelerator.init_trackers(cfg.wandb_project, config=to_dict(cfg))
+            accelerator.init_trackers(cfg.wandb_project, config=to_dict(cfg), init_kwargs={"wandb": {"dir": str(out)}})
         out.mkdir(parents=True, exist_ok=True)
         state = resume_state(accelerator, out, cfg)
     except BaseException:
         model.detach_adapter(ADAPTER_NAME)  # e.g. checkpoints of other settings: the caller's model stays clean
         raise
     fit_seqs = fit_sample(train_seqs, len(eval_seqs), cfg.seed) if cfg.fit_eval else []
-    return TrainingRun(cfg, out, accelerator, model, wrapped, optimizer, scheduler, params, train_seqs, eval_seqs,
+    return TrainingRun(cfg, out, accelerator, model, peft_model, wrapped, optimizer, scheduler, params, train_seqs, eval_seqs,
                        fit_seqs, resolve_draft_len(model.block_size, cfg.draft_len), state)
 
 
 def run_eval(run: TrainingRun, step: int) -> None:
-    """Simulated acceptance on the eval split (main process); the best adapter so far goes to best_adapter/."""
+    """Simulated acceptance on the eval split (every process takes part); the best adapter so far goes to
+    best_adapter/ (gathered on every process, written by the main one)."""
     st, acc = run.state, run.accelerator
+
+    def measure(seqs: list[Sequence], adapter: str | None) -> dict[str, Any]:
+        return evaluate_drafts(run.model, seqs, run.cfg, run.draft_len, adapter=adapter, accelerator=acc)
+
+    metrics = measure(run.eval_seqs, ADAPTER_NAME)
+    if st.baseline is None:
+        st.baseline = measure(run.eval_seqs, None)["simulated_acceptance"]
+    if run.fit_seqs:
+        metrics["fit_simulated_acceptance"] = measure(run.fit_seqs, ADAPTER_NAME)["simulated_acceptance"]
+        if st.fit_baseline is None:
+            st.fit_baseline = measure(run.fit_seqs, None)["simulated_acceptance"]
+        metrics["fit_baseline_simulated_acceptance"] = st.fit_baseline
+    record = {"step": step, "eval": True, **{k: v for k, v in metrics.items() if k != "per_position"}}
     if acc.is_main_process:
-        metrics = evaluate_drafts(run.model, run.eval_seqs, run.cfg, run.draft_len, adapter=ADAPTER_NAME)
-        if st.baseline is None:
-            st.baseline = evaluate_drafts(run.model, run.eval_seqs, run.cfg, run.draft_len,
-                                          adapter=None)["simulated_acceptance"]
-        if run.fit_seqs:
-            metrics["fit_simulated_acceptance"] = evaluate_drafts(run.model, run.fit_seqs, run.cfg, run.draft_len,
-                                                                  adapter=ADAPTER_NAME)["simulated_acceptance"]
-            if st.fit_baseline is None:
-                st.fit_baseline = evaluate_drafts(run.model, run.fit_seqs, run.cfg, run.draft_len,
-                                                  adapter=None)["simulated_acceptance"]
-            metrics["fit_baseline_simulated_acceptance"] = st.fit_baseline
-        record = {"step": step, "eval": True, **{k: v for k, v in metrics.items() if k != "per_position"}}
         _log(acc, run.log_path, record)
-        if st.best is None or metrics["simulated_acceptance"] > st.best:
-            st.best, st.best_step = metrics["simulated_acceptance"], step
-            save_adapter(acc.unwrap_model(run.wrapped), run.out / "best_adapter", run.model, run.cfg, run.draft_len,
-                         {"step": step, "eval": metrics, "baseline_simulated_acceptance": st.baseline})
-        st.history.append(record)
+    if st.best is None or metrics["simulated_acceptance"] > st.best:
+        st.best, st.best_step = metrics["simulated_acceptance"], step
+        state = adapter_state(run.peft)
+        if acc.is_main_process:
+            save_adapter(run.peft, run.out / "best_adapter", run.model, run.cfg, run.draft_len,
+                         {"step": step, "eval": metrics, "baseline_simulated_acceptance": st.baseline}, state)
+    st.history.append(record)
     acc.wait_for_everyone()
 
 
@@ -369,7 +396,7 @@ def train(model_or_path: Any, dataset_dir: str | Path, out_dir: str | Path, cfg:
     final = run.out / FINAL_ADAPTER
     best = next((r for r in st.history if r["step"] == st.best_step), {})
     return TrainResult(str(final), st.best_step, st.best or 0.0, st.baseline or 0.0, st.step, wall,
-                       acc.num_processes, st.fit_baseline, best.get("fit_simulated_acceptance"))
+                       acc.num_processes, parallelism(acc), st.fit_baseline, best.get("fit_simulated_acceptance"))
 
 
 def _save_state(accelerator, ckpt_dir: Path, state: TrainState) -> None:
