@@ -129,10 +129,20 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from nld_lora.model.export import export_adapter, export_ar_view
+    from nld_lora.model.export import export_adapter, export_ar_view, export_release_layout
 
+    if args.release_layout:
+        if args.ar_view or args.into:
+            raise ValueError("export --release-layout OUT takes --model and optionally --adapter, not --into/--ar-view")
+        out, missing = export_release_layout(args.model, args.release_layout, adapter=args.adapter, wrap=args.wrap)
+        print(json.dumps({"release_layout": str(out), "adapter": args.adapter, "remote_code_missing": missing}))
+        if missing:
+            print(f"note: NVIDIA's loader also needs {', '.join(missing)} from the release repository in {out} "
+                  "(AutoModel.from_pretrained(..., trust_remote_code=True))", file=sys.stderr)
+        return 0
     if bool(args.adapter) == bool(args.ar_view):
-        raise ValueError("export: give either --adapter A --into MODEL_DIR, or --ar-view OUT (with --model)")
+        raise ValueError("export: give --adapter A --into MODEL_DIR, --ar-view OUT, or --release-layout OUT "
+                         "(each with --model)")
     if args.adapter:
         if not args.into:
             raise ValueError("export --adapter needs --into MODEL_DIR")
@@ -185,7 +195,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--adapter", help="trained adapter folder to install as MODEL_DIR/linear_spec_lora")
     e.add_argument("--into", help="model folder that receives the adapter (an existing one is kept aside)")
     e.add_argument("--ar-view", help="output folder for a plain Ministral3ForCausalLM copy of the AR pathway")
-    e.add_argument("--model", default=DEFAULT_MODEL, help="NLD folder or hub id (for --ar-view)")
+    e.add_argument("--release-layout", help="output folder for a copy in NVIDIA's release layout (config with "
+                                            "auto_map, --adapter as linear_spec_lora/), for NVIDIA's own code")
+    e.add_argument("--model", default=DEFAULT_MODEL, help="model folder or hub id (for --ar-view, --release-layout)")
+    e.add_argument("--wrap", action="store_true", help="--model is a plain HF causal LM (for --release-layout)")
     e.set_defaults(func=cmd_export)
     return parser
 

@@ -36,24 +36,27 @@ def make_accelerator(*, mixed_precision: str = "auto", grad_accum: int = 1, wand
 
     if wandb:
         os.environ.setdefault("WANDB_MODE", wandb_mode)
-    accelerator = Accelerator(cpu=not torch.cuda.is_available() if cpu is None else cpu,
-                              mixed_precision=mixed_precision_for(mixed_precision),
+    on_cpu = not torch.cuda.is_available() if cpu is None else cpu
+    fsdp_dropped = fsdp_requested() and (on_cpu or not torch.cuda.is_available())
+    if fsdp_dropped:  # accelerate's FSDP plugin refuses a CPU-only run; data parallel is what can run here
+        os.environ["ACCELERATE_USE_FSDP"] = "false"
+    accelerator = Accelerator(cpu=on_cpu, mixed_precision=mixed_precision_for(mixed_precision),
                               gradient_accumulation_steps=grad_accum, log_with=["wandb"] if wandb else None,
                               project_dir=None if project_dir is None else str(project_dir))
-    check_launch(accelerator)
-    if fsdp_requested() and parallelism(accelerator) != "fsdp":
+    check_launch(accelerator, fsdp_dropped)
+    if fsdp_dropped:
         accelerator.print(f"note: FSDP was asked for, but accelerate shards only on GPUs; this run is "
                           f"{parallelism(accelerator)} with {accelerator.num_processes} process(es) instead")
     return accelerator
 
 
-def check_launch(accelerator: Any) -> None:
+def check_launch(accelerator: Any, fsdp_asked: bool = False) -> None:
     """Several processes that are not one process group (each would believe it is rank 0 and write the same
     files) are refused before anything is written."""
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     if world > 1 and accelerator.num_processes == 1:
         hint = (" FSDP through accelerate needs GPUs; on CPU launch data parallel with "
-                "`accelerate launch --cpu --num_processes N`." if fsdp_requested() else "")
+                "`accelerate launch --cpu --num_processes N`." if fsdp_asked or fsdp_requested() else "")
         raise ConfigError(f"started as {world} processes (WORLD_SIZE={world}) that are not one distributed job "
                           f"(accelerate set up a single process, {accelerator.distributed_type}); they would write "
                           f"the same output folder.{hint}")

@@ -44,5 +44,5 @@ fi
 "$PY" -c "import vllm, torch, transformers; print('vllm', vllm.__version__, 'torch', torch.__version__, 'transformers', transformers.__version__)"
 export TRITON_INTERPRET=1 WANDB_MODE=disabled TOKENIZERS_PARALLELISM=false VLLM_TARGET_DEVICE=cpu
 export NLD_VLLM_REPORT=${NLD_VLLM_REPORT:-$VENV/vllm_vs_runtime.json}
-"$PY" -m pytest tests/test_vllm_backend.py -q -p no:cacheprovider -rs "$@"
+"$PY" -m pytest tests/test_vllm_backend.py -p no:cacheprovider -rs "$@"
 [ -f "$NLD_VLLM_REPORT" ] && cat "$NLD_VLLM_REPORT"

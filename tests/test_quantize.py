@@ -9,11 +9,10 @@ import pytest
 import torch
 
 import nld_lora
-from nld_lora.data import CollectConfig, collect, read_prompts
 from nld_lora.model.quantize import quantized_twin
 from nld_lora.train import LoraSettings, TrainConfig, train
 from nld_lora.train.trainer import add_lora
-from tests.helpers import EMBEDDED, ROOT
+from tests.helpers import EMBEDDED
 
 PROMPTS = ["def add(a, b):\n", "class Stack:\n    def push(self, item):\n", "import os\n\n\ndef walk(path):\n"]
 
@@ -72,14 +71,12 @@ def test_lora_gradients_survive_an_eval_mode_forward():
 
 
 @pytest.mark.slow
-def test_qlora_training_lowers_loss_and_its_adapter_drafts_losslessly(tmp_path):
+def test_qlora_training_lowers_loss_and_its_adapter_drafts_losslessly(collected, tmp_path):
     model = nld_lora.load(EMBEDDED)
-    records, _ = read_prompts(ROOT / "data" / "prompts" / "code_train.jsonl", limit=48)
-    collect(model, records, tmp_path / "c", CollectConfig(max_new_tokens=48, batch_size=24), progress=False)
     cfg = TrainConfig(lora=LoraSettings(r=16, alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
                       steps=30, batch_size=8, eval_every=30, save_every=30, log_every=3, lr=2e-3,
                       eval_fraction=0.25, quantization="4bit", fit_eval=False)
-    res = train(model, tmp_path / "c", tmp_path / "t", cfg, progress=False)
+    res = train(model, collected, tmp_path / "t", cfg, progress=False)
     assert model.quantization is None and model.adapters == {}  # the caller's model is untouched
     log = [json.loads(line) for line in (tmp_path / "t" / "train_log.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in log if "loss" in r]

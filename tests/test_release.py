@@ -23,7 +23,7 @@ from nld_lora.model.masks import causal_mask, draft_mask
 from nld_lora.model.nld_config import backbone_config_from_dict
 from nld_lora.model.release import ADAPTER_SUBFOLDER, RELEASE_MODEL_TYPE, release_config
 from nld_lora.recipe import RecipeConfig, run_recipe
-from tests.helpers import ROOT
+from tests.helpers import EMBEDDED, ROOT
 
 PROMPTS = [[1, 3, 50, 60, 70, 4], [1, 3, 9, 4], [1, 5, 33, 6, 3, 40, 41, 42, 43, 4]]
 
@@ -182,6 +182,49 @@ def test_ar_view_decodes_like_the_runtime_in_transformers(release, tmp_path):
         out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=20, do_sample=False,
                           eos_token_id=sorted(model.eos_token_ids), pad_token_id=0)
         assert out[0, len(prompt):].tolist() == seq
+
+
+def test_ar_view_is_reused_until_its_source_changes(release, tmp_path):
+    src = _copy(release, tmp_path, "src")
+    view = export_ar_view(str(src), tmp_path / "ar_view")
+    cfg = json.loads((view / "config.json").read_text())
+    rope = json.loads((src / "config.json").read_text())["rope_parameters"]
+    assert cfg["llama_4_scaling"] == {"beta": rope["llama_4_scaling_beta"],
+                                      "original_max_position_embeddings": rope["original_max_position_embeddings"]}
+    stamps = {f.name: f.stat().st_mtime_ns for f in view.glob("*.safetensors")}
+    export_ar_view(str(src), view)
+    assert {f.name: f.stat().st_mtime_ns for f in view.glob("*.safetensors")} == stamps  # reused, not rewritten
+    config = json.loads((src / "config.json").read_text())
+    config["rope_parameters"]["llama_4_scaling_beta"] = 0.2
+    (src / "config.json").write_text(json.dumps(config))
+    export_ar_view(str(src), view)
+    assert json.loads((view / "config.json").read_text())["llama_4_scaling"]["beta"] == 0.2
+    assert {f.name: f.stat().st_mtime_ns for f in view.glob("*.safetensors")} != stamps
+
+
+def test_release_layout_export_of_a_model_not_loaded_from_a_release(tmp_path):
+    from nld_lora.cli import main
+
+    assert main(["export", "--model", EMBEDDED, "--release-layout", str(tmp_path / "rel")]) == 0
+    cfg = json.loads((tmp_path / "rel" / "config.json").read_text())
+    assert cfg["model_type"] == "nemotron_labs_diffusion" and cfg["architectures"] == ["NemotronLabsDiffusionModel"]
+    assert set(cfg["auto_map"]) == {"AutoConfig", "AutoModel"}
+    ours, again = nld_lora.load(EMBEDDED), nld_lora.load(str(tmp_path / "rel"))
+    ids = torch.tensor([[5, 9, 33, 2000, 17]])
+    with torch.no_grad():
+        assert torch.equal(_causal_logits(ours, ids), _causal_logits(again, ids))
+    assert again.tokenizer is not None and again.mask_token_id == ours.mask_token_id
+
+
+def test_saving_with_an_adapter_attached_is_refused_with_the_fix(release, tmp_path):
+    model = nld_lora.load(str(release))
+    model.attach_adapter("linear_spec_lora")
+    with pytest.raises(CheckpointError, match=r"adapters attached \(\['linear_spec_lora'\]\): detach_adapter"):
+        model.save_pretrained(str(tmp_path / "saved"))
+    assert not (tmp_path / "saved").exists()
+    model.detach_adapter()
+    model.save_pretrained(str(tmp_path / "saved"))
+    assert nld_lora.load(str(tmp_path / "saved")).generate(PROMPTS[:1], mode="ar", max_new_tokens=4).sequences
 
 
 def test_thinking_cap_forces_the_end_token_then_continues(release, tmp_path):

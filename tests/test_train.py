@@ -10,7 +10,7 @@ from transformers import DynamicCache
 
 import nld_lora
 from nld_lora.config_io import ConfigError, load_config
-from nld_lora.data import CollectConfig, collect, read_prompts
+from nld_lora.data import read_prompts
 from nld_lora.model.adapters import lora_enabled
 from nld_lora.model.masks import causal_mask, draft_mask
 from nld_lora.train import LoraSettings, TrainConfig, train
@@ -95,15 +95,6 @@ def test_training_recomputes_exactly_the_runtime_drafts(tmp_path):
         assert (accepted + 1).tolist() == st.acceptance_lengths
         cycles += len(st.cycle_starts)
     assert cycles > 10 and res.stats.acceptance_length > 1.2
-
-
-@pytest.fixture(scope="module")
-def collected(tmp_path_factory):
-    out = tmp_path_factory.mktemp("collected")
-    model = nld_lora.load(EMBEDDED)
-    records, _ = read_prompts(ROOT / "data" / "prompts" / "code_train.jsonl", limit=64)
-    collect(model, records, out, CollectConfig(max_new_tokens=64, batch_size=32), progress=False)
-    return out
 
 
 def _small_cfg(**kw) -> TrainConfig:

@@ -93,8 +93,17 @@ def generator_fingerprint(model: Any, cfg: CollectConfig) -> dict[str, Any]:
     decoding = {k: getattr(cfg, k) for k in ("max_new_tokens", "system_prompt", "use_chat_template", "thinking",
                                              "max_thinking_tokens", "end_think_token", "backend")}
     decoding["sampling"] = {k: getattr(cfg.decode, k) for k in ("temperature", "top_k", "top_p", "seed")}
-    return {"model": model.name_or_path, "weights_hash": model.weights_hash, "dtype": str(model.dtype),
-            "decoding": decoding}
+    return {"model": model.name_or_path, "weights_hash": model.weights_hash, "config_hash": config_hash(model),
+            "dtype": str(model.dtype), "decoding": decoding}
+
+
+def config_hash(model: Any) -> str:
+    """sha256 of the model's config: the same weights under another config (e.g. RoPE scaling) decode
+    differently."""
+    import hashlib
+
+    text = json.dumps(model.config.to_dict(), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def prepare(model: Any, records: list[PromptRecord], cfg: CollectConfig,
@@ -200,7 +209,7 @@ def vllm_engine(model: Any, cfg: CollectConfig, out_dir: Path) -> Any:
     from nld_lora.model.export import export_ar_view
 
     dtype = str(model.dtype).removeprefix("torch.")
-    key = (model.weights_hash, dtype)
+    key = (model.weights_hash, config_hash(model), dtype)
     if key not in _VLLM_CACHE:
         view = export_ar_view(model.source_folder or model.name_or_path, out_dir / "ar_view")
         on_gpu = torch.cuda.is_available()
@@ -212,19 +221,28 @@ def vllm_engine(model: Any, cfg: CollectConfig, out_dir: Path) -> Any:
 
 
 def free_memory_fraction(on_gpu: bool) -> float:
-    """80% of the memory free now (GPU 0, or the host for vLLM's CPU backend), as a fraction of the total, at most
-    0.9: vLLM refuses to start when its fraction of the total exceeds what is free (e.g. beside the runtime
-    model)."""
+    """A share of the memory free now as a fraction of the total, at most 0.9: vLLM refuses to start when its
+    fraction of the total exceeds what is free (e.g. beside the runtime model). GPU 0: 80% of its free memory
+    (weights + KV cache); vLLM's CPU backend reserves the fraction for its KV cache in host memory: half of it."""
     if on_gpu:
         import torch
 
         free, total = torch.cuda.mem_get_info(0)
+        share = 0.8
     else:
         import psutil
 
         mem = psutil.virtual_memory()
-        free, total = mem.available, mem.total
-    return round(min(0.9, 0.8 * free / total), 3)
+        free, total, share = mem.available, mem.total, 0.5
+    return round(min(0.9, share * free / total), 3)
+
+
+def close_vllm_engines() -> None:
+    """Shut the vLLM engines of this process down (their worker processes and reserved memory go with them)."""
+    import gc
+
+    _VLLM_CACHE.clear()
+    gc.collect()
 
 
 _VLLM_CACHE: dict[str, Any] = {}
@@ -307,6 +325,8 @@ def collect(model: Any, records: list[PromptRecord], out_dir: str | Path, cfg: C
     if buffer:
         _write_shard(out, buffer, rank)
     bar.close()
+    if cfg.backend == "vllm":
+        close_vllm_engines()
     summary.generated = len(pending)
     summary.target_tokens = tokens
     if accelerator is not None:

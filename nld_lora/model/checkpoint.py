@@ -24,7 +24,13 @@ from nld_lora.model.nld_config import (
     backbone_config_from_dict,
     validate_mask_token,
 )
-from nld_lora.model.release import ADAPTER_SUBFOLDER, RELEASE_IDENTITY_KEYS, RELEASE_MODEL_TYPE
+from nld_lora.model.release import (
+    ADAPTER_SUBFOLDER,
+    RELEASE_ARCHITECTURE,
+    RELEASE_AUTO_MAP,
+    RELEASE_IDENTITY_KEYS,
+    RELEASE_MODEL_TYPE,
+)
 from nld_lora.model.trimode import TriModeModel
 
 MASK_TOKEN = "<|mask|>"
@@ -314,14 +320,18 @@ def load_skeleton(name_or_path: str) -> TriModeModel:
     return empty_model(config)
 
 
-def saved_config(model: TriModeModel) -> dict[str, Any]:
-    """config.json for a save: the release's identity fields when the model came from one, else ours."""
+def saved_config(model: TriModeModel, *, release_layout: bool = False) -> dict[str, Any]:
+    """config.json for a save: the release's identity fields when the model came from one (or release_layout asks
+    for them: model_type, architectures and auto_map of NVIDIA's remote code), else ours."""
     config = model.config.to_dict()
     source = getattr(model, "source_config", None) or {}
     if source.get("model_type") == RELEASE_MODEL_TYPE:
         for key in RELEASE_IDENTITY_KEYS:
             if key in source:
                 config[key] = source[key]
+    elif release_layout:
+        config.update(model_type=RELEASE_MODEL_TYPE, architectures=[RELEASE_ARCHITECTURE],
+                      auto_map=dict(RELEASE_AUTO_MAP))
     else:
         config["architectures"] = [NLD_ARCHITECTURE]
     config["dtype"] = str(model.dtype).removeprefix("torch.")
@@ -329,9 +339,16 @@ def saved_config(model: TriModeModel) -> dict[str, Any]:
     return config
 
 
-def save_checkpoint(model: TriModeModel, path: str | os.PathLike, *, max_shard_size: int | str = "5GB") -> None:
+def save_checkpoint(model: TriModeModel, path: str | os.PathLike, *, max_shard_size: int | str = "5GB",
+                    release_layout: bool = False) -> None:
     """Write the NLD layout: shards (+ index when several) staged then moved in, config, tokenizer, and from a
-    release folder its remote-code files and generation_config.json, so NVIDIA's loader still opens it."""
+    release folder its remote-code files and generation_config.json, so NVIDIA's loader still opens it.
+    release_layout: write NVIDIA's config identity (model_type nemotron_labs_diffusion, auto_map) also for a model
+    that did not come from a release folder."""
+    if any("lora_" in k or ".base_layer." in k for k in model.state_dict()):
+        raise CheckpointError(f"cannot save {model.name_or_path or 'the model'} with adapters attached "
+                              f"({sorted(model.adapters)}): detach_adapter() first; adapters are saved as their "
+                              "own folders (nld-lora export --adapter A --into MODEL_DIR)")
     from huggingface_hub import save_torch_state_dict
 
     out = Path(path)
@@ -347,7 +364,8 @@ def save_checkpoint(model: TriModeModel, path: str | os.PathLike, *, max_shard_s
     for new in stage.iterdir():
         os.replace(new, out / new.name)
     stage.rmdir()
-    (out / "config.json").write_text(json.dumps(saved_config(model), indent=2, sort_keys=True) + "\n")
+    config = saved_config(model, release_layout=release_layout)
+    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     source = Path(getattr(model, "source_folder", "") or "")
     if source.is_dir() and source.resolve() != out.resolve():
         for f in [*source.glob("*.py"), *(source / n for n in _KEPT_FILES)]:

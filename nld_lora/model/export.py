@@ -24,7 +24,7 @@ from nld_lora.model.checkpoint import (
     weights_fingerprint,
 )
 from nld_lora.model.nld_config import CheckpointError
-from nld_lora.model.release import ADAPTER_SUBFOLDER
+from nld_lora.model.release import ADAPTER_SUBFOLDER, RELEASE_AUTO_MAP
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "nld_adapter.json", "README.md")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
@@ -129,3 +129,25 @@ def export_ar_view(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *, 
             shutil.copy2(src / name, out / name)
     stamp_path.write_text(json.dumps(stamp, indent=2, sort_keys=True) + "\n")  # last: marks the view complete
     return out
+
+
+def remote_code_files() -> list[str]:
+    """The Python files a release-layout folder's auto_map names (NVIDIA's configuration and modeling code)."""
+    return sorted({ref.split(".")[0] + ".py" for ref in RELEASE_AUTO_MAP.values()})
+
+
+def export_release_layout(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
+                          adapter: str | os.PathLike | None = None, wrap: bool = False) -> tuple[Path, list[str]]:
+    """Save a model (any folder nld_lora loads) in NVIDIA's release layout, so NVIDIA's own code can open it:
+    config with model_type nemotron_labs_diffusion + auto_map, weights under encoder.* / diffusion_head, tokenizer,
+    and `adapter` (if given) as linear_spec_lora/. Returns (folder, remote-code files it still lacks: copy them
+    from the release repository, they are not part of this project)."""
+    from nld_lora.model.checkpoint import load, save_checkpoint
+
+    out = Path(out_dir)
+    if out.exists() and out.resolve() == resolve_folder(str(model_dir)).resolve():
+        raise CheckpointError(f"{out}: the release-layout copy must go to another folder than the model")
+    save_checkpoint(load(str(model_dir), wrap=wrap), out, release_layout=True)
+    if adapter is not None:
+        export_adapter(adapter, out)
+    return out, [f for f in remote_code_files() if not (out / f).exists()]
