@@ -8,7 +8,7 @@ deprecated `DynamicCache.crop` path that 5.24 rejects), so the check runs in two
   # 2. in this project's environment: the same prompts through nld_lora, token for token and forward for forward
   python scripts/cross_check_nvidia.py compare FOLDER nvidia.json
 
-FOLDER: a release folder, or `nld-lora export --release-layout FOLDER --adapter A` plus NVIDIA's two remote-code
+FOLDER: a release folder, or `nld-lora export --release-layout FOLDER --adapter A` plus NVIDIA's three remote-code
 files copied from the release repository. Greedy, batch 1, the full block (draft length block_size - 1), fp32.
 """
 

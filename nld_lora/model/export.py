@@ -24,7 +24,7 @@ from nld_lora.model.checkpoint import (
     weights_fingerprint,
 )
 from nld_lora.model.nld_config import CheckpointError
-from nld_lora.model.release import ADAPTER_SUBFOLDER, RELEASE_AUTO_MAP
+from nld_lora.model.release import ADAPTER_SUBFOLDER, REMOTE_CODE_FILES
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "nld_adapter.json", "README.md")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
@@ -131,11 +131,6 @@ def export_ar_view(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *, 
     return out
 
 
-def remote_code_files() -> list[str]:
-    """The Python files a release-layout folder's auto_map names (NVIDIA's configuration and modeling code)."""
-    return sorted({ref.split(".")[0] + ".py" for ref in RELEASE_AUTO_MAP.values()})
-
-
 def export_release_layout(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
                           adapter: str | os.PathLike | None = None, wrap: bool = False) -> tuple[Path, list[str]]:
     """Save a model (any folder nld_lora loads) in NVIDIA's release layout, so NVIDIA's own code can open it:
@@ -150,4 +145,4 @@ def export_release_layout(model_dir: str | os.PathLike, out_dir: str | os.PathLi
     save_checkpoint(load(str(model_dir), wrap=wrap), out, release_layout=True)
     if adapter is not None:
         export_adapter(adapter, out)
-    return out, [f for f in remote_code_files() if not (out / f).exists()]
+    return out, [f for f in REMOTE_CODE_FILES if not (out / f).exists()]

@@ -22,6 +22,9 @@ RELEASE_AUTO_MAP = {
     "AutoModel": "modeling_nemotron_labs_diffusion.NemotronLabsDiffusionModel",
 }
 RELEASE_IDENTITY_KEYS = ("model_type", "architectures", "auto_map")
+# NVIDIA's remote code in a release folder: the two files auto_map names, and the Ministral3 fork they import
+REMOTE_CODE_FILES = ("configuration_nemotron_labs_diffusion.py", "modeling_nemotron_labs_diffusion.py",
+                     "modeling_ministral.py")
 ADAPTER_SUBFOLDER = "linear_spec_lora"
 RELEASE_MASK_TOKEN_ID = 100
 RELEASE_INSTRUCT_EOS = 11
