@@ -12,7 +12,7 @@ from typing import Any
 
 from nld_lora.config_io import ConfigError, to_dict
 from nld_lora.data.collect import CollectConfig
-from nld_lora.model.adapters import adapter_metadata
+from nld_lora.model.adapter_meta import AdapterMeta
 from nld_lora.report.runner import ReportConfig
 from nld_lora.train.config import TrainConfig
 
@@ -128,16 +128,16 @@ def inherit_prompt_format(cfg: RecipeConfig) -> None:
 
 
 def _adapter_matches(adapter: Path, train_cfg: TrainConfig, weights_hash: str) -> bool:
-    meta = adapter_metadata(adapter)
-    return meta.get("base_weights_hash") == weights_hash and meta.get("train_config") == to_dict(train_cfg)
+    meta = AdapterMeta.read(adapter)
+    return meta.base_weights_hash == weights_hash and meta.train_config == to_dict(train_cfg)
 
 
 def recipe_stamp(cfg: RecipeConfig, adapter: Path) -> dict[str, Any]:
     """What produced a report: report settings, eval prompts, and the adapter's step and training config."""
-    meta = adapter_metadata(adapter)
+    meta = AdapterMeta.read(adapter)
     prompt_keys = ("system_prompt", "use_chat_template", "thinking", "max_thinking_tokens", "end_think_token")
-    return {"report": to_dict(cfg.report), "eval_prompts": cfg.eval_prompts, "adapter_step": meta.get("step"),
-            "train_config": meta.get("train_config"),
+    return {"report": to_dict(cfg.report), "eval_prompts": cfg.eval_prompts, "adapter_step": meta.step,
+            "train_config": meta.train_config or None,
             "collect": {k: getattr(cfg.collect, k) for k in prompt_keys}}
 
 

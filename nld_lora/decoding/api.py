@@ -141,7 +141,7 @@ def generate(
     adapter_name = _pick_adapter(model, adapter)
     loaded = model.adapters[adapter_name] if adapter_name else LoadedAdapter("")
     cfg = (settings or DecodeSettings()).replace(**decode).validate()
-    cfg = cfg.resolved(model.block_size, loaded.meta.get("draft_len") if mode in SPEC_MODES else None,
+    cfg = cfg.resolved(model.block_size, loaded.meta if mode in SPEC_MODES else None,
                        quadratic=mode == "self_spec_quadratic")
     lora = check_lora_mode(lora_mode or loaded.lora_mode)
     _validate(model, prompts, mode, max_new_tokens, cfg)

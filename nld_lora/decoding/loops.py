@@ -174,8 +174,7 @@ def _planner(batch: DecodeBatch, cfg: DecodeSettings, quadratic: bool) -> DraftP
         return None
     loaded = batch.model.adapters.get(batch.adapter) if batch.adapter else None
     layout = "quadratic" if quadratic else "linear"
-    trained_for = loaded.meta.get("draft_layout", "linear") if loaded is not None else None
-    prior = (loaded.meta.get("eval") or {}).get("per_position") if trained_for == layout else None
+    prior = loaded.meta.per_position if loaded is not None and loaded.meta.draft_layout == layout else None
     return DraftPlanner(cfg.draft_len, quadratic, prior)
 
 

@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from nld_lora.model.adapter_meta import AdapterMeta
 
 POLICIES = ("confidence", "leftmost")
 ACCEPTANCE_RULES = ("rejection", "exact_match")
@@ -57,15 +61,16 @@ class DecodeSettings:
             raise ValueError(f"temperature must be >= 0; got {self.temperature}")
         return self
 
-    def resolved(self, model_block_size: int, adapter_draft_len: int | None = None,
+    def resolved(self, model_block_size: int, adapter: AdapterMeta | None = None,
                  quadratic: bool = False) -> DecodeSettings:
-        """A copy with block_size and draft_len filled in (linear mode: the adapter's trained draft_len wins over the
-        default; single-forward mode keeps its own small default)."""
+        """A copy with block_size and draft_len filled in: the given draft_len, else the adapter's trained one when it
+        was trained for this mode's draft layout, else resolve_draft_len's default (the one rule training uses too)."""
         block = self.block_size or model_block_size
         auto = self.draft_len == "auto"
         draft = None if auto else self.draft_len
-        if draft is None and not quadratic and not auto:
-            draft = adapter_draft_len
+        if draft is None and not auto and adapter is not None \
+                and adapter.draft_layout == ("quadratic" if quadratic else "linear"):
+            draft = adapter.draft_len
         return dataclasses.replace(self, block_size=block, draft_len=resolve_draft_len(block, draft, quadratic),
                                    adaptive_draft=self.adaptive_draft or auto)
 

@@ -8,7 +8,6 @@ An adapter folder may carry nld_adapter.json (written by the trainer); its lora_
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -19,10 +18,8 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from nld_lora.model.adapter_meta import LORA_MODES, AdapterMeta, AdapterMetaError
 from nld_lora.model.pathways import gated_copy, lora_layers, merged_copy, structure_copy
-
-LORA_MODES = ("draft_only", "both")
-ADAPTER_META = "nld_adapter.json"
 
 
 class AdapterError(ValueError):
@@ -35,17 +32,12 @@ class LoadedAdapter:
 
     path: str
     lora_mode: str = "draft_only"
-    meta: dict[str, Any] = field(default_factory=dict)
+    meta: AdapterMeta = field(default_factory=AdapterMeta)
+    trainable: bool = False  # the trainer's adapter; loaded ones stay in inference mode (no gradients)
     gate: TokenGate | None = None  # per-token gate holder (single-forward self-spec), created on first use
     gate_hooked: bool = False  # the holder is installed as a pre-hook on this adapter's PEFT LoRA A matrices
     merged: nn.Module | bool | None = None  # inference twin with this adapter merged (False: cannot merge)
     gated: nn.Module | bool | None = None  # inference twin with a per-token gated delta (False: cannot build)
-
-
-def adapter_metadata(path: str | Path) -> dict[str, Any]:
-    """nld_adapter.json of an adapter folder ({} when absent, e.g. NVIDIA's released adapter)."""
-    meta = Path(path) / ADAPTER_META
-    return json.loads(meta.read_text()) if meta.exists() else {}
 
 
 def check_lora_mode(lora_mode: str) -> str:
@@ -71,7 +63,12 @@ def check_adapter_matches(model, path: str | Path) -> None:
     if not (folder / "adapter_config.json").exists() or not weights.exists():
         raise AdapterError(f"{folder}: not a PEFT adapter folder (needs adapter_config.json + adapter_model.safetensors)")
     modules = dict(model.named_modules())
-    with safe_open(str(weights), framework="pt") as handle:
+    try:
+        handle_ctx = safe_open(str(weights), framework="pt")
+    except Exception as err:  # SafetensorError / OSError: a bad header, a short or empty file
+        raise AdapterError(f"{weights}: cannot read this safetensors file ({err}); it is corrupt or truncated") \
+            from err
+    with handle_ctx as handle:
         for key in handle.keys():
             if ".lora_A." not in key and ".lora_B." not in key:
                 continue
@@ -101,12 +98,18 @@ def attach_adapter(model, path: str | Path, *, name: str | None = None, lora_mod
     inside = Path(model.source_folder or ".") / path
     if not Path(path).exists() and inside.is_dir():
         path = inside
-    meta = adapter_metadata(path)
-    mode = check_lora_mode(lora_mode or meta.get("lora_mode", "draft_only"))
+    try:
+        meta = AdapterMeta.read(path)
+    except AdapterMetaError as err:
+        raise AdapterError(str(err)) from err
+    mode = check_lora_mode(lora_mode or meta.lora_mode)
     check_adapter_matches(model, path)
     if name is not None and "." in name:
         raise AdapterError(f"adapter name {name!r}: PEFT module names cannot contain '.'")
-    name = name or Path(path).name.replace(".", "_") or "default"
+    if name is not None and name in model.adapters:
+        raise AdapterError(f"an adapter named {name!r} is attached already (from {model.adapters[name].path}); "
+                           "detach it first or pick another name")
+    name = name or unique_name(Path(path).name.replace(".", "_") or "default", model.adapters)
     peft = peft_of(model)
     if peft is None:
         model.__dict__["_base_encoder"] = structure_copy(model.encoder)  # before PEFT wraps its Linear layers
@@ -120,15 +123,24 @@ def attach_adapter(model, path: str | Path, *, name: str | None = None, lora_mod
         peft.load_adapter(str(path), adapter_name=name, is_trainable=False)
     model.adapters[name] = LoadedAdapter(str(path), mode, meta)
     model.active_adapter = name
-    peft.base_model.set_adapter(name)
+    peft.base_model.set_adapter(name, inference_mode=True)
     peft.base_model.disable_adapter_layers()
+    return name
+
+
+def unique_name(base: str, taken: dict[str, Any]) -> str:
+    """base, or base_2, base_3, ... when taken (every trained adapter's folder is named linear_spec_lora)."""
+    name, n = base, 1
+    while name in taken:
+        n += 1
+        name = f"{base}_{n}"
     return name
 
 
 def register_peft(model, peft, name: str) -> None:
     """Adopt a PeftModel built elsewhere (training) so the runtime can switch its adapter."""
     _set_peft(model, peft)
-    model.adapters[name] = LoadedAdapter("<training>")
+    model.adapters[name] = LoadedAdapter("<training>", trainable=True)
     model.active_adapter = name
 
 
@@ -192,9 +204,9 @@ def lora_enabled(model, adapter: str | None, on: bool) -> Iterator[None]:
     if peft is None or adapter is None:
         yield
         return
-    if on:
-        peft.base_model.set_adapter(adapter)
+    if on:  # enabling makes PEFT mark the active adapter trainable; set_adapter after it restores inference mode
         peft.base_model.enable_adapter_layers()
+        peft.base_model.set_adapter(adapter, inference_mode=not model.adapters[adapter].trainable)
     else:
         peft.base_model.disable_adapter_layers()
     try:

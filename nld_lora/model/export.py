@@ -15,6 +15,7 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
+from nld_lora.model.adapter_meta import META_FILE
 from nld_lora.model.checkpoint import (
     open_weights,
     read_config,
@@ -26,7 +27,7 @@ from nld_lora.model.checkpoint import (
 from nld_lora.model.nld_config import CheckpointError
 from nld_lora.model.release import ADAPTER_SUBFOLDER, REMOTE_CODE_FILES
 
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "nld_adapter.json", "README.md")
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", META_FILE, "README.md")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "tokenizer.model", "tekken.json", "generation_config.json")
 NLD_ONLY_FIELDS = ("auto_map", "mask_token_id", "dlm_paradigm", "block_size", "dlm_loss_weight", "ar_loss_weight",

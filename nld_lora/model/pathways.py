@@ -64,37 +64,49 @@ def merged_copy(base_twin: nn.Module, wrapped: nn.Module, adapter: str) -> nn.Mo
     """base_twin with adapter `adapter` merged into copies of the Linear layers it targets (see _twin_with)."""
 
     def merge(base: nn.Linear, layer: nn.Module) -> nn.Linear:
-        merged = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None,
+        lora_bias = layer.lora_B[adapter].bias  # lora_bias=True adapters: scaling * b joins the base bias (as PEFT)
+        merged = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None or lora_bias is not None,
                            device=base.weight.device, dtype=base.weight.dtype)
         with torch.no_grad():
             merged.weight.copy_(base.weight + layer.get_delta_weight(adapter).to(base.weight.dtype))
-            if base.bias is not None:
-                merged.bias.copy_(base.bias)
+            if merged.bias is not None:
+                merged.bias.zero_()
+                if base.bias is not None:
+                    merged.bias.add_(base.bias)
+                if lora_bias is not None:
+                    merged.bias.add_(lora_bias.to(base.weight.dtype) * layer.scaling[adapter])
         return merged.requires_grad_(False)
 
     return _twin_with(base_twin, wrapped, adapter, merge)
 
 
 class GatedLoRALinear(nn.Module):
-    """base(x) + scaling * B @ A @ (x * gate): the LoRA delta only on the tokens the gate holder marks (a
-    TokenGate whose .gate is (batch, q, 1) or None = every token), without PEFT's per-call bookkeeping."""
+    """base(x) + scaling * (B @ A @ (x * gate) + b * gate): the LoRA delta (with its lora_B bias b, if the adapter
+    has one) only on the tokens the gate holder marks (a TokenGate whose .gate is (batch, q, 1) or None = every
+    token), without PEFT's per-call bookkeeping."""
 
-    def __init__(self, base: nn.Linear, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float, holder):
+    def __init__(self, base: nn.Linear, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float, holder,
+                 lora_bias: torch.Tensor | None = None):
         super().__init__()
         self.base = base
         self.lora_a = lora_a
         self.lora_b = lora_b
+        self.lora_bias = lora_bias
         self.scaling = scaling
         self.holder = holder
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate = self.holder.gate
         low = nn.functional.linear(x if gate is None else x * gate.to(x.dtype), self.lora_a.to(x.dtype))
-        return self.base(x) + nn.functional.linear(low, self.lora_b.to(x.dtype)) * self.scaling
+        delta = nn.functional.linear(low, self.lora_b.to(x.dtype))
+        if self.lora_bias is not None:
+            delta = delta + (self.lora_bias.to(x.dtype) if gate is None else self.lora_bias.to(x.dtype) * gate.to(x.dtype))
+        return self.base(x) + delta * self.scaling
 
 
 def gated_copy(base_twin: nn.Module, wrapped: nn.Module, adapter: str, holder) -> nn.Module | None:
     """base_twin with each Linear the adapter targets replaced by a GatedLoRALinear sharing its weights and the
     adapter's A/B (see _twin_with)."""
     return _twin_with(base_twin, wrapped, adapter, lambda base, layer: GatedLoRALinear(
-        base, layer.lora_A[adapter].weight, layer.lora_B[adapter].weight, float(layer.scaling[adapter]), holder))
+        base, layer.lora_A[adapter].weight, layer.lora_B[adapter].weight, float(layer.scaling[adapter]), holder,
+        layer.lora_B[adapter].bias))

@@ -17,7 +17,8 @@ from nld_lora.data.readers import read_prompts
 from nld_lora.data.templates import has_chat_template, render_prompt, uses_chat_template
 from nld_lora.decoding.settings import DecodeSettings, resolve_draft_len
 from nld_lora.decoding.stats import safe_ratio
-from nld_lora.model.adapters import adapter_metadata
+from nld_lora.model.adapter_meta import AdapterMeta
+from nld_lora.model.adapters import check_lora_mode
 from nld_lora.report.metrics import (
     bootstrap_ci,
     lossless_mismatches,
@@ -40,10 +41,10 @@ class ReportConfig:
     decode: DecodeSettings = field(default_factory=DecodeSettings)  # one draft_len for every self-spec run
     diffusion: bool = True
     limit: int | None = None
-    seed: int = 0
     system_prompt: str | None = None
     use_chat_template: bool | None = None  # as in collection: None = only conversations / with a system prompt
-    lora_mode: str = "draft_only"  # "both" also runs verify with the adapter: output then differs from AR
+    lora_mode: str | None = None  # None: each adapter's own (its nld_adapter.json, else draft_only); "both" also
+    # runs verify with the adapter, so output then differs from AR
     fit_prompts: int = 0  # also measure before/after on this many training prompts (fit vs transfer)
     fastest_mode: bool = True  # speed rows also for the fastest lossless mode (report/speed.py), chosen on
     # the speed_prompts that follow the timed ones
@@ -67,20 +68,41 @@ def build_report(model: Any, adapters: list[str], prompts: str | Path, out_dir: 
     measured before/after too, so over-fitting shows next to the held-out figure.
     """
     cfg = cfg or ReportConfig()
+    settings = report_settings(model, cfg)  # every setting is checked before anything is attached or written
+    records, _ = read_prompts(prompts, limit=cfg.limit)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    records, _ = read_prompts(prompts, limit=cfg.limit)
-    texts = [render_prompt(r, model.tokenizer, system_prompt=cfg.system_prompt,
-                           use_chat_template=cfg.use_chat_template) for r in records]
-    categories = [r.category for r in records]
-    names = [model.attach_adapter(path, name=f"adapter{i}" if len(adapters) > 1 else "after",
-                                  lora_mode=cfg.lora_mode) for i, path in enumerate(adapters)]
+    names: list[str] = []
+    try:
+        for i, path in enumerate(adapters):
+            names.append(model.attach_adapter(path, name=f"adapter{i}" if len(adapters) > 1 else "after",
+                                              lora_mode=cfg.lora_mode))
+        return _measure_and_write(model, names, adapters, records, prompts, out, cfg, settings, progress, extra,
+                                  fit_source)
+    finally:
+        for name in names:  # also after an error: the caller's model comes back without the report's adapters
+            model.detach_adapter(name)
+
+
+def report_settings(model: Any, cfg: ReportConfig) -> DecodeSettings:
+    """The one fixed decode setting every self-speculation run of the report uses."""
     if cfg.decode.draft_len == "auto" or cfg.decode.adaptive_draft:
         raise ValueError("report: decode.draft_len must be a fixed length (acceptance is compared at one draft "
                          "length); the fastest-mode rows already time draft_len='auto'")
+    if cfg.lora_mode is not None:
+        check_lora_mode(cfg.lora_mode)
     block = cfg.decode.block_size or model.block_size
-    k = resolve_draft_len(block, cfg.decode.draft_len)
-    settings = cfg.decode.replace(block_size=block, draft_len=k).validate()
+    return cfg.decode.replace(block_size=block, draft_len=resolve_draft_len(block, cfg.decode.draft_len)).validate()
+
+
+def _measure_and_write(model: Any, names: list[str], adapters: list[str], records: list, prompts: str | Path,
+                       out: Path, cfg: ReportConfig, settings: DecodeSettings, progress: bool,
+                       extra: dict[str, Any] | None, fit_source: list | None) -> dict[str, Any]:
+    """Every run of the report (adapters attached as `names`), the lossless check, plots, report.json/.md."""
+    texts = [render_prompt(r, model.tokenizer, system_prompt=cfg.system_prompt,
+                           use_chat_template=cfg.use_chat_template) for r in records]
+    categories = [r.category for r in records]
+    block, k = settings.block_size, settings.draft_len
     common = {"max_new_tokens": cfg.max_new_tokens, "settings": settings, "progress": progress}
     plans: dict[str, dict[str, Any]] = {"ar": {"mode": "ar", "adapter": False}}
     if cfg.diffusion:
@@ -126,7 +148,8 @@ def build_report(model: Any, adapters: list[str], prompts: str | Path, out_dir: 
         "n_prompts": len(records),
         "prompts": str(prompts),
         "model": {"path": model.name_or_path, "weights_hash": model.weights_hash},
-        "adapters": [{"name": n, "path": p, "meta": _adapter_summary(p)} for n, p in zip(names, adapters)],
+        "adapters": [{"name": n, "path": p, "lora_mode": model.adapters[n].lora_mode, "meta": _adapter_summary(p)}
+                     for n, p in zip(names, adapters)],
         "machine": machine_info(),
         "prompt_format": prompt_format(model.tokenizer, records, cfg),
         "settings": {"max_new_tokens": cfg.max_new_tokens, "batch_size": cfg.batch_size, "block_size": block,
@@ -159,8 +182,6 @@ def build_report(model: Any, adapters: list[str], prompts: str | Path, out_dir: 
     tmp.write_text(json.dumps(report, indent=2) + "\n")
     os.replace(tmp, out / "report.json")
     write_markdown(report, out / "report.md")
-    for name in names:
-        model.detach_adapter(name)
     return report
 
 
@@ -191,8 +212,10 @@ def prompt_format(tokenizer: Any, records: list, cfg: ReportConfig) -> dict[str,
 
 
 def _adapter_summary(path: str) -> dict[str, Any]:
-    meta = adapter_metadata(path)
-    return {k: meta[k] for k in ("base_model", "base_weights_hash", "draft_len", "step") if k in meta}
+    meta = AdapterMeta.read(path)
+    found = {"base_model": meta.base_model, "base_weights_hash": meta.base_weights_hash, "draft_len": meta.draft_len,
+             "step": meta.step}
+    return {k: v for k, v in found.items() if v not in (None, "")}
 
 
 def headline(report: dict[str, Any]) -> str:

@@ -21,7 +21,8 @@ from tqdm import tqdm
 
 from nld_lora.config_io import ConfigError, to_dict
 from nld_lora.decoding.settings import resolve_draft_len
-from nld_lora.model.adapters import ADAPTER_META, lora_enabled, register_peft
+from nld_lora.model.adapter_meta import AdapterMeta
+from nld_lora.model.adapters import lora_enabled, register_peft
 from nld_lora.model.quantize import quantized_twin
 from nld_lora.parallel import make_accelerator, parallelism
 from nld_lora.train.config import TrainConfig
@@ -131,11 +132,9 @@ def save_adapter(peft_model, out: Path, model, cfg: TrainConfig, draft_len: int,
     peft_model.save_pretrained(str(tmp), selected_adapters=[ADAPTER_NAME], state_dict=state)
     src = tmp / ADAPTER_NAME if (tmp / ADAPTER_NAME).is_dir() else tmp
     release_style_config(src / "adapter_config.json", model.name_or_path)
-    meta = {"base_model": model.name_or_path, "base_weights_hash": model.weights_hash, "lora_mode": "draft_only",
-            "draft_len": draft_len, "draft_layout": cfg.draft_layout, "block_size": model.block_size,
-            "base_quantization": model.quantization,
-            "train_config": to_dict(cfg), **extra}
-    (src / ADAPTER_META).write_text(json.dumps(meta, indent=2) + "\n")
+    AdapterMeta(base_model=model.name_or_path, base_weights_hash=model.weights_hash, lora_mode="draft_only",
+                draft_len=draft_len, draft_layout=cfg.draft_layout, block_size=model.block_size,
+                base_quantization=model.quantization, train_config=to_dict(cfg), **extra).write(src)
     shutil.rmtree(out, ignore_errors=True)
     os.replace(src, out)
     shutil.rmtree(tmp, ignore_errors=True)
@@ -173,7 +172,15 @@ class TrainState:
 
     @classmethod
     def load(cls, path: Path) -> TrainState:
-        return cls(**json.loads(path.read_text()))
+        """A checkpoint's trainer_state.json; a damaged one is an error that names it (delete that checkpoint)."""
+        try:
+            raw = json.loads(path.read_text())
+            if not isinstance(raw, dict):
+                raise TypeError(f"expected a JSON object, found {type(raw).__name__}")
+            return cls(**raw)
+        except (json.JSONDecodeError, TypeError) as err:
+            raise ConfigError(f"{path}: not a valid trainer state ({err}); delete the checkpoint folder "
+                              f"{path.parent.name} to resume from the one before") from err
 
 
 @dataclass
@@ -283,7 +290,7 @@ def setup(model_or_path: Any, dataset_dir: str | Path, out_dir: str | Path, cfg:
         raise
     fit_seqs = fit_sample(train_seqs, len(eval_seqs), cfg.seed) if cfg.fit_eval else []
     return TrainingRun(cfg, out, accelerator, model, peft_model, wrapped, optimizer, scheduler, params, train_seqs, eval_seqs,
-                       fit_seqs, resolve_draft_len(model.block_size, cfg.draft_len), state)
+                       fit_seqs, resolve_draft_len(model.block_size, cfg.draft_len, quadratic=cfg.draft_layout == "quadratic"), state)
 
 
 def run_eval(run: TrainingRun, step: int) -> None:
