@@ -59,5 +59,13 @@ def test_static_shape_cache_is_lossless(tmp_path):
         LOOPS[mode](batch, out, cfg, torch.Generator())
         assert out.tokens == ar.sequences, mode
         assert batch.cache.window == 256
+    batch = DecodeBatch(model, prompts, list(range(4)), Outputs(4, 16, model.eos_token_ids).stats, capacity=256,
+                        static_shapes=True)
+    batch.prefill()
+    batch.select([0, 2])  # two rows finished: the storage kept is static too (CUDA graphs write it in place)
+    for layer in batch.cache.layers:
+        assert layer.keys.shape[0] == 2
+        assert getattr(layer.keys, "_dynamo_static_input_type", None) and \
+            getattr(layer.values, "_dynamo_static_input_type", None)
     with pytest.raises(ValueError, match="compile="):
         model.generate(prompts, compile="max")

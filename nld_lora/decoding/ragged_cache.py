@@ -24,11 +24,8 @@ class RaggedLayer(CacheLayerMixin):
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         rows, heads, _, dim = key_states.shape
-        self.keys = key_states.new_zeros(rows, heads, self.owner.capacity, dim)
-        self.values = value_states.new_zeros(rows, heads, self.owner.capacity, value_states.shape[-1])
-        if self.owner.static:  # CUDA graphs may then write into these tensors in place (as transformers' StaticCache)
-            torch._dynamo.mark_static_address(self.keys)
-            torch._dynamo.mark_static_address(self.values)
+        self._store(key_states.new_zeros(rows, heads, self.owner.capacity, dim),
+                    value_states.new_zeros(rows, heads, self.owner.capacity, value_states.shape[-1]))
         self.device = key_states.device
         self.is_initialized = True
 
@@ -49,10 +46,17 @@ class RaggedLayer(CacheLayerMixin):
     def get_max_length(self) -> int:
         return self.owner.capacity
 
+    def _store(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Adopt new storage; with static shapes it is marked static (CUDA graphs write into it in place, as into
+        transformers' StaticCache, instead of copying it in on every replay)."""
+        self.keys, self.values = keys, values
+        if self.owner.static:
+            torch._dynamo.mark_static_address(self.keys)
+            torch._dynamo.mark_static_address(self.values)
+
     def select_rows(self, index: torch.Tensor) -> None:
         if self.is_initialized:
-            self.keys = self.keys.index_select(0, index)
-            self.values = self.values.index_select(0, index)
+            self._store(self.keys.index_select(0, index), self.values.index_select(0, index))
 
 
 class RaggedCache(Cache):
