@@ -145,3 +145,28 @@ def test_dispatcher_override():
     assert torch.equal(tri[0], reference.verify_greedy(logits, drafts, cu)[0])
     with pytest.raises(ValueError, match="verify backend"):
         set_backend("cuda-magic")
+
+
+def test_host_offsets_give_the_same_results_without_reading_the_device(monkeypatch):
+    """The runtime passes its draft offsets as a host list: same tokens, and validation copies nothing back."""
+    logits, drafts, cu = _case(1000, [3, 0, 5, 2], torch.float32, 11, "random")
+    host = cu.tolist()
+    temps = torch.tensor([0.0, 0.7, 1.0, 0.5], device=DEVICE)
+    seeds = torch.arange(4, dtype=torch.int64, device=DEVICE)
+    draft_logits = torch.randn(int(cu[-1]), 1000, device=DEVICE)
+    for impl in (reference, triton_verify):
+        assert all(torch.equal(a, b) for a, b in zip(impl.verify_greedy(logits, drafts, cu),
+                                                     impl.verify_greedy(logits, drafts, host)))
+        assert all(torch.equal(a, b) for a, b in
+                   zip(impl.verify_sampled(logits, draft_logits, drafts, cu, temps, seeds),
+                       impl.verify_sampled(logits, draft_logits, drafts, host, temps, seeds)))
+    from nld_lora.kernels.validate import check_verify_inputs
+
+    def no_readback(*_args, **_kwargs):
+        raise AssertionError("a device-to-host copy during validation")
+
+    monkeypatch.setattr(torch.Tensor, "tolist", no_readback)
+    monkeypatch.setattr(torch.Tensor, "item", no_readback)
+    assert check_verify_inputs(logits, drafts, host) == host
+    with pytest.raises(ValueError, match="expected sum"):
+        check_verify_inputs(logits, drafts, host[:-1])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 
 import torch
 
@@ -30,7 +31,7 @@ def _use_triton(t: torch.Tensor) -> bool:
 
 
 def verify_greedy(
-    target_logits: torch.Tensor, draft_tokens: torch.Tensor, cu_draft_lens: torch.Tensor
+    target_logits: torch.Tensor, draft_tokens: torch.Tensor, cu_draft_lens: torch.Tensor | Sequence[int]
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """See nld_lora.kernels.reference.verify_greedy."""
     if _use_triton(target_logits):
@@ -42,7 +43,7 @@ def verify_greedy(
 
 def verify_sampled(
     target_logits: torch.Tensor, draft_logits: torch.Tensor, draft_tokens: torch.Tensor,
-    cu_draft_lens: torch.Tensor, temperature: torch.Tensor, seeds: torch.Tensor,
+    cu_draft_lens: torch.Tensor | Sequence[int], temperature: torch.Tensor, seeds: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """See nld_lora.kernels.reference.verify_sampled."""
     if _use_triton(target_logits):

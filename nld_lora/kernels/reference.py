@@ -8,6 +8,8 @@ the accepted drafts then the bonus/correction token, padded with -1; num_accepte
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from nld_lora.kernels.rng import STREAM_ACCEPT, STREAM_RACE, uniform
@@ -19,7 +21,7 @@ def _counts(cu: list[int]) -> list[int]:
 
 
 def verify_greedy(
-    target_logits: torch.Tensor, draft_tokens: torch.Tensor, cu_draft_lens: torch.Tensor
+    target_logits: torch.Tensor, draft_tokens: torch.Tensor, cu_draft_lens: torch.Tensor | Sequence[int]
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Accept the longest prefix with draft_j == argmax(row j-1); emit it plus argmax of the next row."""
     cu = check_verify_inputs(target_logits, draft_tokens, cu_draft_lens)
@@ -60,7 +62,7 @@ def verify_sampled(
     target_logits: torch.Tensor,
     draft_logits: torch.Tensor,
     draft_tokens: torch.Tensor,
-    cu_draft_lens: torch.Tensor,
+    cu_draft_lens: torch.Tensor | Sequence[int],
     temperature: torch.Tensor,
     seeds: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,7 +84,7 @@ def verify_sampled(
         drafts = draft_tokens[cu[i]: cu[i] + k]
         temp = temps[i]
         if temp <= 0:
-            tok, acc = verify_greedy(t_rows, drafts, torch.tensor([0, k], device=cu_draft_lens.device))
+            tok, acc = verify_greedy(t_rows, drafts, [0, k])
             tokens[i, : k + 1] = tok[0]
             accepted[i] = acc[0]
             continue

@@ -9,12 +9,14 @@ Set TRITON_INTERPRET=1 before import to run on CPU tensors.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import triton
 import triton.language as tl
 
 from nld_lora.kernels import rng
-from nld_lora.kernels.validate import check_verify_inputs
+from nld_lora.kernels.validate import check_verify_inputs, device_offsets
 
 # compiled kernels may read module globals only when they are tl.constexpr (the interpreter does not check this)
 MASK32 = tl.constexpr(rng.MASK32)
@@ -208,11 +210,12 @@ def _outputs(cu_host: list[int], dev: torch.device):
                                                                                           device=dev)
 
 
-def verify_greedy(target_logits: torch.Tensor, draft_tokens: torch.Tensor, cu_draft_lens: torch.Tensor):
+def verify_greedy(target_logits: torch.Tensor, draft_tokens: torch.Tensor,
+                  cu_draft_lens: torch.Tensor | Sequence[int]):
     """Triton twin of reference.verify_greedy."""
     cu_host = check_verify_inputs(target_logits, draft_tokens, cu_draft_lens)
     target_logits = _rows_contiguous(target_logits)
-    cu = cu_draft_lens.to(torch.int32)
+    cu = device_offsets(cu_draft_lens, cu_host, target_logits.device)
     drafts = draft_tokens.to(torch.int32).contiguous()
     argmax, _, _ = _row_stats(target_logits, None, None)
     n, width, tokens, n_acc = _outputs(cu_host, target_logits.device)
@@ -227,14 +230,14 @@ def verify_greedy(target_logits: torch.Tensor, draft_tokens: torch.Tensor, cu_dr
 
 def verify_sampled(
     target_logits: torch.Tensor, draft_logits: torch.Tensor, draft_tokens: torch.Tensor,
-    cu_draft_lens: torch.Tensor, temperature: torch.Tensor, seeds: torch.Tensor,
+    cu_draft_lens: torch.Tensor | Sequence[int], temperature: torch.Tensor, seeds: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton twin of reference.verify_sampled."""
     cu_host = check_verify_inputs(target_logits, draft_tokens, cu_draft_lens, draft_logits, temperature, seeds)
     target_logits = _rows_contiguous(target_logits)
     draft_logits = _rows_contiguous(draft_logits)
     dev = target_logits.device
-    cu = cu_draft_lens.to(torch.int32)
+    cu = device_offsets(cu_draft_lens, cu_host, dev)
     counts = (cu[1:] - cu[:-1]).long()
     temp = temperature.to(torch.float32).contiguous()
     inv = torch.where(temp > 0, 1.0 / temp.clamp(min=1e-30), torch.ones_like(temp))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -10,15 +12,18 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 def check_verify_inputs(
     target_logits: torch.Tensor,
     draft_tokens: torch.Tensor,
-    cu_draft_lens: torch.Tensor,
+    cu_draft_lens: torch.Tensor | Sequence[int],
     draft_logits: torch.Tensor | None = None,
     temperature: torch.Tensor | None = None,
     seeds: torch.Tensor | None = None,
 ) -> list[int]:
     """Raise ValueError naming the bad input; return cu_draft_lens as a host list.
 
-    Everything the checks need from the device (the offsets and the draft range) comes over in one copy, so a
-    verify step pays one host sync here, and the callers reuse the list instead of reading the offsets again.
+    A tensor of offsets: everything the checks need from the device (the offsets and the draft range) comes over
+    in one copy, and the callers reuse the list instead of reading the offsets again. Offsets given as a host
+    sequence (the runtime knows its draft lengths): no device-to-host copy at all, and the draft ids are taken to
+    lie in [0, vocab) (the runtime's drafts are argmax ids or context tokens), so a verify step's only sync is the
+    caller's read of the results.
     """
     if target_logits.dim() != 2:
         raise ValueError(f"target_logits must be 2D (rows, vocab); got shape {tuple(target_logits.shape)}")
@@ -27,15 +32,21 @@ def check_verify_inputs(
     given = {"draft_tokens": draft_tokens, "cu_draft_lens": cu_draft_lens, "draft_logits": draft_logits,
              "temperature": temperature, "seeds": seeds}
     for name, t in given.items():
-        if t is not None and t.device != target_logits.device:
+        if isinstance(t, torch.Tensor) and t.device != target_logits.device:
             raise ValueError(f"{name} is on {t.device} but target_logits is on {target_logits.device}; "
                              "put every verify input on one device")
-    if cu_draft_lens.dim() != 1 or cu_draft_lens.numel() < 1:
-        raise ValueError("cu_draft_lens must be 1D cumulative draft counts starting at 0 (length num_requests + 1)")
-    flat = draft_tokens.reshape(-1).long()
-    bounds = torch.stack(torch.aminmax(flat)) if flat.numel() else flat
-    host = torch.cat([cu_draft_lens.long(), bounds]).tolist()
-    cu, (lo, hi) = host[: cu_draft_lens.numel()], (host[cu_draft_lens.numel():] or [0, 0])
+    if not isinstance(cu_draft_lens, torch.Tensor):
+        cu, lo, hi = [int(c) for c in cu_draft_lens], 0, 0
+        if not cu:
+            raise ValueError("cu_draft_lens must be cumulative draft counts starting at 0 (length num_requests + 1)")
+    else:
+        if cu_draft_lens.dim() != 1 or cu_draft_lens.numel() < 1:
+            raise ValueError("cu_draft_lens must be 1D cumulative draft counts starting at 0 (length num_requests "
+                             "+ 1)")
+        flat = draft_tokens.reshape(-1).long()
+        bounds = torch.stack(torch.aminmax(flat)) if flat.numel() else flat
+        host = torch.cat([cu_draft_lens.long(), bounds]).tolist()
+        cu, (lo, hi) = host[: cu_draft_lens.numel()], (host[cu_draft_lens.numel():] or [0, 0])
     if cu[0] != 0 or any(b < a for a, b in zip(cu, cu[1:])):
         raise ValueError(f"cu_draft_lens must start at 0 and be non-decreasing; got {cu[:8]}...")
     n = len(cu) - 1
@@ -53,3 +64,11 @@ def check_verify_inputs(
         if t is not None and (t.dim() != 1 or t.numel() != n):
             raise ValueError(f"{name} must be 1D with one entry per request ({n}); got shape {tuple(t.shape)}")
     return cu
+
+
+def device_offsets(cu_draft_lens: torch.Tensor | Sequence[int], cu_host: list[int],
+                   device: torch.device) -> torch.Tensor:
+    """The offsets as an int32 tensor on the logits' device (a host-to-device copy when given as a list)."""
+    if isinstance(cu_draft_lens, torch.Tensor):
+        return cu_draft_lens.to(torch.int32)
+    return torch.tensor(cu_host, dtype=torch.int32, device=device)
