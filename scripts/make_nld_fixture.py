@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import argparse
 
-from nld_lora.model.release import SHAPES, write_release_folder
+from nld_lora.model.release import SHAPES
+from nld_lora.testing.release_fixture import write_release_folder
 
 
 def main() -> None:

@@ -68,7 +68,7 @@ def measure(folder: str, dtype: str, device: str, quantization: str | None, prom
     from nld_lora.decoding.batch import DecodeBatch
     from nld_lora.decoding.stats import RequestStats
     from nld_lora.model.adapters import lora_enabled
-    from nld_lora.model.release import write_release_folder
+    from nld_lora.testing.release_fixture import write_release_folder
     from nld_lora.train.config import LoraSettings, TrainConfig
     from nld_lora.train.objective import DraftBatch, draft_loss, row_validity, student_logits, teacher_pass
     from nld_lora.train.trainer import ADAPTER_NAME, add_lora
@@ -187,7 +187,7 @@ def main() -> None:
 
     import torch
 
-    from nld_lora.model.release import write_release_folder
+    from nld_lora.testing.release_fixture import write_release_folder
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     folder = Path(args.workdir) / f"nld-{args.shape}-{args.dtype}"

@@ -17,11 +17,10 @@ from nld_lora.data.collect import CollectConfig, cap_thinking
 from nld_lora.data.collect import _generate_runtime as runtime_backend
 from nld_lora.model import CheckpointError
 from nld_lora.model.adapters import lora_enabled
-from nld_lora.model.checkpoint import HUB_PATTERNS
 from nld_lora.model.export import export_adapter, export_ar_view
 from nld_lora.model.masks import causal_mask, draft_mask
 from nld_lora.model.nld_config import backbone_config_from_dict
-from nld_lora.model.release import ADAPTER_SUBFOLDER, RELEASE_MODEL_TYPE, release_config
+from nld_lora.model.release import ADAPTER_SUBFOLDER, HUB_PATTERNS, RELEASE_MODEL_TYPE, release_config
 from nld_lora.recipe import RecipeConfig, run_recipe
 from tests.helpers import EMBEDDED, ROOT
 

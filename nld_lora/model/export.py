@@ -25,14 +25,15 @@ from nld_lora.model.checkpoint import (
     weights_fingerprint,
 )
 from nld_lora.model.nld_config import CheckpointError
-from nld_lora.model.release import ADAPTER_SUBFOLDER, REMOTE_CODE_FILES
+from nld_lora.model.release import (
+    ADAPTER_SUBFOLDER,
+    AR_VIEW_ARCHITECTURE,
+    NLD_ONLY_FIELDS,
+    REMOTE_CODE_FILES,
+    TOKENIZER_FILES,
+)
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", META_FILE, "README.md")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-                   "tokenizer.model", "tekken.json", "generation_config.json")
-NLD_ONLY_FIELDS = ("auto_map", "mask_token_id", "dlm_paradigm", "block_size", "dlm_loss_weight", "ar_loss_weight",
-                   "dp_varying_mask_ratio")
-AR_VIEW_ARCHITECTURE = "Ministral3ForCausalLM"
 AR_VIEW_STAMP = "nld_ar_view.json"  # which source (weights fingerprint + config) an AR view folder was made from
 
 
@@ -138,7 +139,8 @@ def export_release_layout(model_dir: str | os.PathLike, out_dir: str | os.PathLi
     config with model_type nemotron_labs_diffusion + auto_map, weights under encoder.* / diffusion_head, tokenizer,
     and `adapter` (if given) as linear_spec_lora/. Returns (folder, remote-code files it still lacks: copy them
     from the release repository, they are not part of this project)."""
-    from nld_lora.model.checkpoint import load, save_checkpoint
+    from nld_lora.model.checkpoint import load
+    from nld_lora.model.saving import save_checkpoint
 
     out = Path(out_dir)
     if out.exists() and out.resolve() == resolve_folder(str(model_dir)).resolve():

@@ -15,7 +15,6 @@ NLD_DEFAULTS: dict[str, Any] = {
 }
 # Fields whose null is meaningful in NVIDIA's config class (dlm_loss_weight null = weight 1): filled only when absent.
 NLD_OPTIONAL: dict[str, Any] = {"dlm_loss_weight": None}
-NLD_ARCHITECTURE = "NemotronLabsDiffusionModel"
 DLM_PARADIGMS = ("bidirectional", "autoregressive", "block_diff")
 
 

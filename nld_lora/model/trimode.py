@@ -10,7 +10,8 @@ from torch import nn
 from transformers import AutoModel, PretrainedConfig
 
 from nld_lora.model import adapters as lora
-from nld_lora.model.nld_config import apply_nld_defaults
+from nld_lora.model.nld_config import apply_nld_defaults, validate_mask_token
+from nld_lora.model.saving import save_checkpoint
 
 if TYPE_CHECKING:
     from nld_lora.decoding.api import GenerationResult
@@ -106,8 +107,6 @@ class TriModeModel(nn.Module):
 
     def save_pretrained(self, path: str) -> None:
         """Write config.json + model.safetensors (+ tokenizer) in the NLD layout."""
-        from nld_lora.model.checkpoint import save_checkpoint
-
         save_checkpoint(self, path)
 
     def generate(self, prompts_or_ids: Any, **kwargs: Any) -> GenerationResult:
@@ -134,3 +133,18 @@ class TriModeModel(nn.Module):
 def _gather_rows(hidden: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """hidden (B, Q, H), index (B, K) -> (B, K, H)."""
     return torch.gather(hidden, 1, index[..., None].expand(-1, -1, hidden.shape[-1]))
+
+
+def empty_model(config: Any) -> TriModeModel:
+    """The model skeleton on the meta device (rotary buffers stay real): no memory, no random init."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():
+        return TriModeModel(config)
+
+
+def new_model(config: Any) -> TriModeModel:
+    """A freshly initialised tri-mode model (for pretraining or tests); config must carry mask_token_id."""
+    apply_nld_defaults(config)
+    validate_mask_token(config, "config")
+    return TriModeModel(config)
