@@ -166,7 +166,7 @@ def main() -> None:
         chosen = " ".join(f"{k}:{n}" for k, n in st.draft_len_choices.items())
         print(f"{bs:>5} {label:>34} {st.tpf:>7.3f} {acc:>7} {speed:>9.1f} {ratio:>6.2f}x "
               f"{100 * st.overhead_share:>8.1f}%  {chosen}")
-    costs = model.__dict__.get("_forward_cost_s", {})
+    costs = model.forward_costs
     if costs:
         print("forward ms by width, as draft_len='auto' measured them (device, compiled, rows bucket):")
         for key in sorted({k[:3] for k in costs}):

@@ -47,11 +47,11 @@ def test_one_quadratic_forward_equals_separate_verify_and_draft_forwards(tmp_pat
     positions = torch.cat([torch.arange(n), n + quadratic_offsets(s, m)])[None]
     gate = torch.zeros(1, n + q, dtype=torch.bool)
     gate[0, n + s:] = True
-    base_twin = model.__dict__.pop("_base_encoder")  # first through PEFT with gate hooks, then the gated twin
+    base_twin, model.peft_state.base_encoder = model.peft_state.base_encoder, None  # PEFT + gate hooks first
     with lora_token_gate(model, name, gate) as encoder:
         assert encoder is None
         logits = model(ids, attention_mask=mask, position_ids=positions)[0]
-    model.__dict__["_base_encoder"] = base_twin
+    model.peft_state.base_encoder = base_twin  # then the gated twin
     with lora_token_gate(model, name, gate) as encoder:
         assert encoder is not None
         twin_logits = model(ids, attention_mask=mask, position_ids=positions, encoder=encoder)[0]

@@ -48,7 +48,7 @@ def measure_forward(batch, width: int) -> float:
     """Median wall time of a verify-shaped forward of `width` tokens (not counted, not kept: the next forward
     overwrites its cache slots); measured once per process and (device, compiled, rows bucket, width)."""
     model = batch.model
-    costs = model.__dict__.setdefault("_forward_cost_s", {})
+    costs = model.forward_costs
     rows = 1 << (len(batch) - 1).bit_length()
     key = (str(model.device), model.encoder._compiled_call_impl is not None, rows, width)
     if key not in costs:

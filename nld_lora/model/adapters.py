@@ -46,14 +46,27 @@ def check_lora_mode(lora_mode: str) -> str:
     return lora_mode
 
 
+@dataclass
+class PeftState:
+    """What attaching adapters adds to a model, held outside its module tree (a plain object, so nn.Module does
+    not register it: the PeftModel wraps the model, and registering it would make the model contain itself)."""
+
+    peft: Any = None  # the PeftModel wrapping the model
+    base_encoder: nn.Module | None = None  # the backbone's module tree before PEFT wrapped it (model/pathways.py)
+
+
 def peft_of(model) -> Any:
-    """The PeftModel wrapping `model`, or None. It lives in __dict__, outside the module tree: registering it as a
-    submodule would make the model contain itself."""
-    return model.__dict__.get("_peft")
+    """The PeftModel wrapping `model`, or None."""
+    return model.peft_state.peft
+
+
+def base_encoder(model) -> nn.Module | None:
+    """The adapter-off inference twin of the backbone (None when no adapter was attached through attach_adapter)."""
+    return model.peft_state.base_encoder
 
 
 def _set_peft(model, peft) -> None:
-    model.__dict__["_peft"] = peft
+    model.peft_state.peft = peft
 
 
 def check_adapter_matches(model, path: str | Path) -> None:
@@ -112,7 +125,7 @@ def attach_adapter(model, path: str | Path, *, name: str | None = None, lora_mod
     name = name or unique_name(Path(path).name.replace(".", "_") or "default", model.adapters)
     peft = peft_of(model)
     if peft is None:
-        model.__dict__["_base_encoder"] = structure_copy(model.encoder)  # before PEFT wraps its Linear layers
+        model.peft_state.base_encoder = structure_copy(model.encoder)  # before PEFT wraps its Linear layers
         # Any task_type loads (NVIDIA ships CAUSAL_LM): the runtime drives the model itself, so PEFT's plain
         # wrapper is used instead of a task wrapper that expects transformers' generate hooks.
         config = PeftConfig.from_pretrained(str(path))
@@ -156,7 +169,7 @@ def detach_adapter(model, name: str | None = None) -> None:
     if len(names) == len(model.adapters):
         peft.base_model.unload()
         _set_peft(model, None)
-        model.__dict__.pop("_base_encoder", None)
+        model.peft_state.base_encoder = None
         model.adapters.clear()
         model.active_adapter = None
         return
@@ -169,7 +182,7 @@ def detach_adapter(model, name: str | None = None) -> None:
 def pathway_encoder(model, adapter: str | None, on: bool) -> nn.Module | None:
     """The backbone twin for a forward with adapter `adapter` on or off (see model/pathways.py); None where the
     PEFT-wrapped backbone must run instead (no adapter loaded through attach_adapter, or one that cannot merge)."""
-    base = model.__dict__.get("_base_encoder")
+    base = base_encoder(model)
     if base is None or (on and adapter is None):
         return None
     if not on:
@@ -185,7 +198,7 @@ def gated_encoder(model, adapter: str) -> tuple[nn.Module | None, TokenGate]:
     loaded = model.adapters[adapter]
     if loaded.gate is None:
         loaded.gate = TokenGate()
-    base = model.__dict__.get("_base_encoder")
+    base = base_encoder(model)
     if base is not None and loaded.gated is None:
         loaded.gated = gated_copy(base, model.encoder, adapter, loaded.gate) or False
     return (loaded.gated or None), loaded.gate
@@ -193,7 +206,7 @@ def gated_encoder(model, adapter: str) -> tuple[nn.Module | None, TokenGate]:
 
 def decode_encoders(model) -> list[nn.Module]:
     """Every backbone tree the runtime may run: the PEFT-managed one and the inference twins built so far."""
-    twins = [model.__dict__.get("_base_encoder")] + [t for a in model.adapters.values() for t in (a.merged, a.gated)]
+    twins = [base_encoder(model)] + [t for a in model.adapters.values() for t in (a.merged, a.gated)]
     return [model.encoder] + [t for t in twins if isinstance(t, nn.Module)]
 
 

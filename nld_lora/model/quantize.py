@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from nld_lora.model.adapters import PeftState
 from nld_lora.model.nld_config import CheckpointError
 from nld_lora.model.pathways import structure_copy
 from nld_lora.model.trimode import TriModeModel
@@ -65,8 +66,7 @@ def quantized_twin(model: TriModeModel, quantization: str) -> TriModeModel:
         raise CheckpointError(f"{model.name_or_path}: detach its adapters {sorted(model.adapters)} before making a "
                               "quantized training copy")
     twin = structure_copy(model)
-    for decode_state in ("_peft", "_base_encoder", "_forward_cost_s"):  # per-model runtime state, not shared
-        twin.__dict__.pop(decode_state, None)
-    twin.adapters, twin.active_adapter = {}, None
+    twin.adapters, twin.active_adapter = {}, None  # per-model runtime state, not shared with the original
+    twin.peft_state, twin.forward_costs = PeftState(), {}
     quantize_frozen_base(twin, quantization)
     return twin
