@@ -1,5 +1,6 @@
 """AR-target collection: equals the runtime, resumes after kill -9, merges two processes, refuses mismatches."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -50,6 +51,17 @@ def test_targets_equal_runtime_ar_and_fingerprint_is_checked(tmp_path):
         load_collected(tmp_path / "out", model=other)
     with pytest.raises(CollectError, match=r"different generator \(differs in \['decoding'\]\)"):
         collect(model, records, tmp_path / "out", CollectConfig(max_new_tokens=99), progress=False)
+    for changed in (CollectConfig(max_new_tokens=16, length_policy="truncate_left"),
+                    CollectConfig(max_new_tokens=16, max_prompt_tokens=8)):
+        with pytest.raises(CollectError, match="different generator"):
+            collect(model, records, tmp_path / "out", changed, progress=False)
+    scaled = nld_lora.load(model_dir)
+    scaled.config.rope_parameters["rope_theta"] = 99.0  # same weights, another config: other targets
+    with pytest.raises(CollectError, match=r"differs in \['config_hash'\]"):
+        collect(scaled, records, tmp_path / "out", CollectConfig(max_new_tokens=16), progress=False)
+    edited = [dataclasses.replace(r, prompt=r.prompt + "  # edited") if r.id == "p003" else r for r in records]
+    with pytest.raises(CollectError, match=r"1 prompt\(s\) changed since their targets were collected.*p003"):
+        collect(model, edited, tmp_path / "out", CollectConfig(max_new_tokens=16), progress=False)
     assert len(load_collected(tmp_path / "out")) == 12  # nothing written was lost
 
 

@@ -91,7 +91,8 @@ class PreparedPrompt:
 def generator_fingerprint(model: Any, cfg: CollectConfig) -> dict[str, Any]:
     """What determines the targets: model identity and weights, decoding and templating parameters."""
     decoding = {k: getattr(cfg, k) for k in ("max_new_tokens", "system_prompt", "use_chat_template", "thinking",
-                                             "max_thinking_tokens", "end_think_token", "backend")}
+                                             "max_thinking_tokens", "end_think_token", "backend", "length_policy",
+                                             "max_prompt_tokens")}
     decoding["sampling"] = {k: getattr(cfg.decode, k) for k in ("temperature", "top_k", "top_p", "seed")}
     return {"model": model.name_or_path, "weights_hash": model.weights_hash, "config_hash": config_hash(model),
             "dtype": str(model.dtype), "decoding": decoding}
@@ -152,12 +153,23 @@ def _check_writable(out_dir: Path) -> None:
         raise CollectError(f"{out_dir}: output folder is not writable ({err.strerror})") from err
 
 
-def _done_ids(out_dir: Path) -> set[str]:
+def _done_ids(out_dir: Path, prepared: list[PreparedPrompt]) -> set[str]:
+    """Prompt ids already in shards; a prompt whose text changed since its target was collected is an error (its
+    stale target would be reused)."""
     import pyarrow.parquet as pq
 
+    text_of = {p.record.id: p.text for p in prepared}
     done: set[str] = set()
+    changed: list[str] = []
     for shard in sorted((out_dir / SHARD_DIR).glob("*.parquet")):
-        done.update(pq.read_table(shard, columns=["prompt_id"]).column("prompt_id").to_pylist())
+        table = pq.read_table(shard, columns=["prompt_id", "prompt_text"])
+        for pid, text in zip(table.column("prompt_id").to_pylist(), table.column("prompt_text").to_pylist()):
+            done.add(pid)
+            if pid in text_of and text_of[pid] != text:
+                changed.append(pid)
+    if changed:
+        raise CollectError(f"{out_dir}: {len(changed)} prompt(s) changed since their targets were collected "
+                           f"(e.g. {changed[:3]}); use another output folder")
     return done
 
 
@@ -302,7 +314,7 @@ def collect(model: Any, records: list[PromptRecord], out_dir: str | Path, cfg: C
         _write_meta(out, fingerprint, summary, complete=False)
     if accelerator is not None:
         accelerator.wait_for_everyone()
-    done = _done_ids(out)
+    done = _done_ids(out, prepared)
     summary.done_before = sum(1 for p in prepared if p.record.id in done)
     pending = [p for p in prepared if p.record.id not in done][rank::world]
     pending.sort(key=lambda p: len(p.ids))
