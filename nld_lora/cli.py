@@ -99,10 +99,14 @@ def cmd_collect(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from accelerate import PartialState
 
+    import nld_lora
     from nld_lora.train import TrainConfig, train
 
     cfg = _settings(TrainConfig, args)
-    res = train(args.model, args.data, args.out, cfg)
+    cfg.validate()
+    model = nld_lora.load(args.model, dtype=args.dtype, device=args.device, wrap=args.wrap,
+                          quantization=cfg.quantization)
+    res = train(model, args.data, args.out, cfg)
     if not PartialState().is_main_process:
         return 0
     print(json.dumps({"adapter": res.adapter_dir, "steps": res.steps, "best_step": res.best_step,
@@ -176,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_collect)
 
     t = sub.add_parser("train", help="stage 2: train the draft-pathway LoRA on collected targets (resumable)")
-    t.add_argument("--model", default=DEFAULT_MODEL)
+    _add_model_args(t)
     t.add_argument("--data", required=True, help="output folder of `nld-lora collect`")
     t.add_argument("--out", required=True)
     _add_settings_args(t, "lora.r=32 steps=200")
