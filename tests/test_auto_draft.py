@@ -2,7 +2,8 @@
 
 import pytest
 
-from nld_lora.decoding.auto import DraftPlanner, expected_tokens
+from nld_lora.acceptance import expected_tokens
+from nld_lora.decoding.auto import DraftPlanner
 from tests.helpers import make_adapter, random_prompts, tiny_model
 
 

@@ -17,19 +17,12 @@ import time
 
 import torch
 
+from nld_lora.acceptance import count_cycle, expected_tokens
+
 PRIOR_RATE = 0.6
 PRIOR_WEIGHT = 4.0
 TIMING_REPEATS = 3
 COST_SMOOTHING = 0.2  # weight of the newest cycle in the measured/predicted time ratio
-
-
-def expected_tokens(rates: list[float], k: int) -> float:
-    """Tokens per cycle with k drafts: the bonus token plus the expected accepted prefix."""
-    total, survive = 1.0, 1.0
-    for r in rates[:k]:
-        survive *= r
-        total += survive
-    return total
 
 
 def forward_seconds(batch, width: int) -> float:
@@ -84,9 +77,7 @@ class _Rates:
 
     def record(self, accepted: list[int], drafted: int) -> None:
         for n in accepted:
-            for j in range(min(n + 1, drafted)):
-                self.attempts[j] += 1
-                self.accepts[j] += j < n
+            count_cycle(self.attempts, self.accepts, n, drafted)
 
 
 class DraftPlanner:

@@ -5,15 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from nld_lora.acceptance import count_cycle, rates
+
 FORWARD_KINDS = ("prefill", "ar", "draft", "verify", "verify_draft", "denoise", "commit")
 
 
 def _mean(values: list[int]) -> float:
     return sum(values) / len(values) if values else 0.0
-
-
-def _rates(accepts: list[int], attempts: list[int]) -> list[float | None]:
-    return [a / t if t else None for a, t in zip(accepts, attempts)]
 
 
 def _pooled(requests: list, name: str) -> list[int]:
@@ -59,19 +57,11 @@ class RequestStats:
     @property
     def per_position_acceptance(self) -> list[float | None]:
         """r_j per draft position; None where no cycle reached position j (no attempts: no estimate)."""
-        return _rates(self.position_accepts, self.position_attempts)
+        return rates(self.position_accepts, self.position_attempts)
 
     def record_cycle(self, start: int, n_accepted: int, drafts: list[int]) -> None:
         """One draft+verify cycle at seed position `start` that accepted n_accepted of its drafts."""
-        draft_len = len(drafts)
-        if len(self.position_attempts) < draft_len:
-            grow = draft_len - len(self.position_attempts)
-            self.position_attempts += [0] * grow
-            self.position_accepts += [0] * grow
-        for j in range(min(n_accepted + 1, draft_len)):
-            self.position_attempts[j] += 1
-            if j < n_accepted:
-                self.position_accepts[j] += 1
+        count_cycle(self.position_attempts, self.position_accepts, n_accepted, len(drafts))
         self.acceptance_lengths.append(n_accepted + 1)
         self.cycle_starts.append(start)
         self.cycle_drafts.append(drafts)
@@ -139,7 +129,7 @@ class GenerationStats:
     @property
     def per_position_acceptance(self) -> list[float | None]:
         """Pooled r_j; None where no cycle reached position j."""
-        return _rates(_pooled(self.requests, "position_accepts"), self.per_position_attempts)
+        return rates(_pooled(self.requests, "position_accepts"), self.per_position_attempts)
 
     @property
     def tokens_per_s(self) -> float:

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
+from nld_lora.acceptance import expected_tokens, position_counts, rates
 from nld_lora.model.adapters import lora_enabled
 from nld_lora.model.masks import causal_mask
 
@@ -157,13 +158,12 @@ def draft_loss(
     ce_mean = (ce * w).sum() / denom
     dist_mean = (dist * w).sum() / denom
     block_ok = valid[..., 0]
-    attempts = attempted[block_ok].sum(0)
-    accepts = ((offsets < accepted[..., None]) & valid)[block_ok].sum(0)
+    attempts, accepts = position_counts(accepted[block_ok], valid[block_ok])
     return DraftLossOutput(ce_weight * ce_mean + distill_weight * dist_mean, ce_mean.detach(), dist_mean.detach(),
                            (accepted[block_ok] + 1).detach(), attempts.detach(), accepts.detach())
 
 
 def simulated_acceptance(attempts: torch.Tensor, accepts: torch.Tensor) -> float:
-    """Expected tokens per cycle from per-position agreement: 1 + sum_j prod_{i<=j} r_i (bonus included)."""
-    rates = accepts.double() / attempts.double().clamp(min=1)
-    return float(1 + rates.cumprod(0).sum())
+    """Expected tokens per cycle from per-position agreement, E(k) over every drafted position (bonus included);
+    a position no block reached counts as rate 0."""
+    return expected_tokens([r or 0.0 for r in rates(accepts.tolist(), attempts.tolist())])
