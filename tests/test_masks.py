@@ -1,6 +1,6 @@
 import torch
 
-from nld_lora.model.masks import causal_mask, draft_mask, dual_stream_mask
+from nld_lora.model.masks import causal_mask, draft_mask, dual_stream_mask, ragged_mask
 
 
 def _causal_ref(valid, q_len):
@@ -51,3 +51,20 @@ def test_causal_and_draft_masks_match_loops():
 def test_dual_stream_mask_matches_loops():
     for length, block in [(8, 4), (7, 3), (5, 1), (6, 6)]:
         assert torch.equal(dual_stream_mask(length, block)[0, 0], _dual_ref(length, block))
+
+
+def test_ragged_mask_equals_a_slot_by_slot_loop():
+    """Each row's new tokens sit at slots lengths[b] .. lengths[b] + q - 1: slots below are seen, the block as the
+    pattern says, every slot past the block is hidden (stale drafts there are never read)."""
+    g = torch.Generator().manual_seed(0)
+    for q, window in ((1, 9), (4, 12), (5, 5)):
+        pattern = torch.rand(q, q, generator=g) > 0.4
+        lengths = torch.randint(0, window - q + 1, (3,), generator=g)
+        got = ragged_mask(lengths, window, pattern)
+        assert got.shape == (3, 1, q, window)
+        for b in range(3):
+            for i in range(q):
+                for s in range(window):
+                    n = int(lengths[b])
+                    expected = s < n or (n <= s < n + q and bool(pattern[i, s - n]))
+                    assert bool(got[b, 0, i, s]) == expected, (q, b, i, s)

@@ -63,9 +63,17 @@ def test_report_files_exist_parse_and_agree(tmp_path):
     model = nld_lora.load(saved_tiny_model(tmp_path / "m"))
     adapter = make_adapter(model, tmp_path / "lora", r=4)
     cfg = ReportConfig(max_new_tokens=12, batch_size=3, speed_prompts=2, decode=DecodeSettings(block_size=4))
-    report = build_report(model, [adapter], _prompts(tmp_path / "p.jsonl"), tmp_path / "rep", cfg, progress=False)
+    build_report(model, [adapter], _prompts(tmp_path / "p.jsonl"), tmp_path / "rep", cfg, progress=False)
     on_disk = json.loads((tmp_path / "rep" / "report.json").read_text())
-    assert on_disk["before"]["acceptance_length"] == report["before"]["acceptance_length"]
+    texts = [json.loads(line)["prompt"] for line in (tmp_path / "p.jsonl").read_text().splitlines()]
+    settings = DecodeSettings(block_size=4, draft_len=3)
+    model.attach_adapter(adapter, name="check")
+    for label, adapter_arg in (("before", False), ("after", "check")):  # the same runs straight through the runtime
+        ref = model.generate(texts, mode="self_spec", adapter=adapter_arg, batch_size=3, max_new_tokens=12,
+                             settings=settings).stats
+        assert on_disk[label]["acceptance_length"] == pytest.approx(ref.acceptance_length)
+        assert on_disk[label]["tpf"] == pytest.approx(ref.tpf) and on_disk[label]["cycles"] == len(ref.acceptance_lengths)
+        assert on_disk[label]["per_position_acceptance"] == pytest.approx(ref.per_position_acceptance)
     for key in ("acceptance_length", "tpf", "per_position_acceptance", "histogram", "per_category"):
         assert key in on_disk["before"] and key in on_disk["after"]
     assert on_disk["n_prompts"] == 6 and on_disk["lossless"]["mismatches"] == 0
@@ -78,7 +86,7 @@ def test_report_files_exist_parse_and_agree(tmp_path):
     fastest = on_disk["after"]["fastest"]
     assert fastest["mode"] in SPEED_CANDIDATES and fastest["mode"] in md and fastest["tokens_per_s_batch1"] > 0
     assert fastest["selection_prompts"] == 2 and not fastest["selected_on_timed_prompts"]
-    assert fastest["selection_tokens_per_s"][fastest["mode"]] == max(fastest["selection_tokens_per_s"].values())
+    model.detach_adapter()  # (the fastest mode's own figures depend on measured timings: only its shape is checked)
     for name in on_disk["plots"].values():
         data = (tmp_path / "rep" / name).read_bytes()
         assert data.startswith(PNG_MAGIC) and f"]({name})" in md
