@@ -98,39 +98,67 @@ def report_settings(model: Any, cfg: ReportConfig) -> DecodeSettings:
 def _measure_and_write(model: Any, names: list[str], adapters: list[str], records: list, prompts: str | Path,
                        out: Path, cfg: ReportConfig, settings: DecodeSettings, progress: bool,
                        extra: dict[str, Any] | None, fit_source: list | None) -> dict[str, Any]:
-    """Every run of the report (adapters attached as `names`), the lossless check, plots, report.json/.md."""
+    """The report's steps with adapters attached as `names`: plan, measure, check, assemble, write."""
     texts = [render_prompt(r, model.tokenizer, system_prompt=cfg.system_prompt,
                            use_chat_template=cfg.use_chat_template) for r in records]
     categories = [r.category for r in records]
-    block, k = settings.block_size, settings.draft_len
     common = {"max_new_tokens": cfg.max_new_tokens, "settings": settings, "progress": progress}
+    plans = plan_runs(names, cfg)
+    runs, sequences = measure_runs(model, plans, texts, categories, cfg, common)
+    if cfg.fastest_mode:
+        measure_fastest(model, runs, plans, texts, names, cfg, settings)
+    lossless = check_lossless(sequences, ["before", *names], records, settings, cfg.diffusion)
+    report = assemble(model, names, adapters, records, prompts, cfg, settings, runs, lossless)
+    if fit_source and cfg.fit_prompts > 0 and names:
+        report["fit"] = _fit_vs_transfer(model, fit_source, cfg, names[0], common, report)
+    report.update(extra or {})
+    write_report(report, {lab: runs[lab] for lab in ("before", *names)}, out)
+    return report
+
+
+def plan_runs(names: list[str], cfg: ReportConfig) -> dict[str, dict[str, Any]]:
+    """label -> generate() arguments: AR, diffusion (optional), self-spec without and with each adapter."""
     plans: dict[str, dict[str, Any]] = {"ar": {"mode": "ar", "adapter": False}}
     if cfg.diffusion:
         plans["diffusion"] = {"mode": "diffusion", "adapter": False}
     plans["before"] = {"mode": "self_spec", "adapter": False}
-    for name in names:
-        plans[name] = {"mode": "self_spec", "adapter": name}
+    plans.update({name: {"mode": "self_spec", "adapter": name} for name in names})
+    return plans
 
+
+def measure_runs(model: Any, plans: dict[str, dict[str, Any]], texts: list[str], categories: list[str],
+                 cfg: ReportConfig, common: dict[str, Any]) -> tuple[dict[str, dict], dict[str, list[list[int]]]]:
+    """Every planned run at cfg.batch_size (summaries and tokens) and again at batch 1 on the speed prompts."""
+    settings = common["settings"]
     runs: dict[str, dict[str, Any]] = {}
     sequences: dict[str, list[list[int]]] = {}
     for label, plan in plans.items():
         res = model.generate(texts, batch_size=cfg.batch_size, **plan, **common)
-        runs[label] = summarize_run(res.stats, k if plan["mode"] == "self_spec" else None, categories, settings.seed)
+        spec_k = settings.draft_len if plan["mode"] == "self_spec" else None
+        runs[label] = summarize_run(res.stats, spec_k, categories, settings.seed)
         sequences[label] = res.sequences
         speed = model.generate(texts[: cfg.speed_prompts], batch_size=1, **plan, **{**common, "progress": False})
         runs[label]["tokens_per_s_batch1"] = speed.stats.tokens_per_s
     for run in runs.values():
         run["speedup_vs_ar"] = safe_ratio(run["tokens_per_s"], runs["ar"]["tokens_per_s"])
         run["speedup_vs_ar_batch1"] = safe_ratio(run["tokens_per_s_batch1"], runs["ar"]["tokens_per_s_batch1"])
-    if cfg.fastest_mode:
-        timed = texts[: cfg.speed_prompts]
-        selection = texts[cfg.speed_prompts: 2 * cfg.speed_prompts] or timed
-        for label in ("before", *names):
-            runs[label]["fastest"] = fastest_mode(model, selection, timed, plans[label]["adapter"], settings,
-                                                  cfg.max_new_tokens, runs["ar"]["tokens_per_s_batch1"])
-            runs[label]["fastest"]["selected_on_timed_prompts"] = selection is timed
+    return runs, sequences
 
-    spec_labels = ["before", *names]
+
+def measure_fastest(model: Any, runs: dict[str, dict], plans: dict[str, dict], texts: list[str], names: list[str],
+                    cfg: ReportConfig, settings: DecodeSettings) -> None:
+    """runs[label]["fastest"] for the run without and each run with an adapter (report/speed.py)."""
+    timed = texts[: cfg.speed_prompts]
+    selection = texts[cfg.speed_prompts: 2 * cfg.speed_prompts] or timed
+    for label in ("before", *names):
+        runs[label]["fastest"] = fastest_mode(model, selection, timed, plans[label]["adapter"], settings,
+                                              cfg.max_new_tokens, runs["ar"]["tokens_per_s_batch1"])
+        runs[label]["fastest"]["selected_on_timed_prompts"] = selection is timed
+
+
+def check_lossless(sequences: dict[str, list[list[int]]], spec_labels: list[str], records: list,
+                   settings: DecodeSettings, diffusion: bool) -> dict[str, Any]:
+    """Greedy self-speculation must emit AR's tokens: mismatching prompts per run (diffusion: agreement only)."""
     greedy = settings.temperature <= 0
     per_run_mismatch = {lab: lossless_mismatches(sequences["ar"], sequences[lab]) for lab in spec_labels}
     lossless = {
@@ -139,9 +167,15 @@ def _measure_and_write(model: Any, names: list[str], adapters: list[str], record
         "per_run": {lab: {"mismatches": len(v), "prompt_ids": [records[i].id for i in v]}
                     for lab, v in per_run_mismatch.items()} if greedy else {},
     }
-    if cfg.diffusion:
+    if diffusion:
         lossless["diffusion_agreement"] = token_agreement(sequences["ar"], sequences["diffusion"])
+    return lossless
 
+
+def assemble(model: Any, names: list[str], adapters: list[str], records: list, prompts: str | Path,
+             cfg: ReportConfig, settings: DecodeSettings, runs: dict[str, dict],
+             lossless: dict[str, Any]) -> dict[str, Any]:
+    """The report dictionary (docs/report_schema.md) from the measured runs."""
     after_label = names[0] if names else "before"
     report: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
@@ -152,8 +186,9 @@ def _measure_and_write(model: Any, names: list[str], adapters: list[str], record
                      for n, p in zip(names, adapters)],
         "machine": machine_info(),
         "prompt_format": prompt_format(model.tokenizer, records, cfg),
-        "settings": {"max_new_tokens": cfg.max_new_tokens, "batch_size": cfg.batch_size, "block_size": block,
-                     "draft_len": k, "temperature": settings.temperature, "threshold": settings.threshold,
+        "settings": {"max_new_tokens": cfg.max_new_tokens, "batch_size": cfg.batch_size,
+                     "block_size": settings.block_size, "draft_len": settings.draft_len,
+                     "temperature": settings.temperature, "threshold": settings.threshold,
                      "speed_prompts": min(cfg.speed_prompts, len(records)), "lora_mode": cfg.lora_mode},
         "ar": runs["ar"],
         "before": runs["before"],
@@ -165,24 +200,24 @@ def _measure_and_write(model: Any, names: list[str], adapters: list[str], record
             "tpf_rel": relative_gain(runs["before"]["tpf"], runs[after_label]["tpf"]),
         },
         "lossless": lossless,
-        "categories": sorted({c or "uncategorized" for c in categories}),
+        "categories": sorted({r.category or "uncategorized" for r in records}),
     }
-    if cfg.diffusion:
+    if "diffusion" in runs:
         report["diffusion"] = runs["diffusion"]
-    if fit_source and cfg.fit_prompts > 0 and names:
-        report["fit"] = _fit_vs_transfer(model, fit_source, cfg, names[0], common, report)
-    spec_runs = {lab: runs[lab] for lab in spec_labels}
+    return report
+
+
+def write_report(report: dict[str, Any], spec_runs: dict[str, dict], out: Path) -> None:
+    """Plots, then report.json (through a temporary file) and report.md next to them."""
     report["plots"] = {
         "histogram": plot_histograms(spec_runs, out / "acceptance_histogram.png"),
         "per_position": plot_per_position(spec_runs, out / "per_position.png"),
         "categories": plot_categories(spec_runs, out / "categories.png"),
     }
-    report.update(extra or {})
     tmp = out / ".report.json.tmp"
     tmp.write_text(json.dumps(report, indent=2) + "\n")
     os.replace(tmp, out / "report.json")
     write_markdown(report, out / "report.md")
-    return report
 
 
 def _fit_vs_transfer(model: Any, fit_source: list, cfg: ReportConfig, adapter: str, common: dict[str, Any],
