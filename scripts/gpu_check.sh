@@ -33,3 +33,10 @@ for mode in ("self_spec", "self_spec_quadratic"):
 PY
 echo "== scale_check 8b (bf16 + 4-bit QLoRA) ==" | tee -a "$LOG"
 python scripts/scale_check.py --shape 8b --qlora --workdir /tmp/nld_scale_check --out "$OUT/scale_8b.json" 2>&1 | tail -6 | tee -a "$LOG"
+echo "== vLLM collection backend vs the runtime (fp32 targets) ==" | tee -a "$LOG"
+if python -c "import vllm" >/dev/null 2>&1; then
+  NLD_VLLM_REPORT="$OUT/vllm_vs_runtime.json" python -m pytest tests/test_vllm_backend.py -p no:cacheprovider -rs 2>&1 | tail -5 | tee -a "$LOG"
+  cat "$OUT/vllm_vs_runtime.json" 2>/dev/null | tee -a "$LOG"
+else
+  echo "vLLM is not installed on this machine: skipped (scripts/check_vllm_cpu.sh runs it on CPU)" | tee -a "$LOG"
+fi

@@ -136,6 +136,7 @@ def measure(folder: str, dtype: str, device: str, quantization: str | None, prom
 
     out["train_step_s"] = _median_s(train_step, max(1, reps // 2))
     out["train_peak_host_gib"] = (_rss_peak() - base) / GIB
+    out["resident_after_train_gib"] = (_rss_now() - base) / GIB
     if cuda:
         out["train_peak_gpu_gib"] = torch.cuda.max_memory_allocated() / GIB
     return out
@@ -147,8 +148,8 @@ def _fmt(rows: list[dict], shape: str, args: argparse.Namespace) -> str:
              f"{args.train_blocks} draft blocks, LoRA o_proj r128 a512.", "",
              "| dtype | weights GiB | load s | peak host during load GiB (x weights) | peak host through forwards "
              "GiB (x weights) | prefill s | AR step ms | draft block ms | verify block ms | LoRA params M "
-             "| train step s | peak host train GiB | peak GPU train GiB |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| train step s | peak host train GiB | resident host after train GiB | peak GPU train GiB |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         gpu = f"{r['train_peak_gpu_gib']:.2f}" if "train_peak_gpu_gib" in r else "-"
         name = r["dtype"] + ("" if r["quantization"] == "none" else f" + {r['quantization']}")
@@ -157,7 +158,7 @@ def _fmt(rows: list[dict], shape: str, args: argparse.Namespace) -> str:
             f"({r['load_peak_vs_weights']:.2f}x) | {r['forward_peak_host_gib']:.2f} "
             f"({r['forward_peak_host_gib'] / r['weights_gib']:.2f}x) | {r['prefill_s']:.2f} | {1000 * r['ar_step_s']:.0f} | "
             f"{1000 * r['draft_block_s']:.0f} | {1000 * r['verify_block_s']:.0f} | {r['lora_params_m']:.1f} | "
-            f"{r['train_step_s']:.2f} | {r['train_peak_host_gib']:.2f} | {gpu} |")
+            f"{r['train_step_s']:.2f} | {r['train_peak_host_gib']:.2f} | {r['resident_after_train_gib']:.2f} | {gpu} |")
     return "\n".join(lines)
 
 

@@ -34,6 +34,26 @@ def test_recipe_runs_and_resumes(tmp_path):
     assert (run / "train" / "linear_spec_lora" / "adapter_model.safetensors").stat().st_mtime_ns == adapter_stamp
 
 
+@pytest.mark.slow
+def test_recipe_trains_on_a_quantized_base_and_reports_with_the_full_one(tmp_path):
+    from nld_lora.model.adapter_meta import AdapterMeta
+
+    model_dir = saved_tiny_model(tmp_path / "m")
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"p{i}", "prompt": f"def g{i}(x):\n    return x" + " * x" * i})
+                               + "\n" for i in range(8)))
+    overrides = [f"model={model_dir}", f"train_prompts={prompts}", f"eval_prompts={prompts}",
+                 f"out={tmp_path / 'run'}", "collect.max_new_tokens=12", "train.steps=2", "train.eval_every=2",
+                 "train.save_every=2", "train.lora.r=4", "train.lora.alpha=8", "draft_len=3",
+                 "train.eval_fraction=0.25", "report.decode.block_size=4", "report.max_new_tokens=8",
+                 "report.speed_prompts=1", "report.diffusion=false", "report.fastest_mode=false",
+                 "train.quantization=4bit"]
+    report = run_recipe(load_config(RecipeConfig, None, overrides))
+    meta = AdapterMeta.read(tmp_path / "run" / "train" / "linear_spec_lora")
+    assert meta.base_quantization == "4bit" and meta.train_config["quantization"] == "4bit"
+    assert report["lossless"]["mismatches"] == 0  # verified by the full-precision model
+
+
 def test_recipe_config_errors_name_the_key():
     with pytest.raises(ConfigError, match=r"unknown config key\(s\): train\.lora\.rank"):
         load_config(RecipeConfig, None, ["train.lora.rank=4"])
