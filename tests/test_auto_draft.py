@@ -70,3 +70,22 @@ def test_auto_draft_len_is_lossless_and_reports_its_choices(mode, tmp_path):
         assert sum(choices.values()) > 0 and all(0 <= k <= res.settings.draft_len for k in choices)
     with pytest.raises(ValueError, match="integer or 'auto'"):
         model.generate(prompts, mode=mode, draft_len="longest")
+
+
+def test_planner_on_a_real_batch_measures_costs_and_picks_a_length():
+    """No stubs: the planner times real forwards of this batch (each width once per process) and chooses."""
+    from nld_lora.decoding.batch import DecodeBatch
+    from nld_lora.decoding.outputs import Outputs
+
+    model = tiny_model(seed=4)
+    prompts = random_prompts(3, seed=7)
+    batch = DecodeBatch(model, prompts, [0, 1, 2], Outputs(3, 8, model.eos_token_ids).stats, capacity=64)
+    batch.prefill()
+    lengths = list(batch.lengths)
+    planner = DraftPlanner(3, quadratic=False, prior=[0.9, 0.8, 0.7])
+    k, lookup = planner.choose(batch)
+    assert 0 <= k <= 3 and lookup is False
+    assert batch.lengths == lengths  # measuring wrote nothing the batch keeps
+    widths = {key[-1] for key in model.forward_costs if key[2] == 4}  # 3 rows: the power-of-two bucket of 4
+    assert {1, 2, 4} <= widths and all(t > 0 for t in model.forward_costs.values())
+    assert sum(s.total_forwards for s in batch.stats) == 3  # only the prefills were counted

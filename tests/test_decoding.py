@@ -131,12 +131,15 @@ def test_ar_sampling_is_seeded():
     assert a.sequences == b.sequences != c.sequences
 
 
-@pytest.mark.parametrize("mode,kw", [("ar", {}), ("self_spec", {"draft_len": 3}),
-                                     ("diffusion", {"block_size": 4, "threshold": 0.5})])
-def test_forward_counts_match_hooked_model_calls(mode, kw):
+@pytest.mark.parametrize("mode,kw,adapter", [("ar", {}, False), ("self_spec", {"draft_len": 3}, False),
+                                             ("self_spec", {"draft_len": 3}, True),
+                                             ("diffusion", {"block_size": 4, "threshold": 0.5}, False)])
+def test_forward_counts_match_hooked_model_calls(mode, kw, adapter, tmp_path):
     model = tiny_model(seed=4)
+    if adapter:  # forwards then run the inference twins, which share the backbone's leaf modules
+        model.attach_adapter(make_adapter(model, tmp_path / "lora"))
     calls = []
-    handle = model.encoder.register_forward_hook(lambda *a: calls.append(1))
+    handle = model.encoder.norm.register_forward_hook(lambda *a: calls.append(1))  # once per backbone forward
     res = model.generate([[5, 6, 7, 8]], mode=mode, max_new_tokens=13, **kw)
     handle.remove()
     assert sum(res.stats.forwards.values()) == len(calls)

@@ -100,10 +100,13 @@ def test_greedy_quadratic_equals_ar(batch_size, tmp_path):
     assert looked_up.stats.lookup_cycles > 0
 
 
-def test_quadratic_counts_one_forward_per_cycle_and_tpf_is_acceptance_per_forward():
+@pytest.mark.parametrize("adapter", [False, True])
+def test_quadratic_counts_one_forward_per_cycle_and_tpf_is_acceptance_per_forward(adapter, tmp_path):
     model = tiny_model(seed=4)
+    if adapter:  # cycles then run the gated twin, which shares the backbone's leaf modules
+        model.attach_adapter(make_adapter(model, tmp_path / "lora"))
     calls = []
-    handle = model.encoder.register_forward_hook(lambda *a: calls.append(1))
+    handle = model.encoder.norm.register_forward_hook(lambda *a: calls.append(1))  # once per backbone forward
     res = model.generate([[5, 6, 7, 8]], mode="self_spec_quadratic", max_new_tokens=13, draft_len=2)
     handle.remove()
     st = res.stats.requests[0]

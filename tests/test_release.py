@@ -70,9 +70,13 @@ def test_loads_in_one_dtype_and_every_mode_runs(release, dtype):
     assert model.encoder.rotary_emb.inv_freq.dtype == torch.float32  # as transformers keeps it
     assert model.eos_token_ids == {2, 11} and model.mask_token_id == 100
     assert model.tokenizer.chat_template and "[INST]" in model.tokenizer.chat_template
-    for mode in ("ar", "diffusion", "self_spec"):
-        res = model.generate(PROMPTS, mode=mode, max_new_tokens=12, block_size=4)
-        assert all(1 <= len(s) <= 12 for s in res.sequences) and res.stats.tpf > 0
+    runs = {mode: model.generate(PROMPTS, mode=mode, max_new_tokens=12, block_size=4)
+            for mode in ("ar", "diffusion", "self_spec")}
+    for res in runs.values():  # every request runs to its budget or stops on one of the release's EOS ids
+        assert all(len(s) == 12 or (s and s[-1] in model.eos_token_ids and len(s) < 12) for s in res.sequences)
+    assert runs["ar"].stats.tpf == 1.0 and runs["diffusion"].stats.forwards["denoise"] > 0
+    if want == torch.float32:  # bf16 verify blocks and single AR steps may round differently
+        assert runs["self_spec"].sequences == runs["ar"].sequences
 
 
 def test_ar_logits_equal_transformers_ministral3_on_renamed_weights(release):

@@ -127,9 +127,11 @@ def generate(
     "self_spec_quadratic" (one forward verifies and drafts); metrics as in docs/design.md.
 
     settings: a DecodeSettings; its fields may also be given (or overridden) as keywords (temperature=, top_k=,
-    top_p=, block_size=, threshold=, policy=, max_steps=, draft_len=, acceptance=, seed=).
+    top_p=, block_size=, threshold=, policy=, max_steps=, draft_len= (an integer or "auto"), acceptance=, ngram=,
+    seed=).
     adapter: None uses the active adapter (if any), False none, a name selects a loaded adapter; lora_mode None
-    uses that adapter's own mode. draft_len defaults to the adapter's trained one, else block_size - 1.
+    uses that adapter's own mode. draft_len defaults to the adapter's trained one when it was trained for this
+    mode's draft layout, else block_size - 1 (single-forward mode: min(3, block_size - 1)).
     Greedy self-speculation (either mode) emits exactly AR's tokens. profile=True times every model forward (synchronising a GPU), so
     stats.forward_s and stats.overhead_share tell how much of the wall time the runtime itself costs.
     compile=True runs the backbone's decode forwards through torch.compile (dynamic shapes; the first call per shape
