@@ -5,49 +5,54 @@ import json
 import pytest
 
 from nld_lora.config_io import ConfigError, load_config
-from nld_lora.recipe import RecipeConfig, run_recipe
-from tests.helpers import saved_tiny_model
+from nld_lora.recipe import RecipeConfig, inherit_prompt_format, run_recipe, share_draft_len
+from tests.helpers import ROOT, saved_tiny_model
 
 
-@pytest.mark.slow
-def test_recipe_runs_and_resumes(tmp_path):
+def _tiny_recipe(tmp_path, *extra: str) -> list[str]:
+    """Overrides for a seconds-long recipe on a saved tiny model and 12 generated prompts."""
     model_dir = saved_tiny_model(tmp_path / "m")
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("".join(json.dumps({"id": f"p{i}", "prompt": f"def f{i}(a):\n    return a" + " + a" * i})
                                + "\n" for i in range(12)))
-    overrides = [f"model={model_dir}", f"train_prompts={prompts}", f"eval_prompts={prompts}",
-                 f"out={tmp_path / 'run'}", "collect.max_new_tokens=16", "train.steps=4", "train.eval_every=2",
-                 "train.save_every=2", "train.lora.r=4", "train.lora.alpha=8", "draft_len=3",
-                 "train.eval_fraction=0.25", "report.decode.block_size=4", "report.max_new_tokens=8",
-                 "report.speed_prompts=1", "report.diffusion=false", "report.fit_prompts=4"]
-    cfg = load_config(RecipeConfig, None, overrides)
-    report = run_recipe(cfg)
+    return [f"model={model_dir}", f"train_prompts={prompts}", f"eval_prompts={prompts}", f"out={tmp_path / 'run'}",
+            "collect.max_new_tokens=16", "train.steps=4", "train.eval_every=2", "train.save_every=2",
+            "train.lora.r=4", "train.lora.alpha=8", "draft_len=3", "train.eval_fraction=0.25",
+            "report.decode.block_size=4", "report.max_new_tokens=8", "report.speed_prompts=1",
+            "report.diffusion=false", *extra]
+
+
+def _stamps(run) -> tuple:
+    """(collected shards and their times, adapter weights' time, report's time)."""
+    shards = tuple((f.name, f.stat().st_mtime_ns) for f in sorted((run / "collect" / "data").glob("*.parquet")))
+    files = (run / "train" / "linear_spec_lora" / "adapter_model.safetensors", run / "report" / "report.json")
+    return (shards, *(f.stat().st_mtime_ns for f in files))
+
+
+@pytest.mark.slow
+def test_recipe_reruns_exactly_the_stages_whose_settings_changed(tmp_path):
+    overrides = _tiny_recipe(tmp_path, "report.fit_prompts=4")
+    report = run_recipe(load_config(RecipeConfig, None, overrides))
     run = tmp_path / "run"
-    assert (run / "train" / "linear_spec_lora" / "adapter_model.safetensors").exists()
     assert report["n_prompts"] == 12 and report["lossless"]["mismatches"] == 0
     assert report["fit"]["n_prompts"] == 4 and "Fit vs transfer" in (run / "report" / "report.md").read_text()
-    stamp = (run / "report" / "report.json").stat().st_mtime_ns
-    adapter_stamp = (run / "train" / "linear_spec_lora" / "adapter_model.safetensors").stat().st_mtime_ns
-    again = run_recipe(load_config(RecipeConfig, None, overrides))
-    assert again["before"] == report["before"]
-    assert (run / "report" / "report.json").stat().st_mtime_ns == stamp
-    assert (run / "train" / "linear_spec_lora" / "adapter_model.safetensors").stat().st_mtime_ns == adapter_stamp
+    first = _stamps(run)
+    run_recipe(load_config(RecipeConfig, None, overrides))
+    assert _stamps(run) == first  # nothing changed: every stage skipped
+    changed = run_recipe(load_config(RecipeConfig, None, [*overrides, "report.max_new_tokens=6"]))
+    collected, adapter, reported = _stamps(run)
+    assert (collected, adapter) == first[:2] and reported != first[2]  # only the report ran again
+    assert changed["settings"]["max_new_tokens"] == 6
+    with pytest.raises(ConfigError, match=r"holds checkpoints of a run with other settings \(\['lr'\]\)"):
+        run_recipe(load_config(RecipeConfig, None, [*overrides, "train.lr=1e-3"]))  # never mixes two runs
+    assert _stamps(run)[:2] == (collected, adapter)
 
 
 @pytest.mark.slow
 def test_recipe_trains_on_a_quantized_base_and_reports_with_the_full_one(tmp_path):
     from nld_lora.model.adapter_meta import AdapterMeta
 
-    model_dir = saved_tiny_model(tmp_path / "m")
-    prompts = tmp_path / "p.jsonl"
-    prompts.write_text("".join(json.dumps({"id": f"p{i}", "prompt": f"def g{i}(x):\n    return x" + " * x" * i})
-                               + "\n" for i in range(8)))
-    overrides = [f"model={model_dir}", f"train_prompts={prompts}", f"eval_prompts={prompts}",
-                 f"out={tmp_path / 'run'}", "collect.max_new_tokens=12", "train.steps=2", "train.eval_every=2",
-                 "train.save_every=2", "train.lora.r=4", "train.lora.alpha=8", "draft_len=3",
-                 "train.eval_fraction=0.25", "report.decode.block_size=4", "report.max_new_tokens=8",
-                 "report.speed_prompts=1", "report.diffusion=false", "report.fastest_mode=false",
-                 "train.quantization=4bit"]
+    overrides = _tiny_recipe(tmp_path, "report.fastest_mode=false", "train.steps=2", "train.quantization=4bit")
     report = run_recipe(load_config(RecipeConfig, None, overrides))
     meta = AdapterMeta.read(tmp_path / "run" / "train" / "linear_spec_lora")
     assert meta.base_quantization == "4bit" and meta.train_config["quantization"] == "4bit"
@@ -70,9 +75,8 @@ def test_union_settings_take_the_first_type_that_fits():
 
 @pytest.mark.parametrize("name", ["tiny_code", "nld_8b"])
 def test_shipped_recipe_configs_parse(name):
-    from tests.helpers import ROOT
-
-    cfg = load_config(RecipeConfig, ROOT / "recipes" / "configs" / f"{name}.yaml")
+    cfg = load_config(RecipeConfig, ROOT / "recipes" / "configs" / f"{name}.yaml")  # unknown keys would fail here
     cfg.train.validate()
-    assert cfg.collect.fields.group == ("source_file" if name == "tiny_code" else "group")
-    assert (cfg.collect.use_chat_template is True) == (name == "nld_8b")  # instruct models get their template
+    share_draft_len(cfg)  # no two sections disagree on the draft length
+    inherit_prompt_format(cfg)
+    assert cfg.report.use_chat_template == cfg.collect.use_chat_template  # held-out prompts rendered like training
