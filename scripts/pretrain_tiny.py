@@ -39,6 +39,8 @@ def main() -> None:
     p.add_argument("--ar-fraction", type=float, default=d.ar_fraction, help="share of --minutes spent in stage 1")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--no-autocast", action="store_true", help="train in fp32")
+    p.add_argument("--stop-at-step", type=int, default=None,
+                   help="end early, leaving a checkpoint in --work that a later run with the same settings resumes")
     args = vars(p.parse_args())
     if args["minutes"] is None and args["ar_steps"] is None and args["joint_steps"] is None \
             and args["device"] == "cpu":

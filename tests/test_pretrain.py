@@ -1,5 +1,7 @@
 """Pretraining's wall-clock budget: stage lengths from measured step times, full LR decay on time."""
 
+import torch
+
 from nld_lora.pretrain.config import PretrainConfig
 from nld_lora.pretrain.schedule import Plan, lr_at
 
@@ -52,3 +54,13 @@ def test_a_few_steps_of_both_stages_train_save_and_resume(tmp_path, capsys):
     assert model.block_size == 4 and model.tokenizer is not None
     again = pretrain(_cfg(**{**cfg.__dict__, "joint_steps": 5}))  # resumes at step 6 and runs 2 more joint steps
     assert "resumed at step 6" in capsys.readouterr().out and again["tokens_seen"] == 8 * 4 * 32
+    # an interrupted run resumed to the end equals the same run done in one go, weight for weight
+    whole = {**cfg.__dict__, "out": str(tmp_path / "whole"), "work": str(tmp_path / "work_whole")}
+    pretrain(_cfg(**whole))
+    parts = {**cfg.__dict__, "out": str(tmp_path / "parts"), "work": str(tmp_path / "work_parts")}
+    assert pretrain(_cfg(**{**parts, "stop_at_step": 4})) == {"stopped_at_step": 4}  # a checkpoint mid-stage 2
+    assert not (tmp_path / "parts").exists()
+    pretrain(_cfg(**parts))
+    a_state = nld_lora.load(str(tmp_path / "whole")).state_dict()
+    b_state = nld_lora.load(str(tmp_path / "parts")).state_dict()
+    assert a_state.keys() == b_state.keys() and all(torch.equal(a_state[k], b_state[k]) for k in a_state)

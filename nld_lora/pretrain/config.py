@@ -31,6 +31,7 @@ class PretrainConfig:
     warmup: int = 100
     lr: float = 3e-3
     ckpt_every: int = 100
+    stop_at_step: int | None = None  # end this run early, leaving a resumable checkpoint (the schedule is unchanged)
     seed: int = 0
     device: str = "cpu"
     autocast: bool = True  # bf16 autocast

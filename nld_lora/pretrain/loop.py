@@ -80,7 +80,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
     gen = torch.Generator(device=device)
     bar = tqdm(total=None if budget.on else cfg.total_steps, initial=step, desc="pretrain", unit="step")
     t0 = time.time() - elapsed
-    while step < cfg.total_steps:
+    while step < min(cfg.total_steps, cfg.stop_at_step or cfg.total_steps):
         ids = train_rows[batch_for(step, len(train_rows), cfg.batch, cfg.seed)]
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
@@ -104,13 +104,15 @@ def pretrain(cfg: PretrainConfig) -> dict:
             values = {k: float(v) for k, v in parts.items()}
             bar.set_postfix(stage=1 if step <= cfg.ar_steps else 2, **{k: f"{v:.3f}" for k, v in values.items()})
             log.append({"step": step, "lr": lr_at(step - 1, cfg), **values})
-        if step % cfg.ckpt_every == 0 or step == cfg.total_steps:
+        if step % cfg.ckpt_every == 0 or step in (cfg.total_steps, cfg.stop_at_step):
             tmp = work / "state.pt.tmp"
             torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step,
                         "elapsed": time.time() - t0, "log": log, "rng": torch.get_rng_state(),
                         "plan": (cfg.ar_steps, cfg.joint_steps)}, tmp)
             os.replace(tmp, ckpt)
     bar.close()
+    if step < cfg.total_steps:  # stopped early on purpose: the checkpoint in cfg.work resumes it
+        return {"stopped_at_step": step}
     wall = time.time() - t0
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=False):
         metrics = evaluate_base(model.float(), eval_rows.to(device), eval_bpt, cfg.block_size)
