@@ -46,7 +46,7 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 0
     mixed_precision: str = "auto"  # auto | no | bf16 | fp16
-    quantization: str | None = None  # None | 4bit | 8bit (CUDA only)
+    quantization: str | None = None  # None | 4bit (NF4) | 8bit (LLM.int8): a QLoRA base, CPU or GPU
     wandb: bool = False
     wandb_project: str = "nld_lora"
     wandb_mode: str = "offline"
