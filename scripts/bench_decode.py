@@ -22,6 +22,7 @@ import torch
 
 import nld_lora
 from nld_lora.data.readers import read_prompts
+from nld_lora.decoding.twins import forward_costs
 from nld_lora.model.export import export_ar_view
 
 
@@ -166,7 +167,7 @@ def main() -> None:
         chosen = " ".join(f"{k}:{n}" for k, n in st.draft_len_choices.items())
         print(f"{bs:>5} {label:>34} {st.tpf:>7.3f} {acc:>7} {speed:>9.1f} {ratio:>6.2f}x "
               f"{100 * st.overhead_share:>8.1f}%  {chosen}")
-    costs = model.forward_costs
+    costs = forward_costs(model)
     if costs:
         print("forward ms by width, as draft_len='auto' measured them (device, compiled, rows bucket):")
         for key in sorted({k[:3] for k in costs}):

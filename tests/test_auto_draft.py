@@ -4,6 +4,7 @@ import pytest
 
 from nld_lora.acceptance import expected_tokens
 from nld_lora.decoding.auto import DraftPlanner
+from nld_lora.decoding.twins import forward_costs
 from tests.helpers import make_adapter, random_prompts, tiny_model
 
 
@@ -86,6 +87,7 @@ def test_planner_on_a_real_batch_measures_costs_and_picks_a_length():
     k, lookup = planner.choose(batch)
     assert 0 <= k <= 3 and lookup is False
     assert batch.lengths == lengths  # measuring wrote nothing the batch keeps
-    widths = {key[-1] for key in model.forward_costs if key[2] == 4}  # 3 rows: the power-of-two bucket of 4
-    assert {1, 2, 4} <= widths and all(t > 0 for t in model.forward_costs.values())
+    costs = forward_costs(model)
+    widths = {key[-1] for key in costs if key[2] == 4}  # 3 rows: the power-of-two bucket of 4
+    assert {1, 2, 4} <= widths and all(t > 0 for t in costs.values())
     assert sum(s.total_forwards for s in batch.stats) == 3  # only the prefills were counted

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from nld_lora.model.adapters import lora_enabled, pathway_encoder
+from nld_lora.decoding.twins import pathway_encoder
+from nld_lora.model.adapters import lora_enabled
 from nld_lora.model.masks import causal_mask, draft_mask
 from tests.helpers import make_adapter, random_prompts, tiny_model
 

@@ -4,7 +4,8 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from nld_lora.model.adapters import lora_enabled, lora_token_gate
+from nld_lora.decoding.twins import decode_state, lora_token_gate
+from nld_lora.model.adapters import lora_enabled
 from nld_lora.model.masks import causal_mask, draft_mask, quadratic_offsets, quadratic_pattern
 from tests.helpers import make_adapter, tiny_model
 from tests.test_decoding import _exact_two_token_dist, _tv, ar_reference_with_early_stops
@@ -47,11 +48,11 @@ def test_one_quadratic_forward_equals_separate_verify_and_draft_forwards(tmp_pat
     positions = torch.cat([torch.arange(n), n + quadratic_offsets(s, m)])[None]
     gate = torch.zeros(1, n + q, dtype=torch.bool)
     gate[0, n + s:] = True
-    base_twin, model.peft_state.base_encoder = model.peft_state.base_encoder, None  # PEFT + gate hooks first
+    decode_state(model).twins = False  # first PEFT's own modules with gate hooks (the reference path)
     with lora_token_gate(model, name, gate) as encoder:
         assert encoder is None
         logits = model(ids, attention_mask=mask, position_ids=positions)[0]
-    model.peft_state.base_encoder = base_twin  # then the gated twin
+    decode_state(model).twins = True  # then the gated twin
     with lora_token_gate(model, name, gate) as encoder:
         assert encoder is not None
         twin_logits = model(ids, attention_mask=mask, position_ids=positions, encoder=encoder)[0]

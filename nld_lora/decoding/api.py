@@ -16,7 +16,8 @@ from nld_lora.decoding.loops import run_ar, run_diffusion, run_self_spec, run_se
 from nld_lora.decoding.outputs import Outputs
 from nld_lora.decoding.settings import DecodeSettings, resolve_draft_len
 from nld_lora.decoding.stats import GenerationStats
-from nld_lora.model.adapters import LoadedAdapter, check_lora_mode, decode_encoders
+from nld_lora.decoding.twins import decode_encoders
+from nld_lora.model.adapters import LoadedAdapter, check_lora_mode
 
 MODES = ("ar", "diffusion", "self_spec", "self_spec_quadratic")
 SPEC_MODES = ("self_spec", "self_spec_quadratic")

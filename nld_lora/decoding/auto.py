@@ -18,6 +18,7 @@ import time
 import torch
 
 from nld_lora.acceptance import count_cycle, expected_tokens
+from nld_lora.decoding.twins import forward_costs
 
 PRIOR_RATE = 0.6
 PRIOR_WEIGHT = 4.0
@@ -41,7 +42,7 @@ def measure_forward(batch, width: int) -> float:
     """Median wall time of a verify-shaped forward of `width` tokens (not counted, not kept: the next forward
     overwrites its cache slots); measured once per process and (device, compiled, rows bucket, width)."""
     model = batch.model
-    costs = model.forward_costs
+    costs = forward_costs(model)
     rows = 1 << (len(batch) - 1).bit_length()
     key = (str(model.device), model.encoder._compiled_call_impl is not None, rows, width)
     if key not in costs:

@@ -2,28 +2,31 @@
 
 lora_mode "draft_only" (NLD's deployment): the adapter is ON for draft/denoise forwards and OFF for prefill, AR,
 verify and commit forwards, so AR output is untouched. "both": ON for every forward (output then differs from AR).
-A forward that verifies and drafts at once (single-forward self-speculation) gates the adapter per token instead.
+A forward that verifies and drafts at once (single-forward self-speculation) gates the adapter per token instead
+(nld_lora/decoding/twins.py, with the runtime's inference twins of the backbone).
 An adapter folder may carry nld_adapter.json (written by the trainer); its lora_mode and draft_len are the defaults.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from safetensors import safe_open
 from torch import nn
 
 from nld_lora.model.adapter_meta import LORA_MODES, AdapterMeta, AdapterMetaError
-from nld_lora.model.pathways import gated_copy, lora_layers, merged_copy, structure_copy
 
 
 class AdapterError(ValueError):
     """An adapter folder that does not fit the model."""
+
+
+_SERIALS = itertools.count()
 
 
 @dataclass
@@ -34,10 +37,7 @@ class LoadedAdapter:
     lora_mode: str = "draft_only"
     meta: AdapterMeta = field(default_factory=AdapterMeta)
     trainable: bool = False  # the trainer's adapter; loaded ones stay in inference mode (no gradients)
-    gate: TokenGate | None = None  # per-token gate holder (single-forward self-spec), created on first use
-    gate_hooked: bool = False  # the holder is installed as a pre-hook on this adapter's PEFT LoRA A matrices
-    merged: nn.Module | bool | None = None  # inference twin with this adapter merged (False: cannot merge)
-    gated: nn.Module | bool | None = None  # inference twin with a per-token gated delta (False: cannot build)
+    serial: int = field(default_factory=lambda: next(_SERIALS))  # unique per attach (decode state keys on it)
 
 
 def check_lora_mode(lora_mode: str) -> str:
@@ -52,17 +52,11 @@ class PeftState:
     not register it: the PeftModel wraps the model, and registering it would make the model contain itself)."""
 
     peft: Any = None  # the PeftModel wrapping the model
-    base_encoder: nn.Module | None = None  # the backbone's module tree before PEFT wrapped it (model/pathways.py)
 
 
 def peft_of(model) -> Any:
     """The PeftModel wrapping `model`, or None."""
     return model.peft_state.peft
-
-
-def base_encoder(model) -> nn.Module | None:
-    """The adapter-off inference twin of the backbone (None when no adapter was attached through attach_adapter)."""
-    return model.peft_state.base_encoder
 
 
 def _set_peft(model, peft) -> None:
@@ -125,7 +119,6 @@ def attach_adapter(model, path: str | Path, *, name: str | None = None, lora_mod
     name = name or unique_name(Path(path).name.replace(".", "_") or "default", model.adapters)
     peft = peft_of(model)
     if peft is None:
-        model.peft_state.base_encoder = structure_copy(model.encoder)  # before PEFT wraps its Linear layers
         # Any task_type loads (NVIDIA ships CAUSAL_LM): the runtime drives the model itself, so PEFT's plain
         # wrapper is used instead of a task wrapper that expects transformers' generate hooks.
         config = PeftConfig.from_pretrained(str(path))
@@ -169,7 +162,6 @@ def detach_adapter(model, name: str | None = None) -> None:
     if len(names) == len(model.adapters):
         peft.base_model.unload()
         _set_peft(model, None)
-        model.peft_state.base_encoder = None
         model.adapters.clear()
         model.active_adapter = None
         return
@@ -177,37 +169,6 @@ def detach_adapter(model, name: str | None = None) -> None:
         peft.base_model.delete_adapter(n)
         del model.adapters[n]
     model.active_adapter = next(iter(model.adapters))
-
-
-def pathway_encoder(model, adapter: str | None, on: bool) -> nn.Module | None:
-    """The backbone twin for a forward with adapter `adapter` on or off (see model/pathways.py); None where the
-    PEFT-wrapped backbone must run instead (no adapter loaded through attach_adapter, or one that cannot merge)."""
-    base = base_encoder(model)
-    if base is None or (on and adapter is None):
-        return None
-    if not on:
-        return base
-    loaded = model.adapters[adapter]
-    if loaded.merged is None:
-        loaded.merged = merged_copy(base, model.encoder, adapter) or False
-    return loaded.merged or None
-
-
-def gated_encoder(model, adapter: str) -> tuple[nn.Module | None, TokenGate]:
-    """(the gated twin of adapter `adapter` or None where PEFT must run, its gate holder)."""
-    loaded = model.adapters[adapter]
-    if loaded.gate is None:
-        loaded.gate = TokenGate()
-    base = base_encoder(model)
-    if base is not None and loaded.gated is None:
-        loaded.gated = gated_copy(base, model.encoder, adapter, loaded.gate) or False
-    return (loaded.gated or None), loaded.gate
-
-
-def decode_encoders(model) -> list[nn.Module]:
-    """Every backbone tree the runtime may run: the PEFT-managed one and the inference twins built so far."""
-    twins = [base_encoder(model)] + [t for a in model.adapters.values() for t in (a.merged, a.gated)]
-    return [model.encoder] + [t for t in twins if isinstance(t, nn.Module)]
 
 
 @contextmanager
@@ -226,41 +187,3 @@ def lora_enabled(model, adapter: str | None, on: bool) -> Iterator[None]:
         yield
     finally:
         peft.base_model.disable_adapter_layers()
-
-
-class TokenGate:
-    """Forward pre-hook on an adapter's LoRA A matrices: their input times the current per-token gate (None: no
-    gate). Installed once per adapter, so compiled forwards see the same hooks every call."""
-
-    def __init__(self) -> None:
-        self.gate: torch.Tensor | None = None
-
-    def __call__(self, _module: nn.Module, args: tuple) -> tuple | None:
-        return None if self.gate is None else (args[0] * self.gate.to(args[0].dtype),)
-
-
-def _install_gate_hooks(model, adapter: str, hook: TokenGate) -> None:
-    loaded = model.adapters[adapter]
-    if not loaded.gate_hooked:
-        for _, layer in lora_layers(peft_of(model).base_model.model, adapter):
-            layer.lora_A[adapter].register_forward_pre_hook(hook)
-        loaded.gate_hooked = True
-
-
-@contextmanager
-def lora_token_gate(model, adapter: str, gate: torch.Tensor) -> Iterator[nn.Module | None]:
-    """Run the enclosed forwards with adapter `adapter` on for the tokens where gate (batch, q) is True and off for
-    the others; yields the backbone twin to run (model/pathways.py GatedLoRALinear), or None to run the PEFT model,
-    whose LoRA A matrices then see their input times the gate. Either way a gated-off token's delta is exactly 0
-    and its output equals the base model's bit for bit."""
-    encoder, hook = gated_encoder(model, adapter)
-    hook.gate = gate[..., None]
-    try:
-        if encoder is not None:
-            yield encoder
-        else:
-            _install_gate_hooks(model, adapter, hook)
-            with lora_enabled(model, adapter, True):
-                yield None
-    finally:
-        hook.gate = None

@@ -32,7 +32,8 @@ def structure_copy(module: nn.Module) -> nn.Module:
     return twin
 
 
-def _set_submodule(root: nn.Module, path: str, new: nn.Module) -> None:
+def set_submodule(root: nn.Module, path: str, new: nn.Module) -> None:
+    """Replace the module at `path` in `root`'s tree (in root's own containers only)."""
     parent_path, _, name = path.rpartition(".")
     parent = root.get_submodule(parent_path) if parent_path else root
     parent._modules[name] = new
@@ -56,7 +57,7 @@ def _twin_with(base_twin: nn.Module, wrapped: nn.Module, adapter: str,
         base = layer.get_base_layer()
         if type(base) is not nn.Linear or adapter in getattr(layer, "lora_variant", {}):
             return None
-        _set_submodule(twin, path, build(base, layer))
+        set_submodule(twin, path, build(base, layer))
     return twin
 
 

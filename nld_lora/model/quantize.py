@@ -67,6 +67,6 @@ def quantized_twin(model: TriModeModel, quantization: str) -> TriModeModel:
                               "quantized training copy")
     twin = structure_copy(model)
     twin.adapters, twin.active_adapter = {}, None  # per-model runtime state, not shared with the original
-    twin.peft_state, twin.forward_costs = PeftState(), {}
+    twin.peft_state = PeftState()
     quantize_frozen_base(twin, quantization)
     return twin

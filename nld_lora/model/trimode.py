@@ -39,7 +39,6 @@ class TriModeModel(nn.Module):
         self.extra_eos_ids: set[int] = set()  # stop ids from generation_config.json / the tokenizer
         self.adapters: dict[str, lora.LoadedAdapter] = {}  # name -> folder, lora_mode, metadata
         self.peft_state = lora.PeftState()  # the PeftModel and the adapter-off twin, outside the module tree
-        self.forward_costs: dict[tuple, float] = {}  # decode forward times measured by draft_len="auto"
         self.active_adapter: str | None = None
         self.quantization: str | None = None  # "4bit" / "8bit" when the backbone's Linears are bitsandbytes layers
 

@@ -1,0 +1,148 @@
+"""Decode-only state of a model, owned by the runtime: inference twins of the backbone, per-token LoRA gates and
+the forward costs draft_len="auto" measured.
+
+With an adapter attached every targeted Linear goes through PEFT's LoRA wrapper, even with the adapter off; on a
+small or launch-bound model that doubles a forward's cost. So the runtime runs, where it can (model/pathways.py
+builds them): the base twin (the backbone's tree with each PEFT wrapper replaced by its base layer) for forwards
+with adapters off, a merged twin per adapter for drafts, a gated twin per adapter for forwards that verify and draft
+at once. PEFT's own modules run where no twin can be built (quantized bases, LoRA variants) and for adapters being
+trained (their weights change every step). The state is rebuilt whenever the model's set of adapters changes.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from nld_lora.model.adapters import lora_enabled, peft_of
+from nld_lora.model.pathways import gated_copy, lora_layers, merged_copy, set_submodule, structure_copy
+
+
+class TokenGate:
+    """Forward pre-hook on an adapter's LoRA A matrices: their input times the current per-token gate (None: no
+    gate). Installed once per adapter, so compiled forwards see the same hooks every call."""
+
+    def __init__(self) -> None:
+        self.gate: torch.Tensor | None = None
+
+    def __call__(self, _module: nn.Module, args: tuple) -> tuple | None:
+        return None if self.gate is None else (args[0] * self.gate.to(args[0].dtype),)
+
+
+@dataclass
+class DecodeState:
+    """One model's decode-only state (see the module docstring); `twins=False` always runs PEFT's modules (the
+    reference path the twins are tested against)."""
+
+    adapters: tuple = ()  # the adapter set this state was built for: (name, LoadedAdapter.serial) pairs
+    twins: bool = True
+    base: nn.Module | bool | None = None  # None: not built yet; False: cannot be built
+    merged: dict[str, nn.Module | bool] = field(default_factory=dict)
+    gated: dict[str, nn.Module | bool] = field(default_factory=dict)
+    gates: dict[str, TokenGate] = field(default_factory=dict)
+    gate_hooked: set[str] = field(default_factory=set)
+    forward_costs: dict[tuple, float] = field(default_factory=dict)  # (device, compiled, rows bucket, width) -> s
+
+
+_STATES: weakref.WeakKeyDictionary[nn.Module, DecodeState] = weakref.WeakKeyDictionary()
+
+
+def decode_state(model) -> DecodeState:
+    """The model's decode state, rebuilt (measured costs kept) when its adapters changed since it was built."""
+    adapters = tuple((name, loaded.serial) for name, loaded in model.adapters.items())
+    state = _STATES.get(model)
+    if state is None:
+        state = _STATES[model] = DecodeState(adapters)
+    elif state.adapters != adapters:
+        state = _STATES[model] = DecodeState(adapters, state.twins, forward_costs=state.forward_costs)
+    return state
+
+
+def forward_costs(model) -> dict[tuple, float]:
+    """Forward wall times draft_len="auto" measured on this model: (device, compiled, rows bucket, width) -> s."""
+    return decode_state(model).forward_costs
+
+
+def _twins_allowed(model, state: DecodeState) -> bool:
+    return state.twins and peft_of(model) is not None and not any(a.trainable for a in model.adapters.values())
+
+
+def base_twin(model) -> nn.Module | None:
+    """The backbone without PEFT's wrappers (same leaf modules and weights), or None where PEFT must run."""
+    state = decode_state(model)
+    if not _twins_allowed(model, state):
+        return None
+    if state.base is None:
+        twin = structure_copy(model.encoder)
+        for name in model.adapters:
+            for path, layer in lora_layers(model.encoder, name):
+                set_submodule(twin, path, layer.get_base_layer())
+        state.base = twin
+    return state.base or None
+
+
+def pathway_encoder(model, adapter: str | None, on: bool) -> nn.Module | None:
+    """The backbone twin for a forward with adapter `adapter` on or off; None where the PEFT-wrapped backbone must
+    run instead."""
+    base = base_twin(model)
+    if base is None or (on and adapter is None):
+        return None
+    if not on:
+        return base
+    state = decode_state(model)
+    if adapter not in state.merged:
+        state.merged[adapter] = merged_copy(base, model.encoder, adapter) or False
+    return state.merged[adapter] or None
+
+
+def gated_encoder(model, adapter: str) -> tuple[nn.Module | None, TokenGate]:
+    """(the gated twin of adapter `adapter` or None where PEFT must run, its gate holder)."""
+    state = decode_state(model)
+    gate = state.gates.setdefault(adapter, TokenGate())
+    base = base_twin(model)
+    if base is not None and adapter not in state.gated:
+        state.gated[adapter] = gated_copy(base, model.encoder, adapter, gate) or False
+    return (state.gated.get(adapter) or None), gate
+
+
+def decode_encoders(model) -> list[nn.Module]:
+    """Every backbone tree the runtime may run: the model's own and the inference twins built so far."""
+    state = decode_state(model)
+    twins = [state.base, *state.merged.values(), *state.gated.values()]
+    return [model.encoder] + [t for t in twins if isinstance(t, nn.Module)]
+
+
+def _install_gate_hooks(model, adapter: str, hook: TokenGate) -> None:
+    state = decode_state(model)
+    if adapter not in state.gate_hooked:
+        for _, layer in lora_layers(peft_of(model).base_model.model, adapter):
+            if getattr(layer.lora_B[adapter], "bias", None) is not None:
+                raise ValueError(f"adapter {adapter!r} has lora_B biases, which gating its input cannot switch off; "
+                                 "its single-forward mode needs the gated twin (a plain, unquantized base)")
+            layer.lora_A[adapter].register_forward_pre_hook(hook)
+        state.gate_hooked.add(adapter)
+
+
+@contextmanager
+def lora_token_gate(model, adapter: str, gate: torch.Tensor) -> Iterator[Any]:
+    """Run the enclosed forwards with adapter `adapter` on for the tokens where gate (batch, q) is True and off for
+    the others; yields the backbone twin to run (model/pathways.py GatedLoRALinear), or None to run the PEFT model,
+    whose LoRA A matrices then see their input times the gate. Either way a gated-off token's delta is exactly 0
+    and its output equals the base model's bit for bit."""
+    encoder, hook = gated_encoder(model, adapter)
+    hook.gate = gate[..., None]
+    try:
+        if encoder is not None:
+            yield encoder
+        else:
+            _install_gate_hooks(model, adapter, hook)
+            with lora_enabled(model, adapter, True):
+                yield None
+    finally:
+        hook.gate = None
