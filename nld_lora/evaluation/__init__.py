@@ -1,0 +1,1 @@
+"""Evaluation of generated text: scorers chosen by record fields and a sandboxed execution scorer."""
