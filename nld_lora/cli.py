@@ -1,4 +1,4 @@
-"""`nld-lora collect|train|report|generate|export`: thin argument parsing over the library.
+"""`nld-lora collect|train|report|eval|generate|export`: thin argument parsing over the library.
 
 Settings come from `--config FILE.yaml` plus dotted `key=value` overrides (the same schema and the same errors as
 the recipe's sections); paths and the model stay flags.
@@ -117,6 +117,21 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from nld_lora.evaluation.runner import EvalConfig, evaluate
+
+    cfg = _settings(EvalConfig, args)
+    model = _load(args)
+    name = model.attach_adapter(args.adapter) if args.adapter else None
+    result = evaluate(model, args.prompts, args.out, cfg, adapter=name)
+    print((Path(args.out) / "eval.md").read_text())
+    if any(not m["identical_to_ar"] for k, m in result["modes"].items() if k.startswith("self_spec")) \
+            and cfg.decode.temperature <= 0:
+        print("nld-lora eval: error: greedy self-speculation emitted other tokens than AR (a bug)", file=sys.stderr)
+        return 3
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from nld_lora.report import ReportConfig, build_report, headline
 
@@ -194,6 +209,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--strict", action="store_true", help="exit 3 when the lossless check finds a mismatch")
     _add_settings_args(r, "max_new_tokens=96 decode.block_size=16 limit=200 diffusion=false lora_mode=both")
     r.set_defaults(func=cmd_report)
+
+    v = sub.add_parser("eval", help="accuracy, latency and cost of every mode on eval prompts (eval.json/.md)")
+    _add_model_args(v)
+    v.add_argument("--adapter", help="adapter folder for the self_spec+adapter mode")
+    v.add_argument("--prompts", required=True, help="JSONL records: prompt + reference | answer | test+entry_point")
+    v.add_argument("--out", default="eval")
+    _add_settings_args(v, "max_new_tokens=128 cost.usd_per_hour=2.5 decode.block_size=8 latency_prompts=32")
+    v.set_defaults(func=cmd_eval)
 
     e = sub.add_parser("export", help="put an adapter into a model folder, or write the model's AR view")
     e.add_argument("--adapter", help="trained adapter folder to install as MODEL_DIR/linear_spec_lora")

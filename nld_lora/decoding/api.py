@@ -164,6 +164,7 @@ def generate(
             capacity = max(map(len, chunk)) + max_new_tokens + lookahead(mode, cfg.block_size, cfg.draft_len)
             if static:
                 capacity = -(-capacity // STATIC_CAPACITY_STEP) * STATIC_CAPACITY_STEP
+            out.begin(ids)
             batch = DecodeBatch(model, chunk, ids, out.stats, capacity=capacity, adapter=adapter_name,
                                 lora_mode=lora, profile=profile, static_shapes=static)
             LOOPS[mode](batch, out, cfg, gen)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from nld_lora.decoding.stats import RequestStats
 
 
@@ -11,12 +13,22 @@ class Outputs:
         self.stats = [RequestStats() for _ in range(n)]
         self.max_new_tokens = max_new_tokens
         self.eos_ids = eos_ids
+        self.started = [0.0] * n
+
+    def begin(self, rids: list[int]) -> None:
+        """These requests' batch starts now (the clock their token times count from)."""
+        now = time.perf_counter()
+        for rid in rids:
+            self.started[rid] = now
 
     def commit(self, rid: int, new: list[int]) -> bool:
         """Append tokens (cut at EOS, inclusive, and at max_new_tokens); return True when the request is done."""
         out = self.tokens[rid]
+        times = self.stats[rid].token_times
+        now = time.perf_counter() - self.started[rid]
         for tok in new:
             out.append(tok)
+            times.append(now)
             if tok in self.eos_ids:
                 self._finish(rid, "eos")
                 return True

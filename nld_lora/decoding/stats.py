@@ -41,6 +41,8 @@ class RequestStats:
     draft_len_choices: list[int] = field(default_factory=list)  # per cycle, with adaptive_draft (0 = an AR step)
     finish_reason: str = ""
     wall_s: float = 0.0
+    token_times: list[float] = field(default_factory=list)  # per emitted token: seconds since its batch began
+    # (the tokens one cycle commits share a time); TTFT, TPOT and inter-token latency come from these
 
     @property
     def total_forwards(self) -> int:

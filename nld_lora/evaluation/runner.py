@@ -1,0 +1,187 @@
+"""`nld-lora eval`: every decoding mode on the same eval prompts: accuracy (with 95% bootstrap intervals and the
+delta to AR), per-request latency at batch 1, throughput and cost; eval.json + eval.md.
+
+Modes: AR, block diffusion, self-speculation without and (with an adapter) with it. Greedy self-speculation must
+score exactly what AR scores; the report says whether its tokens are identical (a difference is a bug).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from nld_lora.decoding.settings import DecodeSettings
+from nld_lora.evaluation.execution import score_execution
+from nld_lora.evaluation.latency import cost_per_million_tokens, request_latency, summarize_latency
+from nld_lora.evaluation.scorers import DEFAULT_ANSWER_PATTERN, ScorerError, score_answer, score_reference, scorer_for
+
+EVAL_SCHEMA_VERSION = 1
+
+
+@dataclass
+class CostSettings:
+    usd_per_hour: float | None = None  # per device; None: report tokens per device-hour instead of $
+
+
+@dataclass
+class EvalConfig:
+    max_new_tokens: int = 96
+    batch_size: int = 8  # throughput batch (accuracy runs use it too)
+    latency_prompts: int = 16  # requests timed one at a time (batch 1) for the latency percentiles
+    limit: int | None = None
+    decode: DecodeSettings = field(default_factory=DecodeSettings)
+    diffusion: bool = True
+    answer_pattern: str = DEFAULT_ANSWER_PATTERN
+    exec_timeout_s: float = 10.0
+    bootstrap: int = 1000
+    seed: int = 0
+    cost: CostSettings = field(default_factory=CostSettings)
+
+
+def read_eval_records(path: str | Path, limit: int | None = None) -> list[dict[str, Any]]:
+    """JSONL eval records, each with a `prompt` and the fields of one scorer; errors name the file and line."""
+    records = []
+    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path} line {n}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ScorerError(f"{where}: invalid JSON ({err.msg})") from err
+        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+            raise ScorerError(f"{where}: needs a string 'prompt' field")
+        record["_scorer"] = scorer_for(record, where)
+        records.append(record)
+        if limit is not None and len(records) >= limit:
+            break
+    if not records:
+        raise ScorerError(f"{path}: no eval records")
+    return records
+
+
+def score(record: dict[str, Any], output: str, cfg: EvalConfig) -> dict[str, float]:
+    """The record's metrics for one generated output (the scorer its fields chose)."""
+    if record["_scorer"] == "execution":
+        return score_execution(record["prompt"], output, record["test"], record["entry_point"],
+                               timeout_s=cfg.exec_timeout_s)
+    if record["_scorer"] == "answer":
+        return score_answer(output, str(record["answer"]), cfg.answer_pattern)
+    return score_reference(output, record["reference"])
+
+
+def mean_ci(values: list[float], n_boot: int, seed: int) -> tuple[float, float, float]:
+    """Mean and its 95% percentile-bootstrap interval over records."""
+    if not values:
+        return 0.0, 0.0, 0.0
+    rng = random.Random(seed)
+    n = len(values)
+    means = sorted(sum(values[rng.randrange(n)] for _ in range(n)) / n for _ in range(n_boot))
+    return sum(values) / n, means[int(0.025 * (n_boot - 1))], means[int(0.975 * (n_boot - 1))]
+
+
+def plan_modes(adapter: str | None, cfg: EvalConfig) -> dict[str, dict[str, Any]]:
+    plans: dict[str, dict[str, Any]] = {"ar": {"mode": "ar", "adapter": False}}
+    if cfg.diffusion:
+        plans["diffusion"] = {"mode": "diffusion", "adapter": False}
+    plans["self_spec"] = {"mode": "self_spec", "adapter": False}
+    if adapter is not None:
+        plans["self_spec+adapter"] = {"mode": "self_spec", "adapter": adapter}
+    return plans
+
+
+def run_mode(model: Any, records: list[dict], plan: dict[str, Any], cfg: EvalConfig) -> dict[str, Any]:
+    """Accuracy and throughput at cfg.batch_size, then latency one request at a time."""
+    prompts = [r["prompt"] for r in records]
+    common = {"max_new_tokens": cfg.max_new_tokens, "settings": cfg.decode, **plan}
+    res = model.generate(prompts, batch_size=cfg.batch_size, **common)
+    per_record = [score(r, text, cfg) for r, text in zip(records, res.texts)]
+    timed = model.generate(prompts[: cfg.latency_prompts], batch_size=1, **common)
+    latency = [request_latency(s.token_times, s.wall_s) for s in timed.stats.requests]
+    return {"sequences": res.sequences, "per_record": per_record, "tokens_per_s": res.stats.tokens_per_s,
+            "tokens_per_s_batch1": timed.stats.tokens_per_s, "tpf": res.stats.tpf,
+            "latency": summarize_latency(latency)}
+
+
+def evaluate(model: Any, prompts: str | Path, out_dir: str | Path, cfg: EvalConfig | None = None, *,
+             adapter: str | None = None) -> dict[str, Any]:
+    """Run every mode on the eval prompts; write eval.json and eval.md into out_dir; return the result."""
+    cfg = cfg or EvalConfig()
+    cfg.decode = cfg.decode.resolved(model.block_size).validate()
+    if cfg.decode.adaptive_draft:
+        raise ValueError("eval: decode.draft_len must be a fixed length")
+    records = read_eval_records(prompts, cfg.limit)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    runs = {label: run_mode(model, records, plan, cfg) for label, plan in plan_modes(adapter, cfg).items()}
+    metrics = sorted({m for run in runs.values() for rec in run["per_record"] for m in rec})
+    modes: dict[str, Any] = {}
+    for label, run in runs.items():
+        acc = {}
+        for m in metrics:
+            values = [rec[m] for rec in run["per_record"] if m in rec]
+            ar_values = [rec[m] for rec in runs["ar"]["per_record"] if m in rec]
+            mean, lo, hi = mean_ci(values, cfg.bootstrap, cfg.seed)
+            delta, dlo, dhi = mean_ci([a - b for a, b in zip(values, ar_values)], cfg.bootstrap, cfg.seed)
+            acc[m] = {"mean": mean, "ci95": [lo, hi], "delta_vs_ar": delta, "delta_ci95": [dlo, dhi]}
+        tps = run["tokens_per_s_batch1"], run["tokens_per_s"]
+        cost = ({"usd_per_million_tokens_batch1": cost_per_million_tokens(cfg.cost.usd_per_hour, tps[0]),
+                 f"usd_per_million_tokens_batch{cfg.batch_size}": cost_per_million_tokens(cfg.cost.usd_per_hour,
+                                                                                          tps[1])}
+                if cfg.cost.usd_per_hour else
+                {"tokens_per_device_hour_batch1": 3600 * tps[0],
+                 f"tokens_per_device_hour_batch{cfg.batch_size}": 3600 * tps[1]})
+        modes[label] = {"accuracy": acc, "tpf": run["tpf"], "tokens_per_s_batch1": tps[0],
+                        f"tokens_per_s_batch{cfg.batch_size}": tps[1], "latency": run["latency"], "cost": cost,
+                        "identical_to_ar": run["sequences"] == runs["ar"]["sequences"]}
+    result = {"schema_version": EVAL_SCHEMA_VERSION, "prompts": str(prompts), "n_records": len(records),
+              "scorers": sorted({r["_scorer"] for r in records}), "model": model.name_or_path,
+              "adapter": adapter, "settings": {"max_new_tokens": cfg.max_new_tokens, "batch_size": cfg.batch_size,
+                                               "latency_prompts": min(cfg.latency_prompts, len(records)),
+                                               "block_size": cfg.decode.block_size,
+                                               "draft_len": cfg.decode.draft_len,
+                                               "threshold": cfg.decode.threshold,
+                                               "temperature": cfg.decode.temperature,
+                                               "usd_per_hour": cfg.cost.usd_per_hour},
+              "modes": modes}
+    tmp = out / ".eval.json.tmp"
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    os.replace(tmp, out / "eval.json")
+    (out / "eval.md").write_text(eval_markdown(result))
+    return result
+
+
+def eval_markdown(result: dict[str, Any]) -> str:
+    """Accuracy per mode (delta to AR with its interval), then latency percentiles, throughput and cost."""
+    modes = result["modes"]
+    metrics = sorted({m for mode in modes.values() for m in mode["accuracy"]})
+    lines = [f"# Eval: {result['n_records']} records of {result['prompts']}", "",
+             f"Scorers: {', '.join(result['scorers'])}; settings: {json.dumps(result['settings'])}", "",
+             "| mode | " + " | ".join(metrics) + " | identical tokens to AR |",
+             "|---|" + "---:|" * len(metrics) + "---|"]
+    for label, mode in modes.items():
+        cells = []
+        for m in metrics:
+            a = mode["accuracy"][m]
+            delta = "" if label == "ar" else (f" ({a['delta_vs_ar']:+.3f} [{a['delta_ci95'][0]:+.3f}, "
+                                              f"{a['delta_ci95'][1]:+.3f}])")
+            cells.append(f"{a['mean']:.3f} [{a['ci95'][0]:.3f}, {a['ci95'][1]:.3f}]{delta}")
+        same = "yes" if mode["identical_to_ar"] else "no"
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {same} |")
+    lines += ["", "Latency per request at batch 1 (ms: mean / p50 / p90 / p99), throughput and cost:", "",
+              "| mode | TPF | ttft_ms | tpot_ms | itl_ms | e2el_ms | tok/s batch 1 | tok/s batch N | cost |",
+              "|---|---:|---|---|---|---|---:|---:|---|"]
+    for label, mode in modes.items():
+        lat = " | ".join("{mean:.1f} / {p50:.1f} / {p90:.1f} / {p99:.1f}".format(**mode["latency"][m])
+                         for m in ("ttft_ms", "tpot_ms", "itl_ms", "e2el_ms"))
+        batch_key = next(k for k in mode if k.startswith("tokens_per_s_batch") and k != "tokens_per_s_batch1")
+        cost = "; ".join(f"{k}: {v:,.2f}" for k, v in mode["cost"].items())
+        lines.append(f"| {label} | {mode['tpf']:.3f} | {lat} | {mode['tokens_per_s_batch1']:.1f} | "
+                     f"{mode[batch_key]:.1f} | {cost} |")
+    lines += ["", "Greedy self-speculation must score exactly what AR scores: `identical tokens to AR` says whether "
+              "its tokens equal AR's; diffusion mode is lossy and shows its accuracy cost as the delta.", ""]
+    return "\n".join(lines)
