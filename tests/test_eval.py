@@ -26,19 +26,22 @@ def _records(path, n_reference: int = 4):
 def test_every_mode_is_scored_and_greedy_self_spec_equals_ar(tmp_path):
     model = nld_lora.load(EMBEDDED)
     name = model.attach_adapter(make_adapter(model, tmp_path / "lora", r=4))
-    cfg = EvalConfig(max_new_tokens=16, batch_size=3, latency_prompts=2, bootstrap=200)
+    cfg = EvalConfig(max_new_tokens=16, batch_size=3, latency_prompts=2, bootstrap=200, diffusion_blocks=[4],
+                     diffusion_thresholds=[0.9, 0.0])
     cfg.decode.block_size = 8
     result = evaluate(model, _records(tmp_path / "eval.jsonl"), tmp_path / "out", cfg, adapter=name)
     modes = result["modes"]
-    assert set(modes) == {"ar", "diffusion", "self_spec", "self_spec+adapter"}
+    assert set(modes) == {"ar", "diffusion b4 t0.9", "diffusion b4 t0", "self_spec", "self_spec+adapter"}
     assert result["scorers"] == ["answer", "execution", "reference"]
     for label in ("self_spec", "self_spec+adapter"):
         assert modes[label]["identical_to_ar"]
         assert {m: a["mean"] for m, a in modes[label]["accuracy"].items()} == \
             {m: a["mean"] for m, a in modes["ar"]["accuracy"].items()}
         assert all(a["delta_vs_ar"] == 0.0 for a in modes[label]["accuracy"].values())
-    for m, a in modes["diffusion"]["accuracy"].items():  # its delta comes with an interval around it
+    for m, a in modes["diffusion b4 t0"]["accuracy"].items():  # its delta comes with an interval around it
         assert a["delta_ci95"][0] <= a["delta_vs_ar"] <= a["delta_ci95"][1], m
+    # the curve: threshold 0 commits every masked position of a step, 0.9 only the confident ones
+    assert modes["diffusion b4 t0"]["tpf"] > modes["diffusion b4 t0.9"]["tpf"]
     for mode in modes.values():
         lat = mode["latency"]
         assert 0 < lat["ttft_ms"]["p50"] <= lat["e2el_ms"]["p50"] and lat["ttft_ms"]["p50"] <= lat["ttft_ms"]["p99"]
@@ -46,6 +49,8 @@ def test_every_mode_is_scored_and_greedy_self_spec_equals_ar(tmp_path):
     assert modes["ar"]["tpf"] == 1.0
     md = (tmp_path / "out" / "eval.md").read_text()
     assert "| self_spec | " in md and "ttft_ms" in md
+    for name in result["plots"].values():
+        assert (tmp_path / "out" / name).read_bytes().startswith(b"\x89PNG") and f"]({name})" in md
     assert json.loads((tmp_path / "out" / "eval.json").read_text())["n_records"] == 6
 
 

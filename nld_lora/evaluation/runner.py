@@ -17,6 +17,7 @@ from typing import Any
 from nld_lora.decoding.settings import DecodeSettings
 from nld_lora.evaluation.execution import score_execution
 from nld_lora.evaluation.latency import cost_per_million_tokens, request_latency, summarize_latency
+from nld_lora.evaluation.plots import plot_accuracy_vs_speed, plot_latency_cdf, primary_metric
 from nld_lora.evaluation.scorers import DEFAULT_ANSWER_PATTERN, ScorerError, score_answer, score_reference, scorer_for
 
 EVAL_SCHEMA_VERSION = 1
@@ -35,6 +36,8 @@ class EvalConfig:
     limit: int | None = None
     decode: DecodeSettings = field(default_factory=DecodeSettings)
     diffusion: bool = True
+    diffusion_blocks: list[int] = field(default_factory=lambda: [4, 8])  # diffusion mode is a curve: every
+    diffusion_thresholds: list[float] = field(default_factory=lambda: [0.9, 0.7, 0.5, 0.3, 0.0])  # pair is a point
     answer_pattern: str = DEFAULT_ANSWER_PATTERN
     exec_timeout_s: float = 10.0
     bootstrap: int = 1000
@@ -87,7 +90,10 @@ def mean_ci(values: list[float], n_boot: int, seed: int) -> tuple[float, float, 
 def plan_modes(adapter: str | None, cfg: EvalConfig) -> dict[str, dict[str, Any]]:
     plans: dict[str, dict[str, Any]] = {"ar": {"mode": "ar", "adapter": False}}
     if cfg.diffusion:
-        plans["diffusion"] = {"mode": "diffusion", "adapter": False}
+        for block in cfg.diffusion_blocks:
+            for threshold in cfg.diffusion_thresholds:
+                plans[f"diffusion b{block} t{threshold:g}"] = {"mode": "diffusion", "adapter": False,
+                                                              "block_size": block, "threshold": threshold}
     plans["self_spec"] = {"mode": "self_spec", "adapter": False}
     if adapter is not None:
         plans["self_spec+adapter"] = {"mode": "self_spec", "adapter": adapter}
@@ -104,7 +110,7 @@ def run_mode(model: Any, records: list[dict], plan: dict[str, Any], cfg: EvalCon
     latency = [request_latency(s.token_times, s.wall_s) for s in timed.stats.requests]
     return {"sequences": res.sequences, "per_record": per_record, "tokens_per_s": res.stats.tokens_per_s,
             "tokens_per_s_batch1": timed.stats.tokens_per_s, "tpf": res.stats.tpf,
-            "latency": summarize_latency(latency)}
+            "latency": summarize_latency(latency), "e2el_ms": [r["e2el_ms"] for r in latency]}
 
 
 def evaluate(model: Any, prompts: str | Path, out_dir: str | Path, cfg: EvalConfig | None = None, *,
@@ -148,6 +154,10 @@ def evaluate(model: Any, prompts: str | Path, out_dir: str | Path, cfg: EvalConf
                                                "temperature": cfg.decode.temperature,
                                                "usd_per_hour": cfg.cost.usd_per_hour},
               "modes": modes}
+    metric = primary_metric(modes)
+    result["plots"] = {"accuracy_vs_speed": plot_accuracy_vs_speed(modes, metric, out / "accuracy_vs_speed.png"),
+                       "latency_cdf": plot_latency_cdf({k: r["e2el_ms"] for k, r in runs.items()},
+                                                       out / "latency_cdf.png")}
     tmp = out / ".eval.json.tmp"
     tmp.write_text(json.dumps(result, indent=2) + "\n")
     os.replace(tmp, out / "eval.json")
@@ -182,6 +192,8 @@ def eval_markdown(result: dict[str, Any]) -> str:
         cost = "; ".join(f"{k}: {v:,.2f}" for k, v in mode["cost"].items())
         lines.append(f"| {label} | {mode['tpf']:.3f} | {lat} | {mode['tokens_per_s_batch1']:.1f} | "
                      f"{mode[batch_key]:.1f} | {cost} |")
+    lines += ["", f"![accuracy vs speed]({result['plots']['accuracy_vs_speed']})",
+              f"![latency CDF]({result['plots']['latency_cdf']})"]
     lines += ["", "Greedy self-speculation must score exactly what AR scores: `identical tokens to AR` says whether "
               "its tokens equal AR's; diffusion mode is lossy and shows its accuracy cost as the delta.", ""]
     return "\n".join(lines)
