@@ -8,7 +8,7 @@ import pytest
 
 import nld_lora
 from nld_lora.evaluation.latency import cost_per_million_tokens, percentile, request_latency, summarize_latency
-from nld_lora.evaluation.runner import EvalConfig, evaluate, read_eval_records
+from nld_lora.evaluation.runner import CostSettings, EvalConfig, evaluate, read_eval_records
 from nld_lora.evaluation.scorers import ScorerError
 from tests.helpers import EMBEDDED, ROOT, make_adapter
 
@@ -75,3 +75,45 @@ def test_records_no_scorer_can_use_are_named(tmp_path):
     bad.write_text('{"reference": "y"}\n')
     with pytest.raises(ScorerError, match=r"bad.jsonl line 1: needs a string 'prompt'"):
         read_eval_records(bad)
+
+
+def _random_llama(folder):
+    """A small random Llama-style causal LM with the embedded model's tokenizer: the 'model served today'."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = nld_lora.load(EMBEDDED).tokenizer
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    LlamaForCausalLM(cfg).save_pretrained(str(folder))
+    tok.save_pretrained(str(folder))
+    return str(folder)
+
+
+def test_the_current_setup_is_measured_the_same_way(tmp_path):
+    model = nld_lora.load(EMBEDDED)
+    cfg = EvalConfig(max_new_tokens=12, batch_size=3, latency_prompts=3, bootstrap=100, diffusion=False,
+                     baseline=_random_llama(tmp_path / "llama"), cost=CostSettings(usd_per_hour=2.0))
+    result = evaluate(model, _records(tmp_path / "eval.jsonl", 2), tmp_path / "out", cfg)
+    modes = result["modes"]
+    assert {"baseline", "baseline+lookup"} <= set(modes) and modes["baseline"]["identical_to_ar"] is None
+    base, lookup = modes["baseline"], modes["baseline+lookup"]
+    # transformers' prompt lookup is greedy-lossless: the same accuracy as its greedy decoding
+    assert {m: a["mean"] for m, a in base["accuracy"].items()} == {m: a["mean"] for m, a in lookup["accuracy"].items()}
+    assert base["latency"]["ttft_ms"]["p50"] > 0 and base["latency"]["e2el_ms"]["p99"] >= base["latency"]["ttft_ms"]["p99"]
+    assert base["cost"]["usd_per_million_tokens_batch1"] == pytest.approx(
+        cost_per_million_tokens(2.0, base["tokens_per_s_batch1"]))
+    assert "n/a (another model)" in (tmp_path / "out" / "eval.md").read_text()
+
+
+def test_a_baseline_that_is_not_a_causal_lm_is_named(tmp_path):
+    from nld_lora.evaluation.baseline import Baseline, BaselineError
+
+    (tmp_path / "nope").mkdir()
+    with pytest.raises(BaselineError, match=r"nope: not a model folder"):
+        Baseline(tmp_path / "nope")
+    (tmp_path / "nope" / "config.json").write_text('{"hidden_size": 8}')
+    with pytest.raises(BaselineError, match=r"nope: not a causal LM transformers can load"):
+        Baseline(tmp_path / "nope")

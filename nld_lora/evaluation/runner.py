@@ -43,6 +43,8 @@ class EvalConfig:
     bootstrap: int = 1000
     seed: int = 0
     cost: CostSettings = field(default_factory=CostSettings)
+    baseline: str | None = None  # a Hugging Face causal LM folder (the model served today), greedy and with
+    # transformers' prompt lookup, batch 1
 
 
 def read_eval_records(path: str | Path, limit: int | None = None) -> list[dict[str, Any]]:
@@ -113,6 +115,15 @@ def run_mode(model: Any, records: list[dict], plan: dict[str, Any], cfg: EvalCon
             "latency": summarize_latency(latency), "e2el_ms": [r["e2el_ms"] for r in latency]}
 
 
+def run_baseline(baseline: Any, records: list[dict], lookup: bool, cfg: EvalConfig) -> dict[str, Any]:
+    """The baseline model on the same records, one request at a time (its throughput is batch 1 too)."""
+    res = baseline.run([r["prompt"] for r in records], cfg.max_new_tokens, lookup)
+    latency = [request_latency(t, w) for t, w in zip(res["token_times"], res["walls"])][: cfg.latency_prompts]
+    return {"sequences": res["sequences"], "per_record": [score(r, t, cfg) for r, t in zip(records, res["texts"])],
+            "tokens_per_s": res["tokens_per_s"], "tokens_per_s_batch1": res["tokens_per_s"], "tpf": None,
+            "latency": summarize_latency(latency), "e2el_ms": [r["e2el_ms"] for r in latency]}
+
+
 def evaluate(model: Any, prompts: str | Path, out_dir: str | Path, cfg: EvalConfig | None = None, *,
              adapter: str | None = None) -> dict[str, Any]:
     """Run every mode on the eval prompts; write eval.json and eval.md into out_dir; return the result."""
@@ -121,9 +132,17 @@ def evaluate(model: Any, prompts: str | Path, out_dir: str | Path, cfg: EvalConf
     if cfg.decode.adaptive_draft:
         raise ValueError("eval: decode.draft_len must be a fixed length")
     records = read_eval_records(prompts, cfg.limit)
+    baseline = None
+    if cfg.baseline:
+        from nld_lora.evaluation.baseline import Baseline
+
+        baseline = Baseline(cfg.baseline, model.device)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     runs = {label: run_mode(model, records, plan, cfg) for label, plan in plan_modes(adapter, cfg).items()}
+    if baseline is not None:
+        runs["baseline"] = run_baseline(baseline, records, False, cfg)
+        runs["baseline+lookup"] = run_baseline(baseline, records, True, cfg)
     metrics = sorted({m for run in runs.values() for rec in run["per_record"] for m in rec})
     modes: dict[str, Any] = {}
     for label, run in runs.items():
@@ -143,10 +162,11 @@ def evaluate(model: Any, prompts: str | Path, out_dir: str | Path, cfg: EvalConf
                  f"tokens_per_device_hour_batch{cfg.batch_size}": 3600 * tps[1]})
         modes[label] = {"accuracy": acc, "tpf": run["tpf"], "tokens_per_s_batch1": tps[0],
                         f"tokens_per_s_batch{cfg.batch_size}": tps[1], "latency": run["latency"], "cost": cost,
-                        "identical_to_ar": run["sequences"] == runs["ar"]["sequences"]}
+                        "identical_to_ar": (None if label.startswith("baseline")  # another model
+                                            else run["sequences"] == runs["ar"]["sequences"])}
     result = {"schema_version": EVAL_SCHEMA_VERSION, "prompts": str(prompts), "n_records": len(records),
               "scorers": sorted({r["_scorer"] for r in records}), "model": model.name_or_path,
-              "adapter": adapter, "settings": {"max_new_tokens": cfg.max_new_tokens, "batch_size": cfg.batch_size,
+              "adapter": adapter, "baseline": cfg.baseline, "settings": {"max_new_tokens": cfg.max_new_tokens, "batch_size": cfg.batch_size,
                                                "latency_prompts": min(cfg.latency_prompts, len(records)),
                                                "block_size": cfg.decode.block_size,
                                                "draft_len": cfg.decode.draft_len,
@@ -180,7 +200,7 @@ def eval_markdown(result: dict[str, Any]) -> str:
             delta = "" if label == "ar" else (f" ({a['delta_vs_ar']:+.3f} [{a['delta_ci95'][0]:+.3f}, "
                                               f"{a['delta_ci95'][1]:+.3f}])")
             cells.append(f"{a['mean']:.3f} [{a['ci95'][0]:.3f}, {a['ci95'][1]:.3f}]{delta}")
-        same = "yes" if mode["identical_to_ar"] else "no"
+        same = {True: "yes", False: "no", None: "n/a (another model)"}[mode["identical_to_ar"]]
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {same} |")
     lines += ["", "Latency per request at batch 1 (ms: mean / p50 / p90 / p99), throughput and cost:", "",
               "| mode | TPF | ttft_ms | tpot_ms | itl_ms | e2el_ms | tok/s batch 1 | tok/s batch N | cost |",
@@ -190,7 +210,8 @@ def eval_markdown(result: dict[str, Any]) -> str:
                          for m in ("ttft_ms", "tpot_ms", "itl_ms", "e2el_ms"))
         batch_key = next(k for k in mode if k.startswith("tokens_per_s_batch") and k != "tokens_per_s_batch1")
         cost = "; ".join(f"{k}: {v:,.2f}" for k, v in mode["cost"].items())
-        lines.append(f"| {label} | {mode['tpf']:.3f} | {lat} | {mode['tokens_per_s_batch1']:.1f} | "
+        tpf = "-" if mode["tpf"] is None else f"{mode['tpf']:.3f}"
+        lines.append(f"| {label} | {tpf} | {lat} | {mode['tokens_per_s_batch1']:.1f} | "
                      f"{mode[batch_key]:.1f} | {cost} |")
     lines += ["", f"![accuracy vs speed]({result['plots']['accuracy_vs_speed']})",
               f"![latency CDF]({result['plots']['latency_cdf']})"]
