@@ -12,6 +12,7 @@ from typing import Any
 
 from nld_lora.config_io import ConfigError, to_dict
 from nld_lora.data.collect import CollectConfig
+from nld_lora.evaluation.runner import EvalConfig
 from nld_lora.model.adapter_meta import AdapterMeta
 from nld_lora.report.runner import ReportConfig
 from nld_lora.train.config import TrainConfig
@@ -30,6 +31,9 @@ class RecipeConfig:
     collect: CollectConfig = field(default_factory=CollectConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
+    eval: EvalConfig = field(default_factory=lambda: EvalConfig(limit=48, max_new_tokens=64))  # stage 4: accuracy,
+    # latency and cost per mode on the held-out prompts (skipped when they carry no scorer fields)
+    run_eval: bool = True
 
 
 def resolve(path: str) -> str:
@@ -91,8 +95,36 @@ def run_recipe(cfg: RecipeConfig) -> dict[str, Any]:
             say(f"[3/3] report on {cfg.eval_prompts}")
             report = build_report(model, [str(adapter)], resolve(cfg.eval_prompts), report_dir, cfg.report,
                                   extra={"recipe": recipe_stamp(cfg, adapter)}, fit_source=records)
+        if cfg.run_eval:
+            eval_stage(model, adapter, cfg, say)
     accelerator.wait_for_everyone()
     return report
+
+
+def eval_stage(model: Any, adapter: Path, cfg: RecipeConfig, say: Any) -> None:
+    """Stage 4 (main process): `nld-lora eval` on the held-out prompts with the trained adapter, skipped when it
+    already ran with these settings or when the prompts carry no scorer fields."""
+    from nld_lora.evaluation.runner import evaluate, read_eval_records
+    from nld_lora.evaluation.scorers import ScorerError
+
+    out = Path(cfg.out) / "eval"
+    stamp = {"eval": to_dict(cfg.eval), "eval_prompts": cfg.eval_prompts, "adapter_step": AdapterMeta.read(adapter).step,
+             "weights_hash": model.weights_hash}
+    existing = out / "eval.json"
+    if existing.exists() and json.loads(existing.read_text()).get("recipe") == stamp:
+        say(f"      eval: {existing} already matches; skipped")
+        return
+    try:
+        read_eval_records(resolve(cfg.eval_prompts), 1)
+    except ScorerError as err:
+        say(f"      eval skipped: {err}")
+        return
+    say(f"      eval: accuracy, latency and cost per mode -> {out / 'eval.md'}")
+    name = model.attach_adapter(str(adapter), name="recipe_eval")
+    try:
+        evaluate(model, resolve(cfg.eval_prompts), out, cfg.eval, adapter=name, extra={"recipe": stamp})
+    finally:
+        model.detach_adapter(name)
 
 
 def training_model(model: Any, model_path: str, cfg: RecipeConfig, accelerator: Any) -> Any:

@@ -38,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
         print("\n=== before -> after (self-speculation, greedy, held-out prompts) ===")
         print(headline(report))
         print(f"report: {Path(cfg.out) / 'report' / 'report.md'}")
+        if (Path(cfg.out) / "eval" / "eval.md").exists():
+            print(f"eval (accuracy, latency, cost per mode): {Path(cfg.out) / 'eval' / 'eval.md'}")
     return 0
 
 

@@ -13,19 +13,21 @@ def _tiny_recipe(tmp_path, *extra: str) -> list[str]:
     """Overrides for a seconds-long recipe on a saved tiny model and 12 generated prompts."""
     model_dir = saved_tiny_model(tmp_path / "m")
     prompts = tmp_path / "p.jsonl"
-    prompts.write_text("".join(json.dumps({"id": f"p{i}", "prompt": f"def f{i}(a):\n    return a" + " + a" * i})
-                               + "\n" for i in range(12)))
+    prompts.write_text("".join(json.dumps({"id": f"p{i}", "prompt": f"def f{i}(a):\n    return a" + " + a" * i,
+                                           "reference": " + a\n"}) + "\n" for i in range(12)))
     return [f"model={model_dir}", f"train_prompts={prompts}", f"eval_prompts={prompts}", f"out={tmp_path / 'run'}",
             "collect.max_new_tokens=16", "train.steps=4", "train.eval_every=2", "train.save_every=2",
             "train.lora.r=4", "train.lora.alpha=8", "draft_len=3", "train.eval_fraction=0.25",
             "report.decode.block_size=4", "report.max_new_tokens=8", "report.speed_prompts=1",
-            "report.diffusion=false", *extra]
+            "report.diffusion=false", "eval.limit=3", "eval.max_new_tokens=6", "eval.latency_prompts=1",
+            "eval.diffusion_blocks=[4]", "eval.diffusion_thresholds=[0.0]", "eval.bootstrap=50", *extra]
 
 
 def _stamps(run) -> tuple:
-    """(collected shards and their times, adapter weights' time, report's time)."""
+    """(collected shards and their times, adapter weights' time, report's time, eval's time)."""
     shards = tuple((f.name, f.stat().st_mtime_ns) for f in sorted((run / "collect" / "data").glob("*.parquet")))
-    files = (run / "train" / "linear_spec_lora" / "adapter_model.safetensors", run / "report" / "report.json")
+    files = (run / "train" / "linear_spec_lora" / "adapter_model.safetensors", run / "report" / "report.json",
+             run / "eval" / "eval.json")
     return (shards, *(f.stat().st_mtime_ns for f in files))
 
 
@@ -36,12 +38,14 @@ def test_recipe_reruns_exactly_the_stages_whose_settings_changed(tmp_path):
     run = tmp_path / "run"
     assert report["n_prompts"] == 12 and report["lossless"]["mismatches"] == 0
     assert report["fit"]["n_prompts"] == 4 and "Fit vs transfer" in (run / "report" / "report.md").read_text()
+    evaluated = json.loads((run / "eval" / "eval.json").read_text())
+    assert evaluated["modes"]["self_spec+adapter"]["identical_to_ar"] and "diffusion b4 t0" in evaluated["modes"]
     first = _stamps(run)
     run_recipe(load_config(RecipeConfig, None, overrides))
     assert _stamps(run) == first  # nothing changed: every stage skipped
     changed = run_recipe(load_config(RecipeConfig, None, [*overrides, "report.max_new_tokens=6"]))
-    collected, adapter, reported = _stamps(run)
-    assert (collected, adapter) == first[:2] and reported != first[2]  # only the report ran again
+    collected, adapter, reported, evaluated_at = _stamps(run)
+    assert (collected, adapter, evaluated_at) == (*first[:2], first[3]) and reported != first[2]  # the report only
     assert changed["settings"]["max_new_tokens"] == 6
     with pytest.raises(ConfigError, match=r"holds checkpoints of a run with other settings \(\['lr'\]\)"):
         run_recipe(load_config(RecipeConfig, None, [*overrides, "train.lr=1e-3"]))  # never mixes two runs

@@ -7,6 +7,7 @@ score exactly what AR scores; the report says whether its tokens are identical (
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -125,10 +126,11 @@ def run_baseline(baseline: Any, records: list[dict], lookup: bool, cfg: EvalConf
 
 
 def evaluate(model: Any, prompts: str | Path, out_dir: str | Path, cfg: EvalConfig | None = None, *,
-             adapter: str | None = None) -> dict[str, Any]:
-    """Run every mode on the eval prompts; write eval.json and eval.md into out_dir; return the result."""
+             adapter: str | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run every mode on the eval prompts; write eval.json and eval.md into out_dir; return the result.
+    extra: more top-level fields for eval.json (the recipe records what produced it)."""
     cfg = cfg or EvalConfig()
-    cfg.decode = cfg.decode.resolved(model.block_size).validate()
+    cfg = dataclasses.replace(cfg, decode=cfg.decode.resolved(model.block_size).validate())  # the caller's stays
     if cfg.decode.adaptive_draft:
         raise ValueError("eval: decode.draft_len must be a fixed length")
     records = read_eval_records(prompts, cfg.limit)
@@ -174,6 +176,7 @@ def evaluate(model: Any, prompts: str | Path, out_dir: str | Path, cfg: EvalConf
                                                "temperature": cfg.decode.temperature,
                                                "usd_per_hour": cfg.cost.usd_per_hour},
               "modes": modes}
+    result.update(extra or {})
     metric = primary_metric(modes)
     result["plots"] = {"accuracy_vs_speed": plot_accuracy_vs_speed(modes, metric, out / "accuracy_vs_speed.png"),
                        "latency_cdf": plot_latency_cdf({k: r["e2el_ms"] for k, r in runs.items()},
