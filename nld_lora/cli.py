@@ -121,8 +121,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from nld_lora.evaluation.runner import EvalConfig, evaluate
 
     cfg = _settings(EvalConfig, args)
+    if not cfg.tasks and not args.prompts:
+        raise ValueError("eval: give --prompts EVAL.jsonl, or tasks=... (lm-evaluation-harness), or both")
     model = _load(args)
     name = model.attach_adapter(args.adapter) if args.adapter else None
+    if cfg.tasks:
+        from nld_lora.evaluation.lm_eval_backend import run_tasks
+
+        modes = ["ar", *(["diffusion"] if cfg.diffusion else []), "self_spec", *(["self_spec+adapter"] if name else [])]
+        scores = run_tasks(model, cfg.tasks, modes=modes, adapter=name, include_path=cfg.task_dir,
+                           limit=cfg.task_limit, batch_size=cfg.batch_size)
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "tasks.json").write_text(json.dumps(scores, indent=2, default=float) + "\n")
+        print(json.dumps(scores, indent=2, default=float))
+        if not args.prompts:
+            return 0
     result = evaluate(model, args.prompts, args.out, cfg, adapter=name)
     print((Path(args.out) / "eval.md").read_text())
     if any(not m["identical_to_ar"] for k, m in result["modes"].items() if k.startswith("self_spec")) \
@@ -213,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("eval", help="accuracy, latency and cost of every mode on eval prompts (eval.json/.md)")
     _add_model_args(v)
     v.add_argument("--adapter", help="adapter folder for the self_spec+adapter mode")
-    v.add_argument("--prompts", required=True, help="JSONL records: prompt + reference | answer | test+entry_point")
+    v.add_argument("--prompts", help="JSONL records: prompt + reference | answer | test+entry_point")
     v.add_argument("--out", default="eval")
     _add_settings_args(v, "max_new_tokens=128 cost.usd_per_hour=2.5 decode.block_size=8 latency_prompts=32")
     v.set_defaults(func=cmd_eval)

@@ -46,6 +46,9 @@ class EvalConfig:
     cost: CostSettings = field(default_factory=CostSettings)
     baseline: str | None = None  # a Hugging Face causal LM folder (the model served today), greedy and with
     # transformers' prompt lookup, batch 1
+    tasks: list[str] = field(default_factory=list)  # lm-evaluation-harness tasks (extra nld_lora[eval]), per mode
+    task_dir: str | None = None  # folder of task YAMLs (include_path), e.g. local JSONL tasks for offline use
+    task_limit: int | None = None  # documents per task
 
 
 def read_eval_records(path: str | Path, limit: int | None = None) -> list[dict[str, Any]]:
