@@ -105,7 +105,7 @@ def test_the_current_setup_is_measured_the_same_way(tmp_path):
     assert base["latency"]["ttft_ms"]["p50"] > 0 and base["latency"]["e2el_ms"]["p99"] >= base["latency"]["ttft_ms"]["p99"]
     assert base["cost"]["usd_per_million_tokens_batch1"] == pytest.approx(
         cost_per_million_tokens(2.0, base["tokens_per_s_batch1"]))
-    assert "n/a (another model)" in (tmp_path / "out" / "eval.md").read_text()
+    assert "| baseline | " in (tmp_path / "out" / "eval.md").read_text()
 
 
 def test_a_baseline_that_is_not_a_causal_lm_is_named(tmp_path):
@@ -117,3 +117,16 @@ def test_a_baseline_that_is_not_a_causal_lm_is_named(tmp_path):
     (tmp_path / "nope" / "config.json").write_text('{"hidden_size": 8}')
     with pytest.raises(BaselineError, match=r"nope: not a causal LM transformers can load"):
         Baseline(tmp_path / "nope")
+
+
+def test_sampled_decoding_reports_the_spread_over_seeds(tmp_path):
+    model = nld_lora.load(EMBEDDED)
+    cfg = EvalConfig(max_new_tokens=10, batch_size=3, latency_prompts=1, bootstrap=50, diffusion=False,
+                     sampling_seeds=3)
+    cfg.decode.temperature = 1.0
+    result = evaluate(model, _records(tmp_path / "eval.jsonl", 3), tmp_path / "out", cfg)
+    for mode in result["modes"].values():
+        spread = mode["seed_spread"]["edit_similarity"]
+        assert spread["seeds"] == 3 and spread["min"] <= mode["accuracy"]["edit_similarity"]["mean"] <= spread["max"]
+        assert mode["identical_to_ar"] is None  # sampled runs: no token-equality check
+    assert "Sampled decoding" in (tmp_path / "out" / "eval.md").read_text()

@@ -11,6 +11,7 @@ import dataclasses
 import json
 import os
 import random
+import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,7 @@ class EvalConfig:
     exec_timeout_s: float = 10.0
     bootstrap: int = 1000
     seed: int = 0
+    sampling_seeds: int = 3  # with decode.temperature > 0: accuracy runs repeated with this many decode seeds
     cost: CostSettings = field(default_factory=CostSettings)
     baseline: str | None = None  # a Hugging Face causal LM folder (the model served today), greedy and with
     # transformers' prompt lookup, batch 1
@@ -112,11 +114,25 @@ def run_mode(model: Any, records: list[dict], plan: dict[str, Any], cfg: EvalCon
     common = {"max_new_tokens": cfg.max_new_tokens, "settings": cfg.decode, **plan}
     res = model.generate(prompts, batch_size=cfg.batch_size, **common)
     per_record = [score(r, text, cfg) for r, text in zip(records, res.texts)]
+    spread = {}
+    if cfg.decode.temperature > 0:  # sampled: the same runs under other decode seeds, the spread of each mean
+        means = [_means(per_record)]
+        for k in range(1, cfg.sampling_seeds):
+            again = model.generate(prompts, batch_size=cfg.batch_size,
+                                   **{**common, "settings": cfg.decode.replace(seed=cfg.decode.seed + k)})
+            means.append(_means([score(r, text, cfg) for r, text in zip(records, again.texts)]))
+        spread = {m: {"seeds": len(means), "min": min(x[m] for x in means), "max": max(x[m] for x in means),
+                      "std": statistics.pstdev(x[m] for x in means)} for m in means[0]}
     timed = model.generate(prompts[: cfg.latency_prompts], batch_size=1, **common)
     latency = [request_latency(s.token_times, s.wall_s) for s in timed.stats.requests]
     return {"sequences": res.sequences, "per_record": per_record, "tokens_per_s": res.stats.tokens_per_s,
             "tokens_per_s_batch1": timed.stats.tokens_per_s, "tpf": res.stats.tpf,
-            "latency": summarize_latency(latency), "e2el_ms": [r["e2el_ms"] for r in latency]}
+            "latency": summarize_latency(latency), "e2el_ms": [r["e2el_ms"] for r in latency], "seed_spread": spread}
+
+
+def _means(per_record: list[dict[str, float]]) -> dict[str, float]:
+    names = {m for rec in per_record for m in rec}
+    return {m: statistics.fmean(rec[m] for rec in per_record if m in rec) for m in names}
 
 
 def run_baseline(baseline: Any, records: list[dict], lookup: bool, cfg: EvalConfig) -> dict[str, Any]:
@@ -125,7 +141,7 @@ def run_baseline(baseline: Any, records: list[dict], lookup: bool, cfg: EvalConf
     latency = [request_latency(t, w) for t, w in zip(res["token_times"], res["walls"])][: cfg.latency_prompts]
     return {"sequences": res["sequences"], "per_record": [score(r, t, cfg) for r, t in zip(records, res["texts"])],
             "tokens_per_s": res["tokens_per_s"], "tokens_per_s_batch1": res["tokens_per_s"], "tpf": None,
-            "latency": summarize_latency(latency), "e2el_ms": [r["e2el_ms"] for r in latency]}
+            "latency": summarize_latency(latency), "e2el_ms": [r["e2el_ms"] for r in latency], "seed_spread": {}}
 
 
 def evaluate(model: Any, prompts: str | Path, out_dir: str | Path, cfg: EvalConfig | None = None, *,
@@ -165,10 +181,10 @@ def evaluate(model: Any, prompts: str | Path, out_dir: str | Path, cfg: EvalConf
                 if cfg.cost.usd_per_hour else
                 {"tokens_per_device_hour_batch1": 3600 * tps[0],
                  f"tokens_per_device_hour_batch{cfg.batch_size}": 3600 * tps[1]})
-        modes[label] = {"accuracy": acc, "tpf": run["tpf"], "tokens_per_s_batch1": tps[0],
+        modes[label] = {"accuracy": acc, "seed_spread": run["seed_spread"], "tpf": run["tpf"], "tokens_per_s_batch1": tps[0],
                         f"tokens_per_s_batch{cfg.batch_size}": tps[1], "latency": run["latency"], "cost": cost,
-                        "identical_to_ar": (None if label.startswith("baseline")  # another model
-                                            else run["sequences"] == runs["ar"]["sequences"])}
+                        "identical_to_ar": (None if label.startswith("baseline") or cfg.decode.temperature > 0
+                                            else run["sequences"] == runs["ar"]["sequences"])}  # greedy only
     result = {"schema_version": EVAL_SCHEMA_VERSION, "prompts": str(prompts), "n_records": len(records),
               "scorers": sorted({r["_scorer"] for r in records}), "model": model.name_or_path,
               "adapter": adapter, "baseline": cfg.baseline, "settings": {"max_new_tokens": cfg.max_new_tokens, "batch_size": cfg.batch_size,
@@ -206,7 +222,7 @@ def eval_markdown(result: dict[str, Any]) -> str:
             delta = "" if label == "ar" else (f" ({a['delta_vs_ar']:+.3f} [{a['delta_ci95'][0]:+.3f}, "
                                               f"{a['delta_ci95'][1]:+.3f}])")
             cells.append(f"{a['mean']:.3f} [{a['ci95'][0]:.3f}, {a['ci95'][1]:.3f}]{delta}")
-        same = {True: "yes", False: "no", None: "n/a (another model)"}[mode["identical_to_ar"]]
+        same = {True: "yes", False: "no", None: "n/a"}[mode["identical_to_ar"]]
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {same} |")
     lines += ["", "Latency per request at batch 1 (ms: mean / p50 / p90 / p99), throughput and cost:", "",
               "| mode | TPF | ttft_ms | tpot_ms | itl_ms | e2el_ms | tok/s batch 1 | tok/s batch N | cost |",
@@ -219,6 +235,12 @@ def eval_markdown(result: dict[str, Any]) -> str:
         tpf = "-" if mode["tpf"] is None else f"{mode['tpf']:.3f}"
         lines.append(f"| {label} | {tpf} | {lat} | {mode['tokens_per_s_batch1']:.1f} | "
                      f"{mode[batch_key]:.1f} | {cost} |")
+    spread = {label: mode["seed_spread"] for label, mode in modes.items() if mode["seed_spread"]}
+    if spread:
+        lines += ["", "Sampled decoding: each metric's mean under several decode seeds (min .. max, std):", ""]
+        lines += [f"- {label}: " + "; ".join(f"{m} {v['min']:.3f} .. {v['max']:.3f} (std {v['std']:.3f}, "
+                                             f"{v['seeds']} seeds)" for m, v in sorted(s.items()))
+                  for label, s in spread.items()]
     lines += ["", f"![accuracy vs speed]({result['plots']['accuracy_vs_speed']})",
               f"![latency CDF]({result['plots']['latency_cdf']})"]
     lines += ["", "Greedy self-speculation must score exactly what AR scores: `identical tokens to AR` says whether "
