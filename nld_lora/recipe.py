@@ -113,6 +113,7 @@ def eval_stage(model: Any, adapter: Path, cfg: RecipeConfig, say: Any) -> None:
     existing = out / "eval.json"
     if existing.exists() and json.loads(existing.read_text()).get("recipe") == stamp:
         say(f"      eval: {existing} already matches; skipped")
+        append_to_report(Path(cfg.out) / "report" / "report.md", out / "eval.md")
         return
     try:
         read_eval_records(resolve(cfg.eval_prompts), 1)
@@ -125,6 +126,19 @@ def eval_stage(model: Any, adapter: Path, cfg: RecipeConfig, say: Any) -> None:
         evaluate(model, resolve(cfg.eval_prompts), out, cfg.eval, adapter=name, extra={"recipe": stamp})
     finally:
         model.detach_adapter(name)
+    append_to_report(Path(cfg.out) / "report" / "report.md", out / "eval.md")
+
+
+EVAL_SECTION = "\n## Accuracy, latency and cost per mode (`eval/`)\n"
+
+
+def append_to_report(report_md: Path, eval_md: Path) -> None:
+    """report.md gains the eval's tables (replacing an earlier copy), so one file shows acceptance and accuracy."""
+    if not report_md.exists():
+        return
+    text = report_md.read_text().split(EVAL_SECTION)[0].rstrip() + "\n"
+    body = eval_md.read_text().split("\n", 1)[1].replace("](", "](../eval/")  # without its title; plots live in eval/
+    report_md.write_text(text + EVAL_SECTION + body)
 
 
 def training_model(model: Any, model_path: str, cfg: RecipeConfig, accelerator: Any) -> Any:

@@ -40,12 +40,15 @@ def test_recipe_reruns_exactly_the_stages_whose_settings_changed(tmp_path):
     assert report["fit"]["n_prompts"] == 4 and "Fit vs transfer" in (run / "report" / "report.md").read_text()
     evaluated = json.loads((run / "eval" / "eval.json").read_text())
     assert evaluated["modes"]["self_spec+adapter"]["identical_to_ar"] and "diffusion b4 t0" in evaluated["modes"]
+    report_md = (run / "report" / "report.md").read_text()
+    assert report_md.count("## Accuracy, latency and cost per mode") == 1 and "| diffusion b4 t0 |" in report_md
     first = _stamps(run)
     run_recipe(load_config(RecipeConfig, None, overrides))
     assert _stamps(run) == first  # nothing changed: every stage skipped
     changed = run_recipe(load_config(RecipeConfig, None, [*overrides, "report.max_new_tokens=6"]))
     collected, adapter, reported, evaluated_at = _stamps(run)
     assert (collected, adapter, evaluated_at) == (*first[:2], first[3]) and reported != first[2]  # the report only
+    assert (run / "report" / "report.md").read_text().count("## Accuracy, latency and cost per mode") == 1
     assert changed["settings"]["max_new_tokens"] == 6
     with pytest.raises(ConfigError, match=r"holds checkpoints of a run with other settings \(\['lr'\]\)"):
         run_recipe(load_config(RecipeConfig, None, [*overrides, "train.lr=1e-3"]))  # never mixes two runs
