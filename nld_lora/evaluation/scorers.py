@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from typing import Any
 
 DEFAULT_ANSWER_PATTERN = r"####\s*(.+)"  # GSM8K's final-answer marker; without it, the last number counts
@@ -76,11 +75,3 @@ def normalize_answer(answer: str) -> str:
 
 def score_answer(output: str, answer: str, pattern: str = DEFAULT_ANSWER_PATTERN) -> dict[str, float]:
     return {"answer_exact": float(extract_answer(output, pattern) == normalize_answer(str(answer)))}
-
-
-@dataclass
-class Scored:
-    """One record's scores (every metric in [0, 1]) and the scorer that produced them."""
-
-    scorer: str
-    metrics: dict[str, float]
