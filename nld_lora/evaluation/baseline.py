@@ -77,5 +77,6 @@ class Baseline:
             times.append(t)
             walls.append(wall)
         total = time.perf_counter() - t0
-        return {"sequences": seqs, "texts": [self.tokenizer.decode(s) for s in seqs], "token_times": times,
+        return {"sequences": seqs, "texts": [self.tokenizer.decode(s, skip_special_tokens=True) for s in seqs],
+                "token_times": times,
                 "walls": walls, "tokens_per_s": sum(map(len, seqs)) / total if total > 0 else 0.0}

@@ -113,14 +113,15 @@ def run_mode(model: Any, records: list[dict], plan: dict[str, Any], cfg: EvalCon
     prompts = [r["prompt"] for r in records]
     common = {"max_new_tokens": cfg.max_new_tokens, "settings": cfg.decode, **plan}
     res = model.generate(prompts, batch_size=cfg.batch_size, **common)
-    per_record = [score(r, text, cfg) for r, text in zip(records, res.texts)]
+    per_record = [score(r, text, cfg) for r, text in zip(records, completions(model, res.sequences))]
     spread = {}
     if cfg.decode.temperature > 0:  # sampled: the same runs under other decode seeds, the spread of each mean
         means = [_means(per_record)]
         for k in range(1, cfg.sampling_seeds):
             again = model.generate(prompts, batch_size=cfg.batch_size,
                                    **{**common, "settings": cfg.decode.replace(seed=cfg.decode.seed + k)})
-            means.append(_means([score(r, text, cfg) for r, text in zip(records, again.texts)]))
+            means.append(_means([score(r, text, cfg)
+                                 for r, text in zip(records, completions(model, again.sequences))]))
         spread = {m: {"seeds": len(means), "min": min(x[m] for x in means), "max": max(x[m] for x in means),
                       "std": statistics.pstdev(x[m] for x in means)} for m in means[0]}
     timed = model.generate(prompts[: cfg.latency_prompts], batch_size=1, **common)
@@ -128,6 +129,11 @@ def run_mode(model: Any, records: list[dict], plan: dict[str, Any], cfg: EvalCon
     return {"sequences": res.sequences, "per_record": per_record, "tokens_per_s": res.stats.tokens_per_s,
             "tokens_per_s_batch1": timed.stats.tokens_per_s, "tpf": res.stats.tpf,
             "latency": summarize_latency(latency), "e2el_ms": [r["e2el_ms"] for r in latency], "seed_spread": spread}
+
+
+def completions(model: Any, sequences: list[list[int]]) -> list[str]:
+    """Generated text as a scorer sees it: special tokens (the EOS that ended a request) left out."""
+    return [model.tokenizer.decode(seq, skip_special_tokens=True) for seq in sequences]
 
 
 def _means(per_record: list[dict[str, float]]) -> dict[str, float]:
