@@ -50,11 +50,16 @@ def _settings(cls, args: argparse.Namespace):
     return load_config(cls, args.config, args.overrides)
 
 
+def attach_adapters(model, paths: list[str]) -> list[str]:
+    """Attach every --adapter in order (the last is active); returns their names (unique, also for folders that
+    share a name)."""
+    return [model.attach_adapter(path) for path in paths]
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     cfg = _settings(GenerateConfig, args)
     model = _load(args)
-    for path in args.adapter or []:
-        model.attach_adapter(path)
+    attach_adapters(model, args.adapter or [])
     if args.prompt_file:
         from nld_lora.data.readers import read_prompts
 

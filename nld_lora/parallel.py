@@ -50,13 +50,13 @@ def make_accelerator(*, mixed_precision: str = "auto", grad_accum: int = 1, wand
     return accelerator
 
 
-def check_launch(accelerator: Any, fsdp_asked: bool = False) -> None:
+def check_launch(accelerator: Any, fsdp_asked: bool) -> None:
     """Several processes that are not one process group (each would believe it is rank 0 and write the same
     files) are refused before anything is written."""
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     if world > 1 and accelerator.num_processes == 1:
         hint = (" FSDP through accelerate needs GPUs; on CPU launch data parallel with "
-                "`accelerate launch --cpu --num_processes N`." if fsdp_asked or fsdp_requested() else "")
+                "`accelerate launch --cpu --num_processes N`." if fsdp_asked else "")
         raise ConfigError(f"started as {world} processes (WORLD_SIZE={world}) that are not one distributed job "
                           f"(accelerate set up a single process, {accelerator.distributed_type}); they would write "
                           f"the same output folder.{hint}")

@@ -59,7 +59,12 @@ def test_cli_generate_keeps_every_adapter(tmp_path, capsys):
     second = _zeroed_copy(first, tmp_path / "b" / "linear_spec_lora")
     assert main(["generate", "--model", folder, "--prompt", "def f(a):", "--adapter", first, "--adapter", second,
                  "--quiet", "max_new_tokens=4", "decode.draft_len=2"]) == 0
-    capsys.readouterr()
+    assert '"mode": "self_spec"' in capsys.readouterr().out
+    from nld_lora.cli import attach_adapters
+
+    model = nld_lora.load(folder)  # what the command did with its --adapter flags
+    assert attach_adapters(model, [first, second]) == ["linear_spec_lora", "linear_spec_lora_2"]
+    assert model.active_adapter == "linear_spec_lora_2" and len(model.adapters) == 2
 
 
 def test_damaged_adapter_and_stage_files_are_named(tmp_path, collected):

@@ -160,6 +160,10 @@ def test_host_offsets_give_the_same_results_without_reading_the_device(monkeypat
         assert all(torch.equal(a, b) for a, b in
                    zip(impl.verify_sampled(logits, draft_logits, drafts, cu, temps, seeds),
                        impl.verify_sampled(logits, draft_logits, drafts, host, temps, seeds)))
+    uniform_logits, uniform_drafts, uniform_cu = _case(1000, [4, 4, 4], torch.float32, 12, "random")
+    assert all(torch.equal(a, b) for a, b in  # equal draft lengths: offsets made on the device, no copy
+               zip(triton_verify.verify_greedy(uniform_logits, uniform_drafts, uniform_cu),
+                   triton_verify.verify_greedy(uniform_logits, uniform_drafts, uniform_cu.tolist())))
     from nld_lora.kernels.validate import check_verify_inputs
 
     def no_readback(*_args, **_kwargs):

@@ -208,8 +208,9 @@ def _generate_vllm(model: Any, prompts: list[list[int]], cfg: CollectConfig, max
 
 
 def vllm_engine(model: Any, cfg: CollectConfig, out_dir: Path) -> Any:
-    """One vLLM engine per model and dtype (kept for the process): the AR view, exported once into out_dir and
-    reused while its source is unchanged, served in the runtime model's dtype."""
+    """The vLLM engine for this model, config and dtype (kept until collect() ends, close_vllm_engines): the AR
+    view, exported once into out_dir and reused while its source is unchanged, served in the runtime model's
+    dtype."""
     vllm = import_vllm()
     import torch
 

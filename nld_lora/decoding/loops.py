@@ -141,7 +141,7 @@ def _verify(target: torch.Tensor, drafts: torch.Tensor, draft_logits: torch.Tens
     of accepted drafts per row. Greedy: longest agreeing prefix + AR's token; sampled: rejection sampling (or NLD's
     exact-match rule), lossless either way."""
     n_rows, k = drafts.shape
-    cu = list(range(0, (n_rows + 1) * k, k)) if k else [0] * (n_rows + 1)  # host offsets: no readback to check them
+    cu = [i * k for i in range(n_rows + 1)]  # host offsets: nothing is read back to check them
     if cfg.temperature <= 0:
         tokens, n_acc = verify_greedy(target.reshape(-1, target.shape[-1]), drafts.reshape(-1), cu)
     elif cfg.acceptance == "exact_match":

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from nld_lora.report.plots import _save, plt
+from nld_lora.report.plots import plt, save_figure
 
 PRIMARY_METRICS = ("pass@1", "answer_exact", "edit_similarity")  # the headline metric, in this order of preference
 
@@ -28,7 +28,7 @@ def plot_accuracy_vs_speed(modes: dict[str, Any], metric: str, path: Path) -> st
     ax.set_ylabel(f"{metric} (95% CI)")
     ax.set_title("accuracy vs speed per decoding mode")
     ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_latency_cdf(e2el_ms: dict[str, list[float]], path: Path) -> str:
@@ -41,4 +41,4 @@ def plot_latency_cdf(e2el_ms: dict[str, list[float]], path: Path) -> str:
     ax.set_ylabel("share of requests")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    return _save(fig, path)
+    return save_figure(fig, path)

@@ -52,8 +52,7 @@ def first_line(text: str) -> str:
 def score_reference(output: str, reference: str) -> dict[str, float]:
     """Exact match of the first line and of the whole reference (whitespace at the ends ignored), edit similarity
     over the reference's length of output."""
-    head = output[: max(len(reference), 1) * 2]
-    return {"first_line_exact": float(first_line(head) == first_line(reference)),
+    return {"first_line_exact": float(first_line(output) == first_line(reference)),
             "exact": float(output.strip()[: len(reference.strip())] == reference.strip()),
             "edit_similarity": edit_similarity(output[: len(reference)], reference)}
 

@@ -68,7 +68,16 @@ def check_verify_inputs(
 
 def device_offsets(cu_draft_lens: torch.Tensor | Sequence[int], cu_host: list[int],
                    device: torch.device) -> torch.Tensor:
-    """The offsets as an int32 tensor on the logits' device (a host-to-device copy when given as a list)."""
+    """The offsets as an int32 tensor on the logits' device. From a host list without a blocking copy (which would
+    wait for the queued kernels, the sync the list is there to avoid): equal draft lengths, the runtime's case, are
+    an arange made on the device; ragged ones go over from pinned memory, asynchronously."""
     if isinstance(cu_draft_lens, torch.Tensor):
         return cu_draft_lens.to(torch.int32)
-    return torch.tensor(cu_host, dtype=torch.int32, device=device)
+    steps = {b - a for a, b in zip(cu_host, cu_host[1:])}
+    if len(steps) <= 1:
+        step = steps.pop() if steps else 0
+        return torch.arange(len(cu_host), dtype=torch.int32, device=device) * step
+    host = torch.tensor(cu_host, dtype=torch.int32)
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)

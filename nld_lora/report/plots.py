@@ -10,7 +10,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def _save(fig, path: Path) -> str:
+def save_figure(fig, path: Path) -> str:
+    """Write the figure as a PNG, close it, return the file name (what report.md links)."""
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -31,7 +32,7 @@ def plot_histograms(runs: dict[str, dict], path: Path) -> str:
     ax.set_ylabel("share of cycles")
     ax.set_title("Acceptance-length histogram")
     ax.legend()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_per_position(runs: dict[str, dict], path: Path) -> str:
@@ -46,7 +47,7 @@ def plot_per_position(runs: dict[str, dict], path: Path) -> str:
     ax.set_ylim(0, 1)
     ax.set_title("Per-position acceptance")
     ax.legend()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_categories(runs: dict[str, dict], path: Path) -> str:
@@ -61,4 +62,4 @@ def plot_categories(runs: dict[str, dict], path: Path) -> str:
     ax.set_ylabel("mean acceptance length")
     ax.set_title("Acceptance by category")
     ax.legend()
-    return _save(fig, path)
+    return save_figure(fig, path)

@@ -208,7 +208,7 @@ class TrainingRun:
 
 
 def setup_accelerator(cfg: TrainConfig, out: Path):
-    """The Accelerator for training (the recipe builds its own the same way, nld_lora.parallel)."""
+    """The Accelerator for training, and for the whole recipe (nld_lora.parallel.make_accelerator)."""
     return make_accelerator(mixed_precision=cfg.mixed_precision, grad_accum=cfg.grad_accum, wandb=cfg.wandb,
                             wandb_mode=cfg.wandb_mode, project_dir=out)
 
