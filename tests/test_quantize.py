@@ -67,7 +67,7 @@ def test_lora_gradients_survive_an_eval_mode_forward():
     grads = {n: p.grad for n, p in peft_model.named_parameters() if "lora_" in n}
     layer0_q = [g for n, g in grads.items() if "layers.0.self_attn.q_proj.lora_A" in n]
     assert grads and all(g is not None and g.abs().sum() > 0 for g in grads.values()), "no LoRA gradient"
-    assert layer0_q  # the first layer's input gradient flowed through every quantized layer above it
+    assert layer0_q  # layer 0 is among them: its gradient had to pass every quantized layer above it
 
 
 @pytest.mark.slow

@@ -42,8 +42,8 @@ class DecodeState:
 
     adapters: tuple = ()  # the adapter set this state was built for: (name, LoadedAdapter.serial) pairs
     twins: bool = True
-    base: nn.Module | bool | None = None  # None: not built yet; False: cannot be built
-    merged: dict[str, nn.Module | bool] = field(default_factory=dict)
+    base: nn.Module | None = None  # built on first use
+    merged: dict[str, nn.Module | bool] = field(default_factory=dict)  # False: this adapter cannot merge
     gated: dict[str, nn.Module | bool] = field(default_factory=dict)
     gates: dict[str, TokenGate] = field(default_factory=dict)
     gate_hooked: set[str] = field(default_factory=set)
@@ -84,7 +84,7 @@ def base_twin(model) -> nn.Module | None:
             for path, layer in lora_layers(model.encoder, name):
                 set_submodule(twin, path, layer.get_base_layer())
         state.base = twin
-    return state.base or None
+    return state.base
 
 
 def pathway_encoder(model, adapter: str | None, on: bool) -> nn.Module | None:
