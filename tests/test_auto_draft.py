@@ -42,7 +42,8 @@ def test_planner_learns_rates_and_the_runtime_overhead():
     for _ in range(40):
         planner.record([0, 0, 0], drafted=4)  # three rows, no draft accepted
     assert planner.rates()[0] < 0.05 and planner.choose(_Rows(1))[0] == 0
-    planner.time_ratio[False] = 10.0  # AR steps measured far slower than predicted: speculation wins again
+    planner.time_ratio[True] = 1.0  # speculative cycles measured as predicted,
+    planner.time_ratio[False] = 10.0  # AR steps far slower than predicted: speculation wins again
     assert planner.choose(_Rows(1))[0] > 0
 
 
@@ -55,6 +56,40 @@ def test_planner_takes_lookup_drafts_only_while_they_pay(monkeypatch):
     for _ in range(20):
         planner.record([0], drafted=3, lookup=True)  # but the lookups keep failing
     assert planner.choose(_Rows(1), lookup_len=3) == (0, False)
+
+
+def test_an_unmeasured_cycle_kind_takes_the_measured_overhead():
+    """Speculative cycles start from the AR steps' measured/predicted ratio, not 1: else a runtime overhead seen
+    only on AR steps makes speculation look cheaper than it is (the batch-8 regression of issue #22)."""
+    planner = _planner_with_costs([0.5] * 4, [1.0, 1.9, 2.0, 2.1, 2.2])
+    assert planner.ratio(True) == planner.ratio(False) == 1.0
+    assert planner.choose(_Rows(1))[0] == 0  # 1.5 tokens for 1.9 s < 1 token per s
+    planner.finish(0)
+    measured = planner.time_ratio[False]
+    assert measured is not None and planner.ratio(True) == measured  # shared until a speculative cycle is timed
+    planner.time_ratio[True] = 0.5
+    assert planner.ratio(True) == 0.5 and planner.ratio(False) == measured
+
+
+def test_merged_lookup_and_diffusion_cycles_are_priced_and_recorded_by_span(monkeypatch):
+    import nld_lora.decoding.auto as auto
+
+    monkeypatch.setattr(auto, "forward_seconds", lambda batch, width: 1.0)
+    planner = DraftPlanner(4, quadratic=False, prior=[0.5] * 4)
+    planner.lookup = auto._Rates([0.9] * 4)
+    # merged k=4 with a 2-token lookup: 1 + .9 + .81 + .405 + .2025 = 3.3175 tokens for 2 s (draft + verify)
+    planner._costs[1] = [1.0, 2.0, 2.0, 2.0, 2.0]
+    assert planner.choose(_Rows(1), lookup_len=2) == (2, True)  # lookup alone: 2.71 tokens for 1 s is better
+    before_l, before_d = list(planner.lookup.attempts), list(planner.diffusion.attempts)
+    planner.record([3], drafted=4, lookup_lens=[2])  # lookup tokens 1-2 accepted, diffusion 3 accepted, 4 not
+    assert planner.lookup.attempts == [a + 1 for a in before_l[:2]] + before_l[2:]
+    assert planner.lookup.accepts[:2] == [1, 1] and planner.lookup.accepts[2:] == [0, 0]
+    assert planner.diffusion.attempts == before_d[:2] + [1, 1]
+    assert planner.diffusion.accepts == [0, 0, 1, 0]
+    planner.record([0], drafted=4, lookup_lens=[2])  # the lookup failed first: the diffusion tail was not reached
+    assert planner.diffusion.attempts == [0, 0, 1, 1] and planner.lookup.attempts[:2] == [2, 1]
+    planner.record([1], drafted=3, lookup=True, lookup_lens=[1])  # a lookup-only cycle: filler past the lookup
+    assert planner.lookup.attempts[:3] == [3, 1, 0] and planner.lookup.accepts[:2] == [2, 1]
 
 
 @pytest.mark.parametrize("mode", ["self_spec", "self_spec_quadratic"])

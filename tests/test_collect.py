@@ -138,3 +138,29 @@ def test_length_policy_skips_or_truncates_with_counts(tmp_path):
                                                                   length_policy="truncate_left"), progress=False)
     assert cut.truncated == too_long and cut.generated == 6
     assert max(len(ids) for ids in load_collected(tmp_path / "cut")["prompt_ids"]) <= limit
+
+
+def test_branches_add_sampled_starts_with_greedy_answers(tmp_path):
+    """Each branch: the prompt, 1..branch_tokens sampled tokens, then exactly the runtime's greedy AR answer from
+    there; branch rows go with their prompt (same group, id <prompt>#b<n>) and change the fingerprint."""
+    model_dir = saved_tiny_model(tmp_path / "m")
+    prompts = _prompts(tmp_path / "p.jsonl", 6)
+    model = nld_lora.load(model_dir)
+    records, _ = read_prompts(prompts)
+    cfg = CollectConfig(max_new_tokens=12, batch_size=4, branches=2, branch_tokens=6)
+    collect(model, records, tmp_path / "out", cfg, progress=False)
+    ds = load_collected(tmp_path / "out", model=model)
+    rows = {pid: (b, p, t) for pid, b, p, t in zip(ds["prompt_id"], ds["branch"], ds["prompt_ids"], ds["target_ids"])}
+    assert len(rows) == 18 and sorted(b for b, _, _ in rows.values()) == [0] * 6 + [1] * 6 + [2] * 6
+    greedy = model.generate([p for _, p, _ in rows.values()], mode="ar", max_new_tokens=12).sequences
+    assert [t for _, _, t in rows.values()] == greedy
+    for pid, (branch, ids, _) in rows.items():
+        if branch:
+            parent = rows[pid.rpartition("#b")[0]][1]
+            assert pid.endswith(f"#b{branch}") and ids[:len(parent)] == parent
+            assert 1 <= len(ids) - len(parent) <= 6
+    assert len({tuple(p) for b, p, _ in rows.values() if b}) > 6  # starts differ between branches
+    with pytest.raises(CollectError, match="different generator"):
+        collect(model, records, tmp_path / "out", CollectConfig(max_new_tokens=12, batch_size=4), progress=False)
+    with pytest.raises(CollectError, match="branches"):
+        CollectConfig(branches=-1).validate(model.tokenizer)

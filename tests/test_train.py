@@ -63,7 +63,7 @@ def test_quadratic_draft_layout_hides_the_seed_like_a_single_forward_sub_block()
 def test_distillation_has_zero_gradient_when_student_equals_teacher():
     teacher = torch.randn(2, 3, 4, 50)
     valid = torch.ones(2, 3, 4, dtype=torch.bool)
-    for distill in ("lk_hybrid", "kl"):
+    for distill in ("lk_hybrid", "kl", "tv"):
         student = teacher.clone().requires_grad_()
         out = draft_loss(student, teacher, valid, ce_weight=0.0, distill=distill, position_weighting="uniform")
         out.loss.backward()
@@ -177,3 +177,39 @@ def test_eval_split_keeps_whole_groups_apart():
     assert all(sum(s.group == g for s in held) == 5 for g in {s.group for s in held})  # whole files held out
     _, by_prompt = split_eval(seqs, 0.2, seed=0, by="prompt")
     assert {s.group for s in by_prompt} & {s.group for s in seqs if s not in by_prompt}  # prompts split files
+
+
+def test_first_position_weight_scales_row_one_and_target_cap_truncates():
+    from nld_lora.train.data import build_sequences
+
+    torch.manual_seed(0)
+    teacher, student = torch.randn(2, 3, 4, 30), torch.randn(2, 3, 4, 30)
+    valid = torch.ones(2, 3, 4, dtype=torch.bool)
+    ce = torch.nn.functional.cross_entropy(student.flatten(0, -2), teacher.flatten(0, -2).argmax(-1),
+                                           reduction="none").view(2, 3, 4)
+    w = torch.ones(4)
+    w[0] = 5.0
+    out = draft_loss(student, teacher, valid, distill="none", position_weighting="uniform", first_position_weight=5.0)
+    assert out.loss.item() == pytest.approx(float((ce * w).sum() / (w.sum() * 6)), rel=1e-5)
+    rows = {"prompt_id": ["a", "a#b1"], "group": ["f", "f"], "branch": [0, 1], "prompt_ids": [[1, 2], [1, 2, 9]],
+            "target_ids": [[3, 4, 5, 6], [7, 8, 9]]}
+
+    class Rows(dict):
+        column_names = list(rows)
+
+        def __len__(self):
+            return 2
+
+    seqs = build_sequences(Rows(rows), 512, max_target=2)
+    assert [s.ids for s in seqs] == [[1, 2, 3, 4], [1, 2, 9, 7, 8]] and [s.branch for s in seqs] == [0, 1]
+    assert [s.prompt_len for s in seqs] == [2, 3]  # draft starts stay in the greedy answer
+
+
+def test_branches_stay_with_their_prompt_in_every_split():
+    from nld_lora.train.data import Sequence, split_eval
+
+    seqs = [Sequence([1, 2, 3], 1, f"p{i}" + (f"#b{b}" if b else ""), "", b) for i in range(60) for b in range(3)]
+    for by in ("group", "prompt"):
+        train_seqs, held = split_eval(seqs, 0.2, seed=0, by=by)
+        held_parents = {s.prompt_id.partition("#")[0] for s in held}
+        assert held_parents and held_parents.isdisjoint({s.prompt_id.partition("#")[0] for s in train_seqs})

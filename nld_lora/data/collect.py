@@ -24,7 +24,9 @@ from nld_lora.decoding.settings import DecodeSettings
 
 META_FILE = "nld_collect.json"
 SHARD_DIR = "data"
-COLUMNS = ("prompt_id", "category", "group", "prompt_text", "prompt_ids", "target_ids", "target_text", "finish_reason")
+COLUMNS = ("prompt_id", "category", "group", "prompt_text", "prompt_ids", "target_ids", "target_text", "finish_reason",
+           "branch")
+BRANCH_SEP = "#b"  # a branch row's id: <prompt id>#b<n>
 
 
 class CollectError(ValueError):
@@ -51,12 +53,20 @@ class CollectConfig:
     tensor_parallel_size: int | None = None  # vllm backend: GPUs per engine (None: all visible)
     vllm_memory_utilization: float | None = None  # vllm backend: fraction of device (CPU: host) memory vLLM may
     # reserve; None: 80% of what is free when it starts, at most 0.9
+    branches: int = 0  # extra training contexts per prompt: a sampled start, then the model's greedy answer
+    branch_tokens: int = 48  # a branch's sampled start is 1..branch_tokens tokens (seeded per branch)
+    branch_temperature: float = 1.0
 
     def validate(self, tokenizer: Any) -> None:
         if self.backend not in ("runtime", "vllm"):
             raise CollectError(f"backend={self.backend!r}; expected 'runtime' or 'vllm'")
         if self.vllm_memory_utilization is not None and not 0 < self.vllm_memory_utilization < 1:
             raise CollectError(f"vllm_memory_utilization={self.vllm_memory_utilization}; expected a fraction in (0, 1)")
+        if self.branches < 0 or self.branch_tokens < 1 or self.branch_temperature <= 0:
+            raise CollectError(f"branches={self.branches}, branch_tokens={self.branch_tokens}, branch_temperature="
+                               f"{self.branch_temperature}: need branches >= 0, branch_tokens >= 1, temperature > 0")
+        if self.branches and self.thinking == "cap":
+            raise CollectError("branches and thinking='cap' cannot be combined")
         if self.thinking not in ("keep", "cap"):
             raise CollectError(f"thinking={self.thinking!r}; expected 'keep' or 'cap'")
         if self.thinking == "cap":
@@ -94,6 +104,8 @@ def generator_fingerprint(model: Any, cfg: CollectConfig) -> dict[str, Any]:
                                              "max_thinking_tokens", "end_think_token", "backend", "length_policy",
                                              "max_prompt_tokens")}
     decoding["sampling"] = {k: getattr(cfg.decode, k) for k in ("temperature", "top_k", "top_p", "seed")}
+    if cfg.branches:
+        decoding["branches"] = {k: getattr(cfg, k) for k in ("branches", "branch_tokens", "branch_temperature")}
     return {"model": model.name_or_path, "weights_hash": model.weights_hash, "config_hash": config_hash(model),
             "dtype": str(model.dtype), "decoding": decoding}
 
@@ -266,6 +278,28 @@ def close_vllm_engines() -> None:
 _VLLM_CACHE: dict[str, Any] = {}
 
 
+def branch_rows(model: Any, batch: list[PreparedPrompt], cfg: CollectConfig, generate: Any,
+                out_dir: Path) -> list[tuple[PreparedPrompt, int, list[int], list[int], str]]:
+    """cfg.branches extra contexts per prompt: (prompt, branch n, prompt ids + a sampled start, the greedy answer
+    from there, finish reason). Start lengths are drawn per branch from a hash of its id; the greedy answers are
+    the targets, so every verified position still holds the model's own greedy AR token."""
+    import hashlib
+
+    from nld_lora.decoding.settings import DecodeSettings
+
+    sampler = CollectConfig(decode=DecodeSettings(temperature=cfg.branch_temperature, seed=cfg.decode.seed),
+                            backend=cfg.backend, vllm_memory_utilization=cfg.vllm_memory_utilization,
+                            tensor_parallel_size=cfg.tensor_parallel_size)
+    jobs = [(p, n) for n in range(1, cfg.branches + 1) for p in batch]
+    starts, _ = generate(model, [p.ids for p, _ in jobs], sampler, cfg.branch_tokens, out_dir)
+    contexts = []
+    for (p, n), sampled in zip(jobs, starts):
+        draw = int(hashlib.sha256(f"{cfg.decode.seed}:{p.record.id}:{n}".encode()).hexdigest()[:8], 16)
+        contexts.append(p.ids + sampled[: 1 + draw % cfg.branch_tokens])
+    answers, reasons = generate(model, contexts, cfg, cfg.max_new_tokens, out_dir)
+    return [(p, n, ctx, ans, why) for (p, n), ctx, ans, why in zip(jobs, contexts, answers, reasons)]
+
+
 def cap_thinking(model: Any, prompts: list[list[int]], seqs: list[list[int]], reasons: list[str],
                  cfg: CollectConfig, generate: Any, out_dir: Path) -> int:
     """thinking='cap': a target that ran max_thinking_tokens without the end-think token is cut there, the token is
@@ -329,12 +363,14 @@ def collect(model: Any, records: list[PromptRecord], out_dir: str | Path, cfg: C
         seqs, reasons = generate(model, prompt_ids, cfg, cfg.max_new_tokens, out)
         if cfg.thinking == "cap":
             summary.thinking_capped += cap_thinking(model, prompt_ids, seqs, reasons, cfg, generate, out)
-        for p, seq, reason in zip(batch, seqs, reasons):
+        rows = [(p, 0, p.ids, seq, reason) for p, seq, reason in zip(batch, seqs, reasons)]
+        if cfg.branches:
+            rows += branch_rows(model, batch, cfg, generate, out)
+        for p, branch, ids, seq, reason in rows:
             buffer.append({
-                "prompt_id": p.record.id, "category": p.record.category, "group": p.record.group,
-                "prompt_text": p.text,
-                "prompt_ids": p.ids, "target_ids": seq, "target_text": model.tokenizer.decode(seq),
-                "finish_reason": reason,
+                "prompt_id": p.record.id + (f"{BRANCH_SEP}{branch}" if branch else ""), "category": p.record.category,
+                "group": p.record.group, "prompt_text": p.text, "prompt_ids": ids, "target_ids": seq,
+                "target_text": model.tokenizer.decode(seq), "finish_reason": reason, "branch": branch,
             })
             tokens += len(seq)
         if len(buffer) >= cfg.shard_size:
@@ -387,7 +423,9 @@ def _write_meta(out: Path, fingerprint: dict, summary: CollectSummary, complete:
 
 
 def load_collected(out_dir: str | Path, *, model: Any = None):
-    """The collected targets as a datasets.Dataset (one row per prompt id, sorted); checks the fingerprint."""
+    """The collected targets as a datasets.Dataset (one row per prompt id, sorted; a `branch` column, 0 for a
+    prompt's own answer, n for its n-th branch; collections from before branches get 0s); checks the
+    fingerprint."""
     from datasets import Dataset
 
     out = Path(out_dir)
@@ -407,5 +445,8 @@ def load_collected(out_dir: str | Path, *, model: Any = None):
     first: dict[str, int] = {}
     for i, pid in enumerate(ds["prompt_id"]):
         first.setdefault(pid, i)
-    return ds.select([first[pid] for pid in sorted(first)])
+    ds = ds.select([first[pid] for pid in sorted(first)])
+    if "branch" not in ds.column_names:
+        ds = ds.add_column("branch", [0] * len(ds))
+    return ds
 

@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from nld_lora.acceptance import count_cycle, expected_tokens
+from nld_lora.acceptance import expected_tokens
 from nld_lora.decoding.twins import forward_costs
 
 PRIOR_RATE = 0.6
@@ -76,14 +76,21 @@ class _Rates:
         return [(a + PRIOR_WEIGHT * p) / (t + PRIOR_WEIGHT) for a, t, p in zip(self.accepts, self.attempts,
                                                                                  self.prior)]
 
-    def record(self, accepted: list[int], drafted: int) -> None:
-        for n in accepted:
-            count_cycle(self.attempts, self.accepts, n, drafted)
+    def record_span(self, n_accepted: int, lo: int, hi: int) -> None:
+        """One row's verdict on draft positions lo+1..hi (0-based lo..hi-1) of a cycle that accepted n_accepted
+        drafts: positions up to n_accepted + 1 were reached, those up to n_accepted accepted (acceptance.py's
+        rule, restricted to the span); nothing when the row stopped before the span."""
+        for j in range(lo, min(n_accepted + 1, hi)):
+            self.attempts[j] += 1
+            self.accepts[j] += j < n_accepted
 
 
 class DraftPlanner:
     """Chooses the next cycle for one decode batch: an AR step, k diffusion drafts (1..max_len), or, when every row
-    found one, the prompt-lookup drafts (their own rates, prior PRIOR_RATE; cost: one verify forward)."""
+    found one, the prompt-lookup drafts (their own rates, prior PRIOR_RATE; cost: one verify forward). Where rows
+    have lookup drafts, a diffusion cycle verifies lookup + diffusion tail (the loop merges them), so its expected
+    tokens use the lookup rates over the lookup's span and the diffusion rates past it, and its verdicts are
+    recorded the same way."""
 
     def __init__(self, max_len: int, quadratic: bool, prior: list[float] | None = None):
         self.max_len = max_len
@@ -91,13 +98,20 @@ class DraftPlanner:
         prior = [min(max(float(r), 0.05), 0.95) for r in (prior or [])]
         self.diffusion = _Rates((prior + [prior[-1] if prior else PRIOR_RATE] * max_len)[:max_len])
         self.lookup = _Rates([PRIOR_RATE] * max_len)
-        self.time_ratio = {False: 1.0, True: 1.0}  # measured / predicted cycle time: AR steps, speculative cycles
+        self.time_ratio: dict[bool, float | None] = {False: None, True: None}  # measured / predicted cycle time:
+        # AR steps, speculative cycles (None: none measured yet)
         self._started = self._predicted = 0.0
         self._costs: dict[int, list[float]] = {}  # batch rows -> predicted seconds per cycle for k = 0..max_len
 
     def rates(self) -> list[float]:
         """The diffusion drafts' per-position rates as currently estimated."""
         return self.diffusion.values()
+
+    def ratio(self, speculative: bool) -> float:
+        """Measured / predicted time of this kind of cycle; until one is measured, the other kind's (the runtime's
+        overhead per forward is shared: an unmeasured kind must not look cheaper than a measured one), else 1."""
+        own, other = self.time_ratio[speculative], self.time_ratio[not speculative]
+        return own if own is not None else other if other is not None else 1.0
 
     def cycle_seconds(self, batch, k: int) -> float:
         if k == 0:
@@ -113,17 +127,18 @@ class DraftPlanner:
         if len(batch) not in self._costs:
             self._costs[len(batch)] = [self.cycle_seconds(batch, k) for k in range(self.max_len + 1)]
         costs = self._costs[len(batch)]
-        spec_ratio = self.time_ratio[True]
-        best, best_rate, predicted = (0, False), 1.0 / (costs[0] * self.time_ratio[False]), costs[0]
+        spec_ratio = self.ratio(True)
+        best, best_rate, predicted = (0, False), 1.0 / (costs[0] * self.ratio(False)), costs[0]
+        lookup = self.lookup.values()[:lookup_len]
         tokens, survive = 1.0, 1.0
         for k, r in enumerate(self.diffusion.values(), start=1):
-            survive *= r
+            survive *= lookup[k - 1] if k <= lookup_len else r
             tokens += survive
             if tokens / (costs[k] * spec_ratio) > best_rate:
                 best, best_rate, predicted = (k, False), tokens / (costs[k] * spec_ratio), costs[k]
         if lookup_len:
             verify = forward_seconds(batch, lookup_len + 1)
-            if expected_tokens(self.lookup.values(), lookup_len) / (verify * spec_ratio) > best_rate:
+            if expected_tokens(lookup) / (verify * spec_ratio) > best_rate:
                 best, predicted = (lookup_len, True), verify
         if self.quadratic:  # ranked by the steady state; this forward's width also depends on the drafts it verifies
             k = best[0]
@@ -135,8 +150,16 @@ class DraftPlanner:
     def finish(self, k: int) -> None:
         """Stop the cycle's clock (after its tokens reached the host) and learn the runtime's overhead from it."""
         ratio = (time.perf_counter() - self._started) / self._predicted
-        self.time_ratio[k > 0] += COST_SMOOTHING * (ratio - self.time_ratio[k > 0])
+        old = self.time_ratio[k > 0]
+        self.time_ratio[k > 0] = ratio if old is None else old + COST_SMOOTHING * (ratio - old)
 
-    def record(self, accepted: list[int], drafted: int, lookup: bool = False) -> None:
-        """Update the rates of diffusion (or lookup) drafts with one cycle's verified rows."""
-        (self.lookup if lookup else self.diffusion).record(accepted, drafted)
+    def record(self, accepted: list[int], drafted: int, lookup: bool = False,
+               lookup_lens: list[int] | None = None) -> None:
+        """Update the rates with one cycle's verified rows: accepted drafts per row out of `drafted`. lookup: the
+        cycle verified lookup drafts only (row i's are lookup_lens[i] long, the rest filler). Otherwise row i's
+        first lookup_lens[i] drafts (0 when None) were lookup tokens and the others diffusion drafts."""
+        for i, n in enumerate(accepted):
+            m = min(lookup_lens[i], drafted) if lookup_lens else (drafted if lookup else 0)
+            self.lookup.record_span(n, 0, m)
+            if not lookup:
+                self.diffusion.record_span(n, m, drafted)

@@ -230,8 +230,7 @@ def run_self_spec(batch: DecodeBatch, out: Outputs, cfg: DecodeSettings, gen: to
         accepted, drafted, emitted = _to_host(n_acc, drafts, tokens)
         batch.advance([a + 1 for a in accepted])
         if planner:
-            if use_lookup or not (lookups and any(lookups)):
-                planner.record(accepted, k, lookup=use_lookup)
+            planner.record(accepted, k, lookup=use_lookup, lookup_lens=[len(f) for f in lookups] if lookups else None)
             planner.finish(k)
         new = _record(batch, out, starts, accepted, drafted, emitted, lookups)
         seeds = tokens[torch.arange(n_rows, device=tokens.device), n_acc].long()
@@ -272,7 +271,7 @@ def run_self_spec_quadratic(batch: DecodeBatch, out: Outputs, cfg: DecodeSetting
             accepted, drafted, emitted = _to_host(n_acc, drafts, tokens)
             new = _record(batch, out, starts, accepted, drafted, emitted, lookups)
             if planner:
-                planner.record(accepted, n_drafts)
+                planner.record(accepted, n_drafts, lookup_lens=[len(f) for f in lookups] if lookups else None)
         else:
             tokens = select_tokens(logits[:, :1], cfg.temperature, gen, cfg.top_k, cfg.top_p)
             n_acc = torch.zeros(n_rows, dtype=torch.long, device=seeds.device)

@@ -29,13 +29,15 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     ce_weight: float = 1.0
     distill_weight: float = 1.0
-    distill: str = "lk_hybrid"  # lk_hybrid | kl | none
+    distill: str = "lk_hybrid"  # lk_hybrid | kl | tv | none
     distill_temperature: float = 3.0
     distill_top: int = 200
     position_weighting: str = "accepted_plus_one"  # accepted_plus_one | uniform
+    first_position_weight: float = 1.0  # loss weight of draft row 1 (every cycle pays for it) relative to the rest
     draft_layout: str = "linear"  # linear (mode self_spec) | quadratic (self_spec_quadratic: the draft block's
     # first token is a mask, not the seed)
     max_seq_len: int = 512
+    max_target_tokens: int | None = None  # use only the first N collected target tokens of each sequence
     eval_fraction: float = 0.05
     eval_split: str = "group"  # group: hold out whole groups (source files) -> selection by transfer | prompt
     fit_eval: bool = True  # also measure the same metric on as many training sequences (fit vs transfer)
@@ -62,7 +64,10 @@ class TrainConfig:
             (self.batch_size > 0 and self.blocks_per_seq > 0, "batch_size and blocks_per_seq must be > 0"),
             (self.draft_len is None or self.draft_len >= 1, f"draft_len must be >= 1; got {self.draft_len}"),
             (self.scheduler in ("cosine", "wsd", "constant"), f"scheduler={self.scheduler!r}: cosine|wsd|constant"),
-            (self.distill in ("lk_hybrid", "kl", "none"), f"distill={self.distill!r}: lk_hybrid|kl|none"),
+            (self.distill in ("lk_hybrid", "kl", "tv", "none"), f"distill={self.distill!r}: lk_hybrid|kl|tv|none"),
+            (self.first_position_weight > 0, f"first_position_weight must be > 0; got {self.first_position_weight}"),
+            (self.max_target_tokens is None or self.max_target_tokens >= 2,
+             f"max_target_tokens must be >= 2; got {self.max_target_tokens}"),
             (self.draft_layout in ("linear", "quadratic"),
              f"draft_layout={self.draft_layout!r}: linear|quadratic"),
             (self.position_weighting in ("accepted_plus_one", "uniform"),

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from nld_lora.data.collect import BRANCH_SEP
 from nld_lora.train.objective import DraftBatch
 
 
@@ -16,18 +17,22 @@ class Sequence:
     prompt_len: int
     prompt_id: str
     group: str = ""  # held-out evaluation keeps a group together ("" = the prompt alone)
+    branch: int = 0  # 0: the prompt's own greedy answer; n: its n-th sampled-start branch (training only)
 
 
-def build_sequences(rows, max_seq_len: int, min_target: int = 2) -> list[Sequence]:
-    """prompt_ids + target_ids, keeping the last max_seq_len tokens (prompt cut on the left)."""
+def build_sequences(rows, max_seq_len: int, min_target: int = 2, max_target: int | None = None) -> list[Sequence]:
+    """prompt_ids + target_ids (the first max_target of them), keeping the last max_seq_len tokens (prompt cut on
+    the left)."""
     groups = rows["group"] if "group" in rows.column_names else [""] * len(rows)
+    branches = rows["branch"] if "branch" in rows.column_names else [0] * len(rows)
     out = []
-    for pid, group, prompt, target in zip(rows["prompt_id"], groups, rows["prompt_ids"], rows["target_ids"]):
+    for pid, group, branch, prompt, target in zip(rows["prompt_id"], groups, branches, rows["prompt_ids"],
+                                                  rows["target_ids"]):
         if len(target) < min_target:
             continue
-        ids = list(prompt) + list(target)
+        ids = list(prompt) + list(target[:max_target])
         cut = max(0, len(ids) - max_seq_len)
-        out.append(Sequence(ids[cut:], max(len(prompt) - cut, 1), pid, group or ""))
+        out.append(Sequence(ids[cut:], max(len(prompt) - cut, 1), pid, group or "", branch))
     return out
 
 
@@ -38,7 +43,10 @@ def split_eval(seqs: list[Sequence], fraction: float, seed: int,
     def is_eval(key: str) -> bool:
         return int(hashlib.sha256(f"{seed}:{key}".encode()).hexdigest()[:8], 16) / 0xFFFFFFFF < fraction
 
-    held_out = [is_eval((s.group or s.prompt_id) if by == "group" else s.prompt_id) for s in seqs]
+    def parent(s: Sequence) -> str:  # a branch goes where its prompt goes
+        return s.prompt_id.rpartition(BRANCH_SEP)[0] if s.branch else s.prompt_id
+
+    held_out = [is_eval((s.group or parent(s)) if by == "group" else parent(s)) for s in seqs]
     train = [s for s, h in zip(seqs, held_out) if not h]
     held = [s for s, h in zip(seqs, held_out) if h]
     if not held:

@@ -129,9 +129,11 @@ def lk_hybrid(student: torch.Tensor, teacher: torch.Tensor, temperature: float =
 def draft_loss(
     student: torch.Tensor, teacher: torch.Tensor, valid: torch.Tensor, *, ce_weight: float = 1.0,
     distill_weight: float = 1.0, distill: str = "lk_hybrid", distill_temperature: float = 3.0, top: int = 200,
-    position_weighting: str = "accepted_plus_one",
+    position_weighting: str = "accepted_plus_one", first_position_weight: float = 1.0,
 ) -> DraftLossOutput:
-    """CE to the teacher's argmax + distillation, on valid rows (only "accepted + 1" rows by default)."""
+    """CE to the teacher's argmax + distillation, on valid rows (only "accepted + 1" rows by default); row 1 weighs
+    first_position_weight times the others (every cycle pays for it: raising it keeps the adapter from trading r_1
+    for later positions)."""
     k = student.shape[-2]
     accepted = greedy_acceptance(student.detach(), teacher, valid)
     offsets = torch.arange(k, device=student.device)
@@ -142,7 +144,9 @@ def draft_loss(
         weights = valid
     else:
         raise ValueError(f"position_weighting={position_weighting!r}; expected 'accepted_plus_one' or 'uniform'")
-    w = weights.float().flatten()
+    weights = weights.float()
+    weights[..., 0] *= first_position_weight
+    w = weights.flatten()
     s_flat, t_flat = student.flatten(0, -2), teacher.flatten(0, -2).float()
     ce = F.cross_entropy(s_flat.float(), t_flat.argmax(-1), reduction="none")
     if distill == "lk_hybrid":
@@ -150,10 +154,13 @@ def draft_loss(
     elif distill == "kl":
         dist = F.kl_div((s_flat.float() / distill_temperature).log_softmax(-1),
                         (t_flat / distill_temperature).log_softmax(-1), log_target=True, reduction="none").sum(-1)
+    elif distill == "tv":
+        p = (t_flat / distill_temperature).softmax(-1)
+        dist = 0.5 * (p - (s_flat.float() / distill_temperature).softmax(-1)).abs().sum(-1)
     elif distill == "none":
         dist = torch.zeros_like(ce)
     else:
-        raise ValueError(f"distill={distill!r}; expected 'lk_hybrid', 'kl' or 'none'")
+        raise ValueError(f"distill={distill!r}; expected 'lk_hybrid', 'kl', 'tv' or 'none'")
     denom = w.sum().clamp(min=1.0)
     ce_mean = (ce * w).sum() / denom
     dist_mean = (dist * w).sum() / denom

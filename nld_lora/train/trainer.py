@@ -217,10 +217,12 @@ def setup_data(model, dataset_dir: str | Path, cfg: TrainConfig) -> tuple[list[S
     """Collected targets -> training sequences, split by hashed prompt id into train and eval."""
     from nld_lora.data.collect import load_collected
 
-    seqs = build_sequences(load_collected(dataset_dir, model=model), cfg.max_seq_len)
+    seqs = build_sequences(load_collected(dataset_dir, model=model), cfg.max_seq_len,
+                           max_target=cfg.max_target_tokens)
     if len(seqs) < 2:
         raise ConfigError(f"{dataset_dir}: needs at least 2 collected sequences with targets; found {len(seqs)}")
     train_seqs, eval_seqs = split_eval(seqs, cfg.eval_fraction, cfg.seed, by=cfg.eval_split)
+    eval_seqs = [s for s in eval_seqs if not s.branch]  # selection measures prompts' own answers, as deployed
     return train_seqs, eval_seqs[: cfg.eval_max_seqs]
 
 
@@ -339,7 +341,8 @@ def train_step(run: TrainingRun) -> DraftLossOutput:
                 res = draft_loss(student, teacher, row_validity(batch), ce_weight=cfg.ce_weight,
                                  distill_weight=cfg.distill_weight, distill=cfg.distill,
                                  distill_temperature=cfg.distill_temperature, top=cfg.distill_top,
-                                 position_weighting=cfg.position_weighting)
+                                 position_weighting=cfg.position_weighting,
+                                 first_position_weight=cfg.first_position_weight)
                 acc.backward(res.loss)
             if acc.sync_gradients:
                 acc.clip_grad_norm_(run.params, cfg.max_grad_norm)
