@@ -213,3 +213,37 @@ def test_branches_stay_with_their_prompt_in_every_split():
         train_seqs, held = split_eval(seqs, 0.2, seed=0, by=by)
         held_parents = {s.prompt_id.partition("#")[0] for s in held}
         assert held_parents and held_parents.isdisjoint({s.prompt_id.partition("#")[0] for s in train_seqs})
+
+
+def test_follow_up_blocks_start_where_the_deployed_loop_seeds_next():
+    from nld_lora.train.objective import DraftBatch, follow_up_batch
+
+    batch = DraftBatch(torch.zeros(2, 12, dtype=torch.long), torch.tensor([12, 8]),
+                       torch.tensor([[2, 5, -1], [3, 4, 6]]), draft_len=4)
+    nxt = follow_up_batch(batch, torch.tensor([[0, 3, 2], [1, 4, 0]]))
+    assert nxt.starts.tolist() == [[3, 9, -1], [5, -1, -1]]  # s + n + 1; past length - 2 (no target left): -1
+    assert nxt.input_ids is batch.input_ids and nxt.draft_len == 4
+
+
+def test_gradients_survive_a_teacher_pass_between_student_forward_and_backward():
+    """The follow-up step runs a teacher pass (adapter off) between the first student forward and the backward:
+    the first block set's gradients must still arrive, equal to a backward with no toggle in between."""
+    from nld_lora.train.trainer import ADAPTER_NAME, add_lora
+
+    model = tiny_model(seed=3)
+    add_lora(model, TrainConfig(lora=LoraSettings(r=4, alpha=8)))
+    ids = torch.randint(0, model.config.vocab_size, (1, 10))
+    grads = []
+    for toggle in (False, True):
+        for p in model.parameters():
+            p.grad = None
+        with lora_enabled(model, ADAPTER_NAME, on=True):
+            out = model(ids)[0]
+        if toggle:
+            with lora_enabled(model, ADAPTER_NAME, on=False):
+                model(ids)
+        with lora_enabled(model, ADAPTER_NAME, on=True):
+            out.float().pow(2).mean().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0] and grads[0].keys() == grads[1].keys()
+    assert all(torch.equal(grads[0][n], grads[1][n]) for n in grads[0])

@@ -98,6 +98,15 @@ def row_validity(batch: DraftBatch) -> torch.Tensor:
     return (batch.starts[:, :, None] >= 0) & (target_pos < batch.lengths[:, None, None])
 
 
+def follow_up_batch(batch: DraftBatch, accepted: torch.Tensor) -> DraftBatch:
+    """The blocks the deployed loop drafts next: after a block at s accepts n drafts, the next cycle's seed is the
+    bonus token at s + n + 1 (a context right after a rejected draft, where deployed cycles start). Starts that
+    leave no target token to draft are -1."""
+    nxt = batch.starts + accepted.to(batch.starts.dtype) + 1
+    keep = (batch.starts >= 0) & (nxt <= batch.lengths[:, None] - 2)
+    return DraftBatch(batch.input_ids, batch.lengths, torch.where(keep, nxt, -1), batch.draft_len, batch.layout)
+
+
 def greedy_acceptance(student: torch.Tensor, teacher: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """Leading agreement count per block (B, nb) of argmaxes; rows beyond the sequence stop the walk."""
     agree = (student.argmax(-1) == teacher.argmax(-1)) & valid

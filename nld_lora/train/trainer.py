@@ -30,6 +30,8 @@ from nld_lora.train.data import Sequence, build_sequences, make_batch, split_eva
 from nld_lora.train.objective import (
     DraftLossOutput,
     draft_loss,
+    follow_up_batch,
+    greedy_acceptance,
     row_validity,
     simulated_acceptance,
     student_logits,
@@ -324,6 +326,18 @@ def run_eval(run: TrainingRun, step: int) -> None:
     acc.wait_for_everyone()
 
 
+def student_loss(run: TrainingRun, batch, cache, teacher) -> tuple[DraftLossOutput, torch.Tensor]:
+    """The student's drafts over the teacher's cache and the objective; call with the adapter on."""
+    cfg = run.cfg
+    with run.accelerator.autocast():
+        student = student_logits(run.wrapped, batch, cache, run.model.mask_token_id)
+        res = draft_loss(student, teacher, row_validity(batch), ce_weight=cfg.ce_weight,
+                         distill_weight=cfg.distill_weight, distill=cfg.distill,
+                         distill_temperature=cfg.distill_temperature, top=cfg.distill_top,
+                         position_weighting=cfg.position_weighting, first_position_weight=cfg.first_position_weight)
+    return res, student
+
+
 def train_step(run: TrainingRun) -> DraftLossOutput:
     """One optimizer step (grad_accum micro-batches); every process draws its share of the same seeded picks."""
     cfg, acc, step = run.cfg, run.accelerator, run.state.step
@@ -336,14 +350,16 @@ def train_step(run: TrainingRun) -> DraftLossOutput:
         batch = make_batch(mine, cfg.blocks_per_seq, run.draft_len, gen, pad, acc.device, cfg.draft_layout)
         with acc.accumulate(run.wrapped):
             cache, teacher = teacher_pass(run.model, batch, ADAPTER_NAME)
-            with lora_enabled(run.model, ADAPTER_NAME, on=True), acc.autocast():
-                student = student_logits(run.wrapped, batch, cache, run.model.mask_token_id)
-                res = draft_loss(student, teacher, row_validity(batch), ce_weight=cfg.ce_weight,
-                                 distill_weight=cfg.distill_weight, distill=cfg.distill,
-                                 distill_temperature=cfg.distill_temperature, top=cfg.distill_top,
-                                 position_weighting=cfg.position_weighting,
-                                 first_position_weight=cfg.first_position_weight)
-                acc.backward(res.loss)
+            with lora_enabled(run.model, ADAPTER_NAME, on=True):
+                res, student = student_loss(run, batch, cache, teacher)
+            loss = res.loss
+            if cfg.follow_up_blocks:
+                nxt = follow_up_batch(batch, greedy_acceptance(student.detach(), teacher, row_validity(batch)))
+                cache, teacher = teacher_pass(run.model, nxt, ADAPTER_NAME)
+            with lora_enabled(run.model, ADAPTER_NAME, on=True):  # backward too: PEFT clears requires_grad of
+                if cfg.follow_up_blocks:  # a disabled adapter, and its gradients would be lost
+                    loss = (loss + student_loss(run, nxt, cache, teacher)[0].loss) / 2
+                acc.backward(loss)
             if acc.sync_gradients:
                 acc.clip_grad_norm_(run.params, cfg.max_grad_norm)
             run.optimizer.step()
