@@ -8,7 +8,8 @@ collected targets (or on --variant-collect NAME=DIR), then is measured with the 
 block and draft length of the model) on the VALIDATION prompts: prompts of --prompts whose source file falls in
 the trainer's held-out groups (eval_split=group, same seed and fraction). No variant trains on those files, and
 the report's held-out set (code_eval.jsonl) is not used here, so choosing by this table keeps the reported
-figure clean. Prints a markdown table: validation acceptance before/after with 95% intervals, gain, wall time.
+figure clean. Prints a markdown table: validation acceptance before/after with 95% intervals, gain, r_1 (the
+first draft position's acceptance rate, which every cycle pays for), wall time.
 """
 
 from __future__ import annotations
@@ -35,10 +36,12 @@ def validation_prompts(path: str, cfg: TrainConfig, group_field: str, limit: int
     return [r for r in records if r.id in held_ids][:limit]
 
 
-def measure(model, prompts: list[str], adapter, max_new_tokens: int, seed: int) -> tuple[float, list[float]]:
+def measure(model, prompts: list[str], adapter, max_new_tokens: int, seed: int) -> tuple[float, list[float], float]:
+    """Acceptance length, its 95% interval and r_1 (the first draft position's acceptance rate)."""
     res = model.generate(prompts, mode="self_spec", adapter=adapter, max_new_tokens=max_new_tokens, batch_size=8,
                          seed=seed)
-    return res.stats.acceptance_length, list(bootstrap_ci(res.stats.requests, seed=seed))
+    stats = res.stats
+    return stats.acceptance_length, list(bootstrap_ci(stats.requests, seed=seed)), stats.per_position_acceptance[0]
 
 
 def main() -> None:
@@ -62,7 +65,7 @@ def main() -> None:
     val = validation_prompts(args.prompts, base, args.group_field, args.n)
     model = nld_lora.load(args.model)
     texts = [r.prompt for r in val]
-    before, before_ci = measure(model, texts, False, args.max_new_tokens, base.seed)
+    before, before_ci, before_r1 = measure(model, texts, False, args.max_new_tokens, base.seed)
     rows = []
     for spec in args.variant:
         name, _, overrides = spec.partition(":")
@@ -71,22 +74,22 @@ def main() -> None:
         res = train(model, own_data.get(name, args.collect), Path(args.out) / name, cfg, progress=False)
         wall = time.perf_counter() - t0
         adapter = model.attach_adapter(res.adapter_dir)
-        after, after_ci = measure(model, texts, adapter, args.max_new_tokens, base.seed)
+        after, after_ci, r1 = measure(model, texts, adapter, args.max_new_tokens, base.seed)
         model.detach_adapter()
         rows.append({"variant": name, "overrides": overrides, "val_after": after, "val_after_ci95": after_ci,
-                     "gain": relative_gain(before, after), "selection_metric": res.best_simulated_acceptance,
+                     "gain": relative_gain(before, after), "r1": r1, "selection_metric": res.best_simulated_acceptance,
                      "fit_metric": res.fit_best_simulated_acceptance, "best_step": res.best_step, "train_s": wall})
         print(json.dumps(rows[-1]), flush=True)
     print(f"\nValidation: {len(val)} prompts from held-out files of {args.prompts}; before (no adapter) "
-          f"{before:.3f} [{before_ci[0]:.2f}, {before_ci[1]:.2f}]\n")
-    print("| variant | change | validation acceptance after [95% CI] | gain | selection metric (held-out files) "
-          "| fit metric (training seqs) | best step | train s |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|")
+          f"{before:.3f} [{before_ci[0]:.2f}, {before_ci[1]:.2f}], r_1 {before_r1:.3f}\n")
+    print("| variant | change | validation acceptance after [95% CI] | gain | r_1 | selection metric (held-out "
+          "files) | fit metric (training seqs) | best step | train s |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         lo, hi = r["val_after_ci95"]
         fit = f"{r['fit_metric']:.3f}" if r["fit_metric"] is not None else "-"
         print(f"| {r['variant']} | `{r['overrides'] or '-'}` | {r['val_after']:.3f} [{lo:.2f}, {hi:.2f}] | "
-              f"{100 * r['gain']:+.1f}% | {r['selection_metric']:.3f} | {fit} | {r['best_step']} | "
+              f"{100 * r['gain']:+.1f}% | {r['r1']:.3f} | {r['selection_metric']:.3f} | {fit} | {r['best_step']} | "
               f"{r['train_s']:.0f} |")
 
 

@@ -53,6 +53,9 @@ def test_planner_takes_lookup_drafts_only_while_they_pay(monkeypatch):
     monkeypatch.setattr(auto, "forward_seconds", lambda batch, width: 1.0 + 0.1 * width)  # a measured cost curve
     planner = DraftPlanner(4, quadratic=False, prior=[0.05] * 4)  # diffusion drafts: never worth a draft forward
     assert planner.choose(_Rows(1), lookup_len=3) == (3, True)  # lookup prior 0.6: 2.18 tokens for 1.4 s
+    monkeypatch.setattr(auto, "forward_seconds", lambda batch, width: 1.0 + 0.5 * width)  # wide verifies cost more:
+    assert DraftPlanner(4, False, [0.05] * 4).choose(_Rows(1), lookup_len=3) == (1, True)  # 1.6 tokens for 2 s
+    monkeypatch.setattr(auto, "forward_seconds", lambda batch, width: 1.0 + 0.1 * width)
     for _ in range(20):
         planner.record([0], drafted=3, lookup=True)  # but the lookups keep failing
     assert planner.choose(_Rows(1), lookup_len=3) == (0, False)

@@ -86,6 +86,10 @@ def test_report_files_exist_parse_and_agree(tmp_path):
     fastest = on_disk["after"]["fastest"]
     assert fastest["mode"] in SPEED_CANDIDATES and fastest["mode"] in md and fastest["tokens_per_s_batch1"] > 0
     assert fastest["selection_prompts"] == 2 and not fastest["selected_on_timed_prompts"]
+    assert fastest["rounds"] == cfg.speed_rounds and fastest["ar_tokens_per_s_batch1"] > 0
+    before_fastest = on_disk["before"]["fastest"]
+    faster = fastest["speedup_vs_ar_batch1"] >= before_fastest["speedup_vs_ar_batch1"]
+    assert ("fastest lossless mode is faster" if faster else "Measured reason") in md
     model.detach_adapter()  # (the fastest mode's own figures depend on measured timings: only its shape is checked)
     for name in on_disk["plots"].values():
         data = (tmp_path / "rep" / name).read_bytes()

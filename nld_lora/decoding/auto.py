@@ -87,7 +87,8 @@ class _Rates:
 
 class DraftPlanner:
     """Chooses the next cycle for one decode batch: an AR step, k diffusion drafts (1..max_len), or, when every row
-    found one, the prompt-lookup drafts (their own rates, prior PRIOR_RATE; cost: one verify forward). Where rows
+    found one, the prompt-lookup drafts cut to k tokens (their own rates, prior PRIOR_RATE; cost: one verify forward
+    of width k + 1). Where rows
     have lookup drafts, a diffusion cycle verifies lookup + diffusion tail (the loop merges them), so its expected
     tokens use the lookup rates over the lookup's span and the diffusion rates past it, and its verdicts are
     recorded the same way."""
@@ -136,10 +137,10 @@ class DraftPlanner:
             tokens += survive
             if tokens / (costs[k] * spec_ratio) > best_rate:
                 best, best_rate, predicted = (k, False), tokens / (costs[k] * spec_ratio), costs[k]
-        if lookup_len:
-            verify = forward_seconds(batch, lookup_len + 1)
-            if expected_tokens(lookup) / (verify * spec_ratio) > best_rate:
-                best, predicted = (lookup_len, True), verify
+        for k in range(1, lookup_len + 1):  # lookup drafts cut to k: a narrower verify, for fewer expected tokens
+            verify = forward_seconds(batch, k + 1)
+            if expected_tokens(lookup, k) / (verify * spec_ratio) > best_rate:
+                best, best_rate, predicted = (k, True), expected_tokens(lookup, k) / (verify * spec_ratio), verify
         if self.quadratic:  # ranked by the steady state; this forward's width also depends on the drafts it verifies
             k = best[0]
             predicted = forward_seconds(batch, (verifying + 1) * (k + 2) if k else verifying + 1)

@@ -212,7 +212,8 @@ def run_self_spec(batch: DecodeBatch, out: Outputs, cfg: DecodeSettings, gen: to
             k, use_lookup = (longest, True) if all_found else (cfg.draft_len, False)
         draft_logits = None
         if use_lookup:
-            drafts = _merge_drafts(lookups, None, k, mask_id, seeds.device)  # no draft forward
+            drafts = _merge_drafts([found[:k] for found in lookups], None, k, mask_id, seeds.device)  # no draft
+            # forward; the planner may cut the lookups short
         elif k == 0:
             seeds = _ar_step(batch, out, cfg, gen, seeds)
             planner.finish(k)

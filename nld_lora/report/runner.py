@@ -27,7 +27,7 @@ from nld_lora.report.metrics import (
     token_agreement,
 )
 from nld_lora.report.plots import plot_categories, plot_histograms, plot_per_position
-from nld_lora.report.speed import fastest_mode
+from nld_lora.report.speed import fastest_modes, forward_ms
 from nld_lora.report.writers import write_markdown
 
 SCHEMA_VERSION = 1
@@ -48,6 +48,7 @@ class ReportConfig:
     fit_prompts: int = 0  # also measure before/after on this many training prompts (fit vs transfer)
     fastest_mode: bool = True  # speed rows also for the fastest lossless mode (report/speed.py), chosen on
     # the speed_prompts that follow the timed ones
+    speed_rounds: int = 3  # the fastest modes and AR are timed interleaved in this many rounds (medians)
 
 
 def machine_info() -> dict[str, Any]:
@@ -105,10 +106,11 @@ def _measure_and_write(model: Any, names: list[str], adapters: list[str], record
     common = {"max_new_tokens": cfg.max_new_tokens, "settings": settings, "progress": progress}
     plans = plan_runs(names, cfg)
     runs, sequences = measure_runs(model, plans, texts, categories, cfg, common)
-    if cfg.fastest_mode:
-        measure_fastest(model, runs, plans, texts, names, cfg, settings)
+    forward_costs = measure_fastest(model, runs, plans, texts, names, cfg, settings) if cfg.fastest_mode else None
     lossless = check_lossless(sequences, ["before", *names], records, settings, cfg.diffusion)
     report = assemble(model, names, adapters, records, prompts, cfg, settings, runs, lossless)
+    if forward_costs:
+        report["forward_ms_batch1"] = forward_costs
     if fit_source and cfg.fit_prompts > 0 and names:
         report["fit"] = _fit_vs_transfer(model, fit_source, cfg, names[0], common, report)
     report.update(extra or {})
@@ -146,14 +148,17 @@ def measure_runs(model: Any, plans: dict[str, dict[str, Any]], texts: list[str],
 
 
 def measure_fastest(model: Any, runs: dict[str, dict], plans: dict[str, dict], texts: list[str], names: list[str],
-                    cfg: ReportConfig, settings: DecodeSettings) -> None:
-    """runs[label]["fastest"] for the run without and each run with an adapter (report/speed.py)."""
+                    cfg: ReportConfig, settings: DecodeSettings) -> dict[str, float]:
+    """runs[label]["fastest"] for the run without and each run with an adapter, timed interleaved
+    (report/speed.py); returns the batch-1 forward times (ms by width) draft_len="auto" measured."""
     timed = texts[: cfg.speed_prompts]
     selection = texts[cfg.speed_prompts: 2 * cfg.speed_prompts] or timed
-    for label in ("before", *names):
-        runs[label]["fastest"] = fastest_mode(model, selection, timed, plans[label]["adapter"], settings,
-                                              cfg.max_new_tokens, runs["ar"]["tokens_per_s_batch1"])
-        runs[label]["fastest"]["selected_on_timed_prompts"] = selection is timed
+    labels = ("before", *names)
+    fastest = fastest_modes(model, {label: plans[label]["adapter"] for label in labels}, selection, timed, settings,
+                            cfg.max_new_tokens, cfg.speed_rounds)
+    for label in labels:
+        runs[label]["fastest"] = {**fastest[label], "selected_on_timed_prompts": selection is timed}
+    return forward_ms(model)
 
 
 def check_lossless(sequences: dict[str, list[list[int]]], spec_labels: list[str], records: list,

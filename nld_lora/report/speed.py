@@ -6,6 +6,7 @@ Candidates are timed at batch size 1 on `selection` prompts; the winner is then 
 
 from __future__ import annotations
 
+import statistics
 from typing import Any
 
 SPEED_CANDIDATES: dict[str, dict[str, Any]] = {
@@ -18,21 +19,52 @@ SPEED_CANDIDATES: dict[str, dict[str, Any]] = {
 }
 
 
-def fastest_mode(model: Any, selection: list[str], timed: list[str], adapter: str | bool, settings: Any,
-                 max_new_tokens: int, ar_tokens_per_s: float) -> dict[str, Any]:
-    """Time each candidate on `selection` (batch 1), then the fastest on `timed`; returns its name, settings and
-    tokens/s, with every candidate's selection speed."""
+def fastest_modes(model: Any, adapters: dict[str, str | bool], selection: list[str], timed: list[str],
+                  settings: Any, max_new_tokens: int, rounds: int = 3) -> dict[str, dict[str, Any]]:
+    """The fastest lossless candidate per run (label -> adapter name, False for none), at batch 1.
+
+    Selection: each candidate timed on `selection` for every run back to back, so a slow spell of the machine hits
+    the runs alike. Timing: AR and each run's winner on `timed`, interleaved in `rounds` rounds; tokens/s is the
+    median over rounds and the speedup the median of each round's ratio to that round's AR, so machine drift does
+    not decide a before/after comparison.
+    """
     candidates = SPEED_CANDIDATES if settings.temperature <= 0 else {
         name: kw for name, kw in SPEED_CANDIDATES.items() if "ngram" not in kw}  # lookup drafts are greedy-only
-    speeds = {}
+
+    def run(prompts: list[str], adapter: str | bool, kw: dict[str, Any]):
+        return model.generate(prompts, batch_size=1, max_new_tokens=max_new_tokens, settings=settings,
+                              adapter=adapter, **kw).stats
+
+    speeds: dict[str, dict[str, float]] = {label: {} for label in adapters}
     for name, kw in candidates.items():
-        res = model.generate(selection, batch_size=1, max_new_tokens=max_new_tokens, settings=settings,
-                             adapter=adapter, **kw)
-        speeds[name] = res.stats.tokens_per_s
-    best = max(speeds, key=speeds.get)
-    res = model.generate(timed, batch_size=1, max_new_tokens=max_new_tokens, settings=settings, adapter=adapter,
-                         **candidates[best])
-    return {"mode": best, "settings": {k: v for k, v in candidates[best].items() if v is not None},
-            "tokens_per_s_batch1": res.stats.tokens_per_s,
-            "speedup_vs_ar_batch1": res.stats.tokens_per_s / ar_tokens_per_s if ar_tokens_per_s else 0.0,
-            "tpf": res.stats.tpf, "selection_tokens_per_s": speeds, "selection_prompts": len(selection)}
+        for label, adapter in adapters.items():
+            speeds[label][name] = run(selection, adapter, kw).tokens_per_s
+    best = {label: max(s, key=s.get) for label, s in speeds.items()}
+    timings: dict[str, list[float]] = {label: [] for label in ("ar", *adapters)}
+    ratios: dict[str, list[float]] = {label: [] for label in adapters}
+    last: dict[str, Any] = {}
+    for _ in range(rounds):
+        ar = run(timed, False, {"mode": "ar"}).tokens_per_s
+        timings["ar"].append(ar)
+        for label, adapter in adapters.items():
+            last[label] = run(timed, adapter, candidates[best[label]])
+            timings[label].append(last[label].tokens_per_s)
+            ratios[label].append(last[label].tokens_per_s / ar if ar else 0.0)
+    return {label: {
+        "mode": best[label], "settings": {k: v for k, v in candidates[best[label]].items() if v is not None},
+        "tokens_per_s_batch1": statistics.median(timings[label]),
+        "speedup_vs_ar_batch1": statistics.median(ratios[label]),
+        "ar_tokens_per_s_batch1": statistics.median(timings["ar"]), "rounds": rounds,
+        "tpf": last[label].tpf, "acceptance_length": last[label].acceptance_length,
+        "draft_len_choices": last[label].draft_len_choices, "lookup_cycles": last[label].lookup_cycles,
+        "selection_tokens_per_s": speeds[label], "selection_prompts": len(selection),
+    } for label in adapters}
+
+
+def forward_ms(model: Any) -> dict[str, float]:
+    """Eager batch-1 forward wall times draft_len="auto" measured in this process, width -> ms (empty if none)."""
+    from nld_lora.decoding.twins import forward_costs
+
+    return {str(width): round(1e3 * t, 3) for (_, compiled, rows, width), t in sorted(forward_costs(model).items(),
+                                                                                    key=lambda kv: kv[0][3])
+            if rows == 1 and not compiled}
