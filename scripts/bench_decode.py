@@ -93,6 +93,32 @@ def decode_rows(args, model) -> list[tuple[str, dict]]:
     return rows
 
 
+def print_verdicts(ratios: dict[tuple, list[float]]) -> None:
+    """The comparisons a deployer reads off the table (medians of per-round ratios to AR): the best row with the
+    adapter against the best without it and against transformers' prompt lookup, the best self-speculation row
+    per batch size, and the slowest draft_len="auto" row."""
+    med = {key: statistics.median(v) for key, v in ratios.items()}
+    for bs in sorted({bs for bs, _ in med}):
+        rows = {label: r for (b, label), r in med.items() if b == bs}
+        spec = {label: r for label, r in rows.items() if "self_spec" in label}
+        lora = {label: r for label, r in spec.items() if "+lora" in label}
+        plain = {label: r for label, r in spec.items() if "+lora" not in label}
+        auto = {label: r for label, r in spec.items() if "auto" in label}
+        parts = []
+        if spec:
+            best = max(spec, key=spec.get)
+            parts.append(f"best self-spec {best} {spec[best]:.2f}x AR")
+        if lora and plain:
+            bl, bp = max(lora, key=lora.get), max(plain, key=plain.get)
+            parts.append(f"best with adapter / best without: {lora[bl] / plain[bp]:.2f} ({bl} vs {bp})")
+            if "hf prompt-lookup" in rows:
+                parts.append(f"best with adapter / hf prompt-lookup: {lora[bl] / rows['hf prompt-lookup']:.2f}")
+        if auto:
+            worst = min(auto, key=auto.get)
+            parts.append(f"slowest auto row {worst} {auto[worst]:.2f}x AR")
+        print(f"batch {bs}: " + "; ".join(parts))
+
+
 def compile_batches(args) -> set[int]:
     return {int(b) for b in args.compile_batches.split(",")} if args.compile_batches else set()
 
@@ -167,6 +193,7 @@ def main() -> None:
         chosen = " ".join(f"{k}:{n}" for k, n in st.draft_len_choices.items())
         print(f"{bs:>5} {label:>34} {st.tpf:>7.3f} {acc:>7} {speed:>9.1f} {ratio:>6.2f}x "
               f"{100 * st.overhead_share:>8.1f}%  {chosen}")
+    print_verdicts(ratios)
     costs = forward_costs(model)
     if costs:
         print("forward ms by width, as draft_len='auto' measured them (device, compiled, rows bucket):")

@@ -289,3 +289,31 @@ def test_adapter_folder_names_with_dots_attach(tmp_path):
     assert name == "lora_v2" and model.adapters.keys() == {"lora_v2"}
     with pytest.raises(AdapterError, match="cannot contain"):
         model.attach_adapter(str(tmp_path / "lora.v2"), name="a.b")
+
+
+def test_diffusion_drafts_past_a_lookup_match_see_its_tokens(monkeypatch):
+    """At batch > 1 some rows find a lookup and some do not: the draft block of a row with a lookup carries the
+    lookup tokens after its seed (the masks draft past the match), the others stay [seed, mask...]; lossless."""
+    from nld_lora.decoding.batch import DecodeBatch
+    from nld_lora.decoding.lookup import NgramIndex
+
+    model = tiny_model(seed=6)
+    prompts = [p * 3 if i % 2 else p for i, p in enumerate(random_prompts(4, seed=7))]
+    ar = model.generate(prompts, mode="ar", max_new_tokens=24)
+    blocks, forward = [], DecodeBatch.forward
+
+    def spy(self, tokens, kind, *args, **kw):
+        if kind == "draft":
+            contexts = [list(self.ngram_index[rid].tokens) for rid in self.rows]  # prompt + committed tokens
+            blocks.append((tokens.clone(), [NgramIndex(c, 3).draft(tokens.shape[1] - 1) for c in contexts]))
+        return forward(self, tokens, kind, *args, **kw)
+
+    monkeypatch.setattr(DecodeBatch, "forward", spy)
+    res = model.generate(prompts, mode="self_spec", max_new_tokens=24, draft_len=4, ngram=3, batch_size=4)
+    assert res.sequences == ar.sequences
+    with_lookup = 0
+    for tokens, lookups in blocks:
+        for row, found in zip(tokens.tolist(), lookups):
+            assert row[1:1 + len(found)] == found and set(row[1 + len(found):]) <= {model.mask_token_id}
+            with_lookup += bool(found)
+    assert with_lookup > 0

@@ -193,8 +193,10 @@ def _note_choice(batch: DecodeBatch, out: Outputs, k: int) -> None:
 
 def run_self_spec(batch: DecodeBatch, out: Outputs, cfg: DecodeSettings, gen: torch.Generator) -> None:
     """Draft [seed, mask x k] bidirectionally (adapter on), verify causally (adapter off), keep prefix + bonus.
-    With adaptive_draft, k is chosen per cycle (0: an AR step). With prompt lookup, a cycle whose every row found
-    a lookup draft skips the draft forward and verifies only as many tokens as the longest lookup."""
+    With adaptive_draft, k is chosen per cycle (0: an AR step). With prompt lookup, a row's lookup tokens fill the
+    start of its draft block (the diffusion pass drafts past the end of the match, seeing it) and are verified as
+    drafts; a cycle may also skip the draft forward and verify the lookups alone (when every row found one: always
+    without adaptive_draft, else when the planner says it pays)."""
     seeds = _prefill(batch, out, cfg, gen)
     mask_id = batch.model.mask_token_id
     planner = _planner(batch, cfg, quadratic=False)
@@ -221,6 +223,8 @@ def run_self_spec(batch: DecodeBatch, out: Outputs, cfg: DecodeSettings, gen: to
         else:
             block = torch.full((n_rows, k + 1), mask_id, dtype=torch.long, device=seeds.device)
             block[:, 0] = seeds
+            if lookups is not None:  # rows with a lookup draft it past the match: the masks see the lookup tokens
+                block[:, 1:] = _merge_drafts([found[:k] for found in lookups], block[:, 1:], k, mask_id, seeds.device)
             draft_logits = batch.forward(block, "draft", logits_index=slice(1, None))
             drafts = select_tokens(draft_logits, cfg.temperature, gen, cfg.top_k, cfg.top_p)
             if lookups is not None:
