@@ -83,6 +83,7 @@ def test_report_files_exist_parse_and_agree(tmp_path):
     md = (tmp_path / "rep" / "report.md").read_text()
     assert f"{on_disk['before']['acceptance_length']:.3f}" in md and f"{on_disk['after']['tpf']:.3f}" in md
     assert "**0 mismatching prompts**" in md
+    assert f"| r_1 (first draft position accepted) | {on_disk['before']['per_position_acceptance'][0]:.3f} |" in md
     fastest = on_disk["after"]["fastest"]
     assert fastest["mode"] in SPEED_CANDIDATES and fastest["mode"] in md and fastest["tokens_per_s_batch1"] > 0
     assert fastest["selection_prompts"] == 2 and not fastest["selected_on_timed_prompts"]

@@ -30,6 +30,15 @@ def _fastest_rows(report: dict[str, Any]) -> list[str]:
             f"{a['tokens_per_s_batch1']:.1f} ({a['speedup_vs_ar_batch1']:.2f}x AR) | |"]
 
 
+def _first_position_row(report: dict[str, Any]) -> list[str]:
+    """r_1, the acceptance rate of the first draft position: every cycle pays for it, so an adapter must not lower
+    it."""
+    b, a = (report[k].get("per_position_acceptance") or [None] for k in ("before", "after"))
+    if b[0] is None or a[0] is None:
+        return []
+    return [f"| r_1 (first draft position accepted) | {b[0]:.3f} | {a[0]:.3f} | {_pct(a[0] / b[0] - 1)} |"]
+
+
 def fastest_verdict(report: dict[str, Any]) -> str:
     """One sentence on whether the adapter's fastest mode beat the fastest mode without it, and if not, the
     measured reason: tokens per forward against what a forward of each width costs here."""
@@ -109,6 +118,7 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
         f" | {report['after']['acceptance_length']:.3f} [{report['after']['acceptance_length_ci95'][0]:.2f}, "
         f"{report['after']['acceptance_length_ci95'][1]:.2f}] | {_pct(report['gain']['acceptance_length_rel'])} |",
         f"| TPF | {report['before']['tpf']:.3f} | {report['after']['tpf']:.3f} | {_pct(report['gain']['tpf_rel'])} |",
+        *_first_position_row(report),
         f"| speedup vs AR (batch {s['batch_size']}) | {report['before']['speedup_vs_ar']:.2f}x | "
         f"{report['after']['speedup_vs_ar']:.2f}x | |",
         f"| speedup vs AR (batch 1) | {report['before']['speedup_vs_ar_batch1']:.2f}x | "
