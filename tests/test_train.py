@@ -247,3 +247,44 @@ def test_gradients_survive_a_teacher_pass_between_student_forward_and_backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
     assert grads[0] and grads[0].keys() == grads[1].keys()
     assert all(torch.equal(grads[0][n], grads[1][n]) for n in grads[0])
+
+
+@pytest.mark.slow
+def test_retrained_mask_embedding_is_saved_drafts_through_the_twins_and_attaches_in_the_release_layout(
+        collected, tmp_path):
+    from nld_lora.cli import main
+    from nld_lora.decoding.twins import pathway_encoder
+    from nld_lora.model.masks import draft_mask
+
+    model = nld_lora.load(EMBEDDED)
+    cfg = _small_cfg(steps=6, eval_every=6, save_every=6, train_mask_embedding=True,
+                     lora=LoraSettings(r=4, alpha=8, target_modules=["o_proj"]))
+    res = train(model, collected, tmp_path / "run", cfg, progress=False)
+    tensors = load_file(Path(res.adapter_dir) / "adapter_model.safetensors")
+    rows = [v for k, v in tensors.items() if k.endswith("trainable_tokens_delta")]
+    original = model.encoder.embed_tokens.weight[model.mask_token_id].detach().clone()
+    assert len(rows) == 1 and rows[0].shape == (1, original.numel()) and not torch.allclose(rows[0][0], original)
+    name = model.attach_adapter(res.adapter_dir)
+    ids = torch.tensor([[4, 8, 15, model.mask_token_id, model.mask_token_id, model.mask_token_id]])
+    valid, pos = torch.ones(1, 6, dtype=torch.bool), torch.arange(6)[None]
+    mask = draft_mask(valid, 6)
+    with torch.no_grad():
+        with lora_enabled(model, name, False):
+            off = model(ids, attention_mask=mask, position_ids=pos)[0]
+        with lora_enabled(model, name, True):
+            on = model(ids, attention_mask=mask, position_ids=pos)[0]
+        base = model(ids, attention_mask=mask, position_ids=pos, encoder=pathway_encoder(model, name, False))[0]
+        merged = model(ids, attention_mask=mask, position_ids=pos, encoder=pathway_encoder(model, name, True))[0]
+        plain = nld_lora.load(EMBEDDED)(ids, attention_mask=mask, position_ids=pos)[0]
+    assert torch.equal(base, off) and torch.equal(base, plain)  # adapter off: the original mask embedding
+    assert torch.allclose(merged, on, atol=1e-5)
+    prompts = [r.prompt for r in read_prompts(str(ROOT / "data" / "prompts" / "code_eval.jsonl"), limit=3)[0]]
+    ar = model.generate(prompts, mode="ar", max_new_tokens=16)
+    assert model.generate(prompts, mode="self_spec", adapter=name, max_new_tokens=16).sequences == ar.sequences
+    model.detach_adapter()
+    assert main(["export", "--model", EMBEDDED, "--release-layout", str(tmp_path / "rel"),
+                 "--adapter", res.adapter_dir]) == 0
+    released = nld_lora.load(str(tmp_path / "rel"))
+    released.attach_adapter("linear_spec_lora")
+    with torch.no_grad(), lora_enabled(released, "linear_spec_lora", True):
+        assert torch.allclose(released(ids, attention_mask=mask, position_ids=pos)[0], on, atol=1e-5)

@@ -21,7 +21,14 @@ import torch
 from torch import nn
 
 from nld_lora.model.adapters import lora_enabled, peft_of
-from nld_lora.model.pathways import gated_copy, lora_layers, merged_copy, set_submodule, structure_copy
+from nld_lora.model.pathways import (
+    gated_copy,
+    lora_layers,
+    merged_copy,
+    set_submodule,
+    structure_copy,
+    token_layers,
+)
 
 
 class TokenGate:
@@ -83,6 +90,8 @@ def base_twin(model) -> nn.Module | None:
         for name in model.adapters:
             for path, layer in lora_layers(model.encoder, name):
                 set_submodule(twin, path, layer.get_base_layer())
+        for path, wrapper in token_layers(model.encoder):  # retrained token rows: the original embedding
+            set_submodule(twin, path, wrapper.token_adapter.base_layer)
         state.base = twin
     return state.base
 

@@ -5,7 +5,8 @@ on a small or launch-bound model that doubles the cost of an AR or verify forwar
 - a base twin: the backbone's module tree as it was before PEFT wrapped it (the same leaf modules and weights), for
   forwards with the adapter off;
 - a merged twin per adapter: the base twin with each targeted Linear replaced by one holding W + scaling * B @ A,
-  for forwards with the adapter on (drafts), at the base model's cost. It copies the targeted weights only;
+  for forwards with the adapter on (drafts), at the base model's cost. It copies the targeted weights only; token
+  embeddings the adapter retrains (PEFT's trainable tokens, e.g. the mask token) read its rows;
 - a gated twin per adapter: targeted Linears compute base(x) + scaling * B A (x * gate), for forwards whose tokens
   are partly drafts (single-forward self-speculation); it shares every weight.
 Adapters being trained and quantized bases keep using PEFT.
@@ -26,7 +27,7 @@ def structure_copy(module: nn.Module) -> nn.Module:
     if not module._modules:
         return module
     twin = copy.copy(module)
-    twin._modules = {name: structure_copy(child) for name, child in module._modules.items()}
+    twin._modules = {name: child if child is None else structure_copy(child) for name, child in module._modules.items()}
     twin._parameters = dict(module._parameters)
     twin._buffers = dict(module._buffers)
     return twin
@@ -47,6 +48,31 @@ def lora_layers(wrapped: nn.Module, adapter: str) -> Iterator[tuple[str, nn.Modu
             yield path, layer
 
 
+def token_layers(wrapped: nn.Module, adapter: str | None = None) -> Iterator[tuple[str, nn.Module]]:
+    """(path, PEFT TrainableTokensWrapper) for every embedding whose rows adapter `adapter` retrains (None: any)."""
+    for path, module in wrapped.named_modules():
+        deltas = getattr(getattr(module, "token_adapter", None), "trainable_tokens_delta", None)
+        if isinstance(deltas, nn.ParameterDict) and (adapter in deltas if adapter else len(deltas)):
+            yield path, module
+
+
+class TokenRowsEmbedding(nn.Module):
+    """An embedding whose rows `indices` read `rows` instead (an adapter's retrained tokens, e.g. the mask token):
+    PEFT's TrainableTokens forward, without copying the whole matrix on every call."""
+
+    def __init__(self, base: nn.Embedding, indices: list[int], rows: torch.Tensor):
+        super().__init__()
+        self.base = base
+        self.indices = list(indices)
+        self.rows = rows
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        out = self.base(ids)
+        for row, index in zip(self.rows, self.indices):
+            out = torch.where((ids == index)[..., None], row.to(out.dtype), out)
+        return out
+
+
 def _twin_with(base_twin: nn.Module, wrapped: nn.Module, adapter: str,
                build: Callable[[nn.Linear, nn.Module], nn.Module]) -> nn.Module | None:
     """base_twin with each Linear that PEFT wrapped for `adapter` in `wrapped` (the same tree after PEFT) replaced by
@@ -58,6 +84,10 @@ def _twin_with(base_twin: nn.Module, wrapped: nn.Module, adapter: str,
         if type(base) is not nn.Linear or adapter in getattr(layer, "lora_variant", {}):
             return None
         set_submodule(twin, path, build(base, layer))
+    for path, wrapper in token_layers(wrapped, adapter):
+        tokens = wrapper.token_adapter
+        set_submodule(twin, path, TokenRowsEmbedding(tokens.base_layer, tokens.token_indices[adapter],
+                                                     tokens.trainable_tokens_delta[adapter].detach()))
     return twin
 
 

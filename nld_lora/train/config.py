@@ -33,6 +33,8 @@ class TrainConfig:
     distill_temperature: float = 3.0
     distill_top: int = 200
     position_weighting: str = "accepted_plus_one"  # accepted_plus_one | uniform
+    train_mask_embedding: bool = False  # also retrain the mask token's input embedding (PEFT trainable tokens,
+    # saved in the adapter folder; used only where the mask token is fed: draft blocks)
     follow_up_blocks: bool = False  # also train, each step, on the blocks the deployed loop would draft next (start
     # after this step's own accepted drafts + the bonus token): the contexts right after a rejection
     first_position_weight: float = 1.0  # loss weight of draft row 1 (every cycle pays for it) relative to the rest

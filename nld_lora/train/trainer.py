@@ -67,8 +67,10 @@ def add_lora(model, cfg: TrainConfig):
         raise ConfigError(f"lora.target_modules {missing} not in the model; its Linear modules: {sorted(names)}")
     for p in model.parameters():
         p.requires_grad_(False)
+    tokens = {"embed_tokens": [model.mask_token_id]} if cfg.train_mask_embedding else None
     lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout, bias="none",
-                      target_modules=list(cfg.lora.target_modules), exclude_modules=["diffusion_head"])
+                      target_modules=list(cfg.lora.target_modules), exclude_modules=["diffusion_head"],
+                      trainable_token_indices=tokens)
     peft_model = get_peft_model(model, lora, adapter_name=ADAPTER_NAME)
     register_peft(model, peft_model, ADAPTER_NAME)
     return peft_model
@@ -112,12 +114,12 @@ def evaluate_drafts(model, seqs: list[Sequence], cfg: TrainConfig, draft_len: in
 
 
 def adapter_state(peft_model: Any, adapter: str = ADAPTER_NAME) -> dict[str, torch.Tensor]:
-    """The adapter's LoRA tensors under PEFT's names, as plain CPU tensors; collective (every rank must call it):
+    """The adapter's LoRA tensors (and retrained token rows) under PEFT's names, as plain CPU tensors; collective (every rank must call it):
     sharded FSDP parameters (DTensors) are gathered in full. (Selected by name: PEFT clears requires_grad while
     the adapter is disabled.)"""
     state = {}
     for name, param in peft_model.named_parameters():
-        if ".lora_" in name and f".{adapter}." in name:
+        if (".lora_" in name and f".{adapter}." in name) or name.endswith(f".trainable_tokens_delta.{adapter}"):
             full = param.full_tensor() if hasattr(param, "full_tensor") else param
             state[name] = full.detach().cpu().clone()
     if not state:
