@@ -56,7 +56,7 @@ def test_planner_takes_lookup_drafts_only_while_they_pay(monkeypatch):
     monkeypatch.setattr(auto, "forward_seconds", lambda batch, width: 1.0 + 0.5 * width)  # wide verifies cost more:
     assert DraftPlanner(4, False, [0.05] * 4).choose(_Rows(1), lookup_len=3) == (1, True)  # 1.6 tokens for 2 s
     monkeypatch.setattr(auto, "forward_seconds", lambda batch, width: 1.0 + 0.1 * width)
-    for _ in range(20):
+    for _ in range(60):
         planner.record([0], drafted=3, lookup=True)  # but the lookups keep failing
     assert planner.choose(_Rows(1), lookup_len=3) == (0, False)
 
@@ -129,3 +129,21 @@ def test_planner_on_a_real_batch_measures_costs_and_picks_a_length():
     widths = {key[-1] for key in costs if key[2] == 4}  # 3 rows: the power-of-two bucket of 4
     assert {1, 2, 4} <= widths and all(t > 0 for t in costs.values())
     assert sum(s.total_forwards for s in batch.stats) == 3  # only the prefills were counted
+
+
+def test_the_next_decode_batch_starts_from_what_the_planner_learnt(tmp_path):
+    """Batch-1 runs make one planner per prompt: each must start from the rates the previous one measured (kept
+    per adapter and layout), not again from the adapter's evaluated prior; a new adapter set starts afresh."""
+    from nld_lora.decoding.twins import planner_memory
+
+    model = tiny_model(seed=1)
+    prompts = random_prompts(2, seed=5)
+    model.generate(prompts[:1], mode="self_spec", draft_len="auto", max_new_tokens=20, adapter=False)
+    learnt = planner_memory(model)[(None, "linear", 1)]
+    assert learnt["time_ratio"][False] is not None or learnt["time_ratio"][True] is not None
+    planner = DraftPlanner(len(learnt["diffusion"]), False, prior=[0.9] * 3, memory=learnt)
+    assert planner.diffusion.prior == pytest.approx([min(max(r, 0.05), 0.95) for r in learnt["diffusion"]])
+    assert planner.time_ratio == learnt["time_ratio"]
+    assert DraftPlanner(3, False, prior=[0.9] * 3).diffusion.prior == [0.9] * 3
+    model.attach_adapter(make_adapter(model, tmp_path / "lora"))
+    assert planner_memory(model) == {}

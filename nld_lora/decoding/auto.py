@@ -8,7 +8,9 @@ adapter's evaluated per-position rates when it has them, else PRIOR_RATE) worth 
 updated with every verified cycle of the call. Forward times are measured once per process at widths 1, 2, 4, 8, ...
 (interpolated between) and per power-of-two bucket of batch rows, eager and compiled apart;
 the runtime's own per-cycle cost (verification, bookkeeping) is learnt from the wall time of the cycles run, as a
-running ratio of measured to predicted time, kept apart for AR steps and speculative cycles.
+running ratio of measured to predicted time, kept apart for AR steps and speculative cycles. What a planner learnt
+is kept per model, adapter, layout and batch-size bucket (decoding/twins.py planner_memory) and is the next decode
+batch's start.
 """
 
 from __future__ import annotations
@@ -64,6 +66,12 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def _prior(rates: list[float] | None, max_len: int) -> list[float]:
+    """max_len prior rates clamped to [0.05, 0.95]: `rates` padded with its last value, or PRIOR_RATE."""
+    rates = [min(max(float(r), 0.05), 0.95) for r in (rates or [])]
+    return (rates + [rates[-1] if rates else PRIOR_RATE] * max_len)[:max_len]
+
+
 class _Rates:
     """Per-position acceptance counts with a prior worth PRIOR_WEIGHT cycles."""
 
@@ -92,20 +100,32 @@ class DraftPlanner:
     merges them), so its expected tokens use the lookup rates over the lookup's span and the diffusion rates past
     it, and its verdicts are recorded the same way."""
 
-    def __init__(self, max_len: int, quadratic: bool, prior: list[float] | None = None):
+    def __init__(self, max_len: int, quadratic: bool, prior: list[float] | None = None,
+                 memory: dict | None = None):
+        """prior: diffusion rates to start from (an adapter's evaluated ones); memory: a previous planner's
+        remember() of the same adapter and layout, which takes precedence (measured in this process)."""
         self.max_len = max_len
         self.quadratic = quadratic
-        prior = [min(max(float(r), 0.05), 0.95) for r in (prior or [])]
-        self.diffusion = _Rates((prior + [prior[-1] if prior else PRIOR_RATE] * max_len)[:max_len])
-        self.lookup = _Rates([PRIOR_RATE] * max_len)
-        self.time_ratio: dict[bool, float | None] = {False: None, True: None}  # measured / predicted cycle time:
-        # AR steps, speculative cycles (None: none measured yet)
+        memory = memory or {}
+        self.diffusion = _Rates(_prior(memory.get("diffusion") or prior, max_len))
+        self.lookup = _Rates(_prior(memory.get("lookup"), max_len))
+        self.time_ratio: dict[bool, float | None] = dict(memory.get("time_ratio") or {False: None, True: None})
+        # measured / predicted cycle time: AR steps, speculative cycles (None: none measured yet)
+        self.memory_key: tuple = ()  # where the runtime keeps what this planner learns (decoding/loops.py)
         self._started = self._predicted = 0.0
         self._costs: dict[int, list[float]] = {}  # batch rows -> predicted seconds per cycle for k = 0..max_len
 
     def rates(self) -> list[float]:
         """The diffusion drafts' per-position rates as currently estimated."""
         return self.diffusion.values()
+
+    def remember(self) -> dict:
+        """What this planner learnt, for the next decode batch of the same adapter and layout: the rates become its
+        prior (worth PRIOR_WEIGHT cycles again, so each batch still adapts to its own prompts) and the cost ratios
+        carry over. Without it every batch of a batch-1 run started from the adapter's evaluated rates, which the
+        deployed loop does not reach (issue #22)."""
+        return {"diffusion": self.diffusion.values(), "lookup": self.lookup.values(),
+                "time_ratio": dict(self.time_ratio)}
 
     def ratio(self, speculative: bool) -> float:
         """Measured / predicted time of this kind of cycle; until one is measured, the other kind's (the runtime's

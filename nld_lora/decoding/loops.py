@@ -10,6 +10,7 @@ from nld_lora.decoding.lookup import NgramIndex
 from nld_lora.decoding.outputs import Outputs
 from nld_lora.decoding.sampling import filter_logits, select_tokens, select_with_confidence
 from nld_lora.decoding.settings import DecodeSettings
+from nld_lora.decoding.twins import planner_memory
 from nld_lora.kernels import verify_greedy, verify_sampled
 from nld_lora.kernels.rng import mix32
 
@@ -168,14 +169,27 @@ def _record(batch: DecodeBatch, out: Outputs, starts: list[int], accepted: list[
 
 
 def _planner(batch: DecodeBatch, cfg: DecodeSettings, quadratic: bool) -> DraftPlanner | None:
-    """The adaptive draft-length planner (prior: the adapter's evaluated per-position rates when it was trained for
-    this mode's draft layout), or None."""
+    """The adaptive draft-length planner, or None. It starts from what the last planner of this adapter, layout and
+    batch-size bucket learnt in this process, else from the adapter's evaluated per-position rates (when it was trained for this
+    mode's draft layout)."""
     if not cfg.adaptive_draft:
         return None
     loaded = batch.model.adapters.get(batch.adapter) if batch.adapter else None
     layout = "quadratic" if quadratic else "linear"
     prior = loaded.meta.per_position if loaded is not None and loaded.meta.draft_layout == layout else None
-    return DraftPlanner(cfg.draft_len, quadratic, prior)
+    planner = DraftPlanner(cfg.draft_len, quadratic, prior, planner_memory(batch.model).get(_memory_key(batch, layout)))
+    planner.memory_key = _memory_key(batch, layout)
+    return planner
+
+
+def _memory_key(batch: DecodeBatch, layout: str) -> tuple:
+    """(adapter, layout, rows bucket): cost ratios differ with the batch size, so batch sizes learn apart."""
+    return batch.adapter, layout, 1 << (len(batch) - 1).bit_length()
+
+
+def _remember(batch: DecodeBatch, planner: DraftPlanner | None) -> None:
+    if planner is not None:
+        planner_memory(batch.model)[planner.memory_key] = planner.remember()
 
 
 def _ar_step(batch: DecodeBatch, out: Outputs, cfg: DecodeSettings, gen: torch.Generator,
@@ -241,6 +255,7 @@ def run_self_spec(batch: DecodeBatch, out: Outputs, cfg: DecodeSettings, gen: to
         seeds = tokens[torch.arange(n_rows, device=tokens.device), n_acc].long()
         seeds = _commit_rows(batch, out, new, seeds)
         cycle += 1
+    _remember(batch, planner)
 
 
 def run_self_spec_quadratic(batch: DecodeBatch, out: Outputs, cfg: DecodeSettings, gen: torch.Generator) -> None:
@@ -296,3 +311,4 @@ def run_self_spec_quadratic(batch: DecodeBatch, out: Outputs, cfg: DecodeSetting
         else:
             seeds, drafts, draft_logits = _commit_rows(batch, out, new, seeds, drafts, draft_logits)
         cycle += 1
+    _remember(batch, planner)

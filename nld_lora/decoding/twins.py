@@ -55,6 +55,8 @@ class DecodeState:
     gates: dict[str, TokenGate] = field(default_factory=dict)
     gate_hooked: set[str] = field(default_factory=set)
     forward_costs: dict[tuple, float] = field(default_factory=dict)  # (device, compiled, rows bucket, width) -> s
+    planner_memory: dict[tuple, dict] = field(default_factory=dict)  # (adapter, layout, rows) -> what the last
+    # draft_len="auto" planner learnt (rates, cost ratios): the next decode batch starts from it
 
 
 _STATES: weakref.WeakKeyDictionary[nn.Module, DecodeState] = weakref.WeakKeyDictionary()
@@ -69,6 +71,11 @@ def decode_state(model) -> DecodeState:
     elif state.adapters != adapters:
         state = _STATES[model] = DecodeState(adapters, state.twins, forward_costs=state.forward_costs)
     return state
+
+
+def planner_memory(model) -> dict[tuple, dict]:
+    """What draft_len="auto" learnt in this process, per (adapter, draft layout, rows bucket) (decoding/auto.py)."""
+    return decode_state(model).planner_memory
 
 
 def forward_costs(model) -> dict[tuple, float]:
