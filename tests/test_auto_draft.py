@@ -42,8 +42,8 @@ def test_planner_learns_rates_and_the_runtime_overhead():
     for _ in range(40):
         planner.record([0, 0, 0], drafted=4)  # three rows, no draft accepted
     assert planner.rates()[0] < 0.05 and planner.choose(_Rows(1))[0] == 0
-    planner.time_ratio[True] = 1.0  # speculative cycles measured as predicted,
-    planner.time_ratio[False] = 10.0  # AR steps far slower than predicted: speculation wins again
+    planner.time_ratio["draft"] = 1.0  # diffusion cycles measured as predicted,
+    planner.time_ratio["ar"] = 10.0  # AR steps far slower than predicted: speculation wins again
     assert planner.choose(_Rows(1))[0] > 0
 
 
@@ -65,13 +65,15 @@ def test_an_unmeasured_cycle_kind_takes_the_measured_overhead():
     """Speculative cycles start from the AR steps' measured/predicted ratio, not 1: else a runtime overhead seen
     only on AR steps makes speculation look cheaper than it is (the batch-8 regression of issue #22)."""
     planner = _planner_with_costs([0.5] * 4, [1.0, 1.9, 2.0, 2.1, 2.2])
-    assert planner.ratio(True) == planner.ratio(False) == 1.0
+    assert planner.ratio("draft") == planner.ratio("ar") == planner.ratio("lookup") == 1.0
     assert planner.choose(_Rows(1))[0] == 0  # 1.5 tokens for 1.9 s < 1 token per s
     planner.finish(0)
-    measured = planner.time_ratio[False]
-    assert measured is not None and planner.ratio(True) == measured  # shared until a speculative cycle is timed
-    planner.time_ratio[True] = 0.5
-    assert planner.ratio(True) == 0.5 and planner.ratio(False) == measured
+    measured = planner.time_ratio["ar"]
+    assert measured is not None and planner.ratio("draft") == planner.ratio("lookup") == measured  # until timed
+    planner.time_ratio["lookup"] = 0.5  # lookup-only cycles cheap: that says nothing about diffusion cycles
+    assert planner.ratio("lookup") == 0.5 and planner.ratio("draft") == measured == planner.ratio("ar")
+    planner.time_ratio["ar"] = None
+    assert planner.ratio("draft") == 0.5 == planner.ratio("ar")  # no AR step timed: the largest measured one
 
 
 def test_merged_lookup_and_diffusion_cycles_are_priced_and_recorded_by_span(monkeypatch):
@@ -140,10 +142,25 @@ def test_the_next_decode_batch_starts_from_what_the_planner_learnt(tmp_path):
     prompts = random_prompts(2, seed=5)
     model.generate(prompts[:1], mode="self_spec", draft_len="auto", max_new_tokens=20, adapter=False)
     learnt = planner_memory(model)[(None, "linear", 1)]
-    assert learnt["time_ratio"][False] is not None or learnt["time_ratio"][True] is not None
+    assert any(r is not None for r in learnt["time_ratio"].values())
     planner = DraftPlanner(len(learnt["diffusion"]), False, prior=[0.9] * 3, memory=learnt)
     assert planner.diffusion.prior == pytest.approx([min(max(r, 0.05), 0.95) for r in learnt["diffusion"]])
     assert planner.time_ratio == learnt["time_ratio"]
     assert DraftPlanner(3, False, prior=[0.9] * 3).diffusion.prior == [0.9] * 3
     model.attach_adapter(make_adapter(model, tmp_path / "lora"))
     assert planner_memory(model) == {}
+
+
+def test_a_choice_that_ran_slower_than_predicted_is_priced_by_its_observed_time():
+    import time
+
+    planner = _planner_with_costs([0.9] * 4, [1.0, 1.5, 1.6, 1.7, 1.8])
+    assert planner.choose(_Rows(1))[0] == 4
+    for _ in range(2):  # two k=4 cycles took 20 s each (the forwards' prediction said 1.8 s)
+        planner.choose(_Rows(1))
+        planner._started = time.perf_counter() - 20.0
+        planner.finish(4)
+    assert planner.observed[(1, "draft", 4)][1] == 2
+    planner.time_ratio["draft"] = 1.0  # as if the other draft lengths ran as predicted
+    assert planner.choose(_Rows(1))[0] == 3  # k=4 priced at its observed ~20 s, k=3 at its prediction
+    assert planner.remember()["observed"] == planner.observed

@@ -8,7 +8,11 @@ adapter's evaluated per-position rates when it has them, else PRIOR_RATE) worth 
 updated with every verified cycle of the call. Forward times are measured once per process at widths 1, 2, 4, 8, ...
 (interpolated between) and per power-of-two bucket of batch rows, eager and compiled apart;
 the runtime's own per-cycle cost (verification, bookkeeping) is learnt from the wall time of the cycles run, as a
-running ratio of measured to predicted time, kept apart for AR steps and speculative cycles. What a planner learnt
+running ratio of measured to predicted time, kept apart for AR steps, diffusion-draft cycles and lookup-only cycles
+(one forward and no draft bookkeeping: averaged with the others it made diffusion drafts look cheap); and once a
+choice (rows, kind, k) has run MIN_OBSERVED times, its own observed wall time replaces the prediction (the one-off
+width measurements can be off by width: at batch 1 here a width-1 forward measured 2.03 ms while AR ran at 1.56 ms
+per token). What a planner learnt
 is kept per model, adapter, layout and batch-size bucket (decoding/twins.py planner_memory) and is the next decode
 batch's start.
 """
@@ -26,6 +30,8 @@ PRIOR_RATE = 0.6
 PRIOR_WEIGHT = 4.0
 TIMING_REPEATS = 3
 COST_SMOOTHING = 0.2  # weight of the newest cycle in the measured/predicted time ratio
+MIN_OBSERVED = 2  # cycles of one (rows, kind, k) after which its observed wall time replaces the prediction
+CYCLE_KINDS = ("ar", "draft", "lookup")  # AR steps, diffusion-draft cycles, lookup-only cycles: each its own ratio
 
 
 def forward_seconds(batch, width: int) -> float:
@@ -109,8 +115,11 @@ class DraftPlanner:
         memory = memory or {}
         self.diffusion = _Rates(_prior(memory.get("diffusion") or prior, max_len))
         self.lookup = _Rates(_prior(memory.get("lookup"), max_len))
-        self.time_ratio: dict[bool, float | None] = dict(memory.get("time_ratio") or {False: None, True: None})
-        # measured / predicted cycle time: AR steps, speculative cycles (None: none measured yet)
+        self.time_ratio: dict[str, float | None] = dict(memory.get("time_ratio") or dict.fromkeys(CYCLE_KINDS))
+        # measured / predicted cycle time per kind of cycle (None: none measured yet)
+        self.observed: dict[tuple, tuple[float, int]] = dict(memory.get("observed") or {})  # (rows, kind, k) ->
+        # (smoothed wall seconds, cycles): what each choice really cost here
+        self._chosen: tuple = (0, (0, False))
         self.memory_key: tuple = ()  # where the runtime keeps what this planner learns (decoding/loops.py)
         self._started = self._predicted = 0.0
         self._costs: dict[int, list[float]] = {}  # batch rows -> predicted seconds per cycle for k = 0..max_len
@@ -125,13 +134,15 @@ class DraftPlanner:
         carry over. Without it every batch of a batch-1 run started from the adapter's evaluated rates, which the
         deployed loop does not reach (issue #22)."""
         return {"diffusion": self.diffusion.values(), "lookup": self.lookup.values(),
-                "time_ratio": dict(self.time_ratio)}
+                "time_ratio": dict(self.time_ratio), "observed": dict(self.observed)}
 
-    def ratio(self, speculative: bool) -> float:
-        """Measured / predicted time of this kind of cycle; until one is measured, the other kind's (the runtime's
-        overhead per forward is shared: an unmeasured kind must not look cheaper than a measured one), else 1."""
-        own, other = self.time_ratio[speculative], self.time_ratio[not speculative]
-        return own if own is not None else other if other is not None else 1.0
+    def ratio(self, kind: str) -> float:
+        """Measured / predicted time of this kind of cycle (CYCLE_KINDS). Until one is measured: the AR steps'
+        ratio, else the largest measured one, else 1 (the runtime's overhead per forward is shared, and an unmeasured
+        kind must not look cheaper than a measured one)."""
+        own, ar = self.time_ratio[kind], self.time_ratio["ar"]
+        measured = [r for r in self.time_ratio.values() if r is not None]
+        return own if own is not None else ar if ar is not None else max(measured, default=1.0)
 
     def cycle_seconds(self, batch, k: int) -> float:
         if k == 0:
@@ -146,32 +157,45 @@ class DraftPlanner:
         drafts this cycle's forward verifies, which set its real width. Starts the cycle's clock."""
         if len(batch) not in self._costs:
             self._costs[len(batch)] = [self.cycle_seconds(batch, k) for k in range(self.max_len + 1)]
-        costs = self._costs[len(batch)]
-        spec_ratio = self.ratio(True)
-        best, best_rate, predicted = (0, False), 1.0 / (costs[0] * self.ratio(False)), costs[0]
+        costs, rows = self._costs[len(batch)], len(batch)
+        best, best_rate, predicted = (0, False), 1.0 / self.seconds(rows, "ar", 0, costs[0]), costs[0]
         lookup = self.lookup.values()[:lookup_len]
         tokens, survive = 1.0, 1.0
         for k, r in enumerate(self.diffusion.values(), start=1):
             survive *= lookup[k - 1] if k <= lookup_len else r
             tokens += survive
-            if tokens / (costs[k] * spec_ratio) > best_rate:
-                best, best_rate, predicted = (k, False), tokens / (costs[k] * spec_ratio), costs[k]
+            if tokens / self.seconds(rows, "draft", k, costs[k]) > best_rate:
+                best, best_rate, predicted = (k, False), tokens / self.seconds(rows, "draft", k, costs[k]), costs[k]
         for k in range(1, lookup_len + 1):  # lookup drafts cut to k: a narrower verify, for fewer expected tokens
             verify = forward_seconds(batch, k + 1)
-            if expected_tokens(lookup, k) / (verify * spec_ratio) > best_rate:
-                best, best_rate, predicted = (k, True), expected_tokens(lookup, k) / (verify * spec_ratio), verify
+            rate = expected_tokens(lookup, k) / self.seconds(rows, "lookup", k, verify)
+            if rate > best_rate:
+                best, best_rate, predicted = (k, True), rate, verify
         if self.quadratic:  # ranked by the steady state; this forward's width also depends on the drafts it verifies
             k = best[0]
             predicted = forward_seconds(batch, (verifying + 1) * (k + 2) if k else verifying + 1)
-        self._predicted = predicted
+        self._predicted, self._chosen = predicted, (rows, best)
         self._started = time.perf_counter()
         return best
 
-    def finish(self, k: int) -> None:
-        """Stop the cycle's clock (after its tokens reached the host) and learn the runtime's overhead from it."""
-        ratio = (time.perf_counter() - self._started) / self._predicted
-        old = self.time_ratio[k > 0]
-        self.time_ratio[k > 0] = ratio if old is None else old + COST_SMOOTHING * (ratio - old)
+    def seconds(self, rows: int, kind: str, k: int, predicted: float) -> float:
+        """Expected wall time of a cycle: as observed for this (rows, kind, k) once it ran MIN_OBSERVED times, else
+        the predicted forwards times this kind's measured/predicted ratio."""
+        seen = self.observed.get((rows, kind, k))
+        return seen[0] if seen and seen[1] >= MIN_OBSERVED else predicted * self.ratio(kind)
+
+    def finish(self, k: int, lookup: bool = False) -> None:
+        """Stop the cycle's clock (after its tokens reached the host) and learn from it: k = 0 an AR step, else a
+        cycle of diffusion drafts, or of lookup drafts alone (lookup). Updates the kind's measured/predicted ratio
+        and the observed time of this very choice."""
+        kind = "ar" if k == 0 else "lookup" if lookup else "draft"
+        elapsed = time.perf_counter() - self._started
+        old = self.time_ratio[kind]
+        ratio = elapsed / self._predicted
+        self.time_ratio[kind] = ratio if old is None else old + COST_SMOOTHING * (ratio - old)
+        key = (self._chosen[0], kind, k)
+        mean, count = self.observed.get(key, (elapsed, 0))
+        self.observed[key] = (mean + COST_SMOOTHING * (elapsed - mean) if count else elapsed, count + 1)
 
     def record(self, accepted: list[int], drafted: int, lookup: bool = False,
                lookup_lens: list[int] | None = None) -> None:

@@ -250,7 +250,7 @@ def run_self_spec(batch: DecodeBatch, out: Outputs, cfg: DecodeSettings, gen: to
         batch.advance([a + 1 for a in accepted])
         if planner:
             planner.record(accepted, k, lookup=use_lookup, lookup_lens=[len(f) for f in lookups] if lookups else None)
-            planner.finish(k)
+            planner.finish(k, lookup=use_lookup)
         new = _record(batch, out, starts, accepted, drafted, emitted, lookups)
         seeds = tokens[torch.arange(n_rows, device=tokens.device), n_acc].long()
         seeds = _commit_rows(batch, out, new, seeds)
