@@ -136,6 +136,7 @@ def test_planner_on_a_real_batch_measures_costs_and_picks_a_length():
 def test_the_next_decode_batch_starts_from_what_the_planner_learnt(tmp_path):
     """Batch-1 runs make one planner per prompt: each must start from the rates the previous one measured (kept
     per adapter and layout), not again from the adapter's evaluated prior; a new adapter set starts afresh."""
+    import nld_lora.decoding.auto as auto
     from nld_lora.decoding.twins import planner_memory
 
     model = tiny_model(seed=1)
@@ -145,7 +146,8 @@ def test_the_next_decode_batch_starts_from_what_the_planner_learnt(tmp_path):
     assert any(r is not None for r in learnt["time_ratio"].values())
     planner = DraftPlanner(len(learnt["diffusion"]), False, prior=[0.9] * 3, memory=learnt)
     assert planner.diffusion.prior == pytest.approx([min(max(r, 0.05), 0.95) for r in learnt["diffusion"]])
-    assert planner.time_ratio == learnt["time_ratio"]
+    assert planner.time_ratio == learnt["time_ratio"] and planner.observed == learnt["observed"]
+    assert "lookup" not in learnt and planner.lookup.prior == [auto.PRIOR_RATE] * len(learnt["diffusion"])
     assert DraftPlanner(3, False, prior=[0.9] * 3).diffusion.prior == [0.9] * 3
     model.attach_adapter(make_adapter(model, tmp_path / "lora"))
     assert planner_memory(model) == {}

@@ -114,7 +114,7 @@ class DraftPlanner:
         self.quadratic = quadratic
         memory = memory or {}
         self.diffusion = _Rates(_prior(memory.get("diffusion") or prior, max_len))
-        self.lookup = _Rates(_prior(memory.get("lookup"), max_len))
+        self.lookup = _Rates(_prior(None, max_len))  # lookups are as good as each prompt repeats itself: not carried
         self.time_ratio: dict[str, float | None] = dict(memory.get("time_ratio") or dict.fromkeys(CYCLE_KINDS))
         # measured / predicted cycle time per kind of cycle (None: none measured yet)
         self.observed: dict[tuple, tuple[float, int]] = dict(memory.get("observed") or {})  # (rows, kind, k) ->
@@ -129,12 +129,13 @@ class DraftPlanner:
         return self.diffusion.values()
 
     def remember(self) -> dict:
-        """What this planner learnt, for the next decode batch of the same adapter and layout: the rates become its
-        prior (worth PRIOR_WEIGHT cycles again, so each batch still adapts to its own prompts) and the cost ratios
-        carry over. Without it every batch of a batch-1 run started from the adapter's evaluated rates, which the
+        """What this planner learnt, for the next decode batch of the same adapter and layout: the diffusion rates
+        become its prior (worth PRIOR_WEIGHT cycles again, so each batch still adapts to its own prompts) and the
+        costs carry over. Lookup rates are not carried: they are as good as each prompt repeats itself, and a
+        pessimistic carried estimate is never corrected once lookups stop being chosen. Without it every batch of a batch-1 run started from the adapter's evaluated rates, which the
         deployed loop does not reach (issue #22)."""
-        return {"diffusion": self.diffusion.values(), "lookup": self.lookup.values(),
-                "time_ratio": dict(self.time_ratio), "observed": dict(self.observed)}
+        return {"diffusion": self.diffusion.values(), "time_ratio": dict(self.time_ratio),
+                "observed": dict(self.observed)}
 
     def ratio(self, kind: str) -> float:
         """Measured / predicted time of this kind of cycle (CYCLE_KINDS). Until one is measured: the AR steps'
