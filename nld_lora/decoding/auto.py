@@ -180,9 +180,10 @@ class DraftPlanner:
         return best
 
     def seconds(self, rows: int, kind: str, k: int, predicted: float) -> float:
-        """Expected wall time of a cycle: as observed for this (rows, kind, k) once it ran MIN_OBSERVED times, else
-        the predicted forwards times this kind's measured/predicted ratio."""
-        seen = self.observed.get((rows, kind, k))
+        """Expected wall time of a cycle: as observed for this (rows, kind, k) once it ran MIN_OBSERVED times (linear
+        mode), else the predicted forwards times this kind's measured/predicted ratio."""
+        seen = None if self.quadratic else self.observed.get((rows, kind, k))  # single-forward: a cycle's width
+        # also depends on the drafts it verifies (the previous choice), so one k's observed times are confounded
         return seen[0] if seen and seen[1] >= MIN_OBSERVED else predicted * self.ratio(kind)
 
     def finish(self, k: int, lookup: bool = False) -> None:
