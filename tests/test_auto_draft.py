@@ -24,6 +24,7 @@ class _Rows:
 def _planner_with_costs(rates: list[float], costs: list[float], quadratic: bool = False) -> DraftPlanner:
     planner = DraftPlanner(len(rates), quadratic, prior=rates)
     planner._costs[1] = costs  # seconds per cycle for k = 0..max_len, as forward_seconds would have measured them
+    planner.time_ratio["ar"] = 1.0  # an AR step was timed as predicted
     return planner
 
 
@@ -52,9 +53,12 @@ def test_planner_takes_lookup_drafts_only_while_they_pay(monkeypatch):
 
     monkeypatch.setattr(auto, "forward_seconds", lambda batch, width: 1.0 + 0.1 * width)  # a measured cost curve
     planner = DraftPlanner(4, quadratic=False, prior=[0.05] * 4)  # diffusion drafts: never worth a draft forward
+    planner.time_ratio["ar"] = 1.0  # an AR step was timed as predicted
     assert planner.choose(_Rows(1), lookup_len=3) == (3, True)  # lookup prior 0.6: 2.18 tokens for 1.4 s
     monkeypatch.setattr(auto, "forward_seconds", lambda batch, width: 1.0 + 0.5 * width)  # wide verifies cost more:
-    assert DraftPlanner(4, False, [0.05] * 4).choose(_Rows(1), lookup_len=3) == (1, True)  # 1.6 tokens for 2 s
+    steep = DraftPlanner(4, False, [0.05] * 4)
+    steep.time_ratio["ar"] = 1.0
+    assert steep.choose(_Rows(1), lookup_len=3) == (1, True)  # 1.6 tokens for 2 s
     monkeypatch.setattr(auto, "forward_seconds", lambda batch, width: 1.0 + 0.1 * width)
     for _ in range(60):
         planner.record([0], drafted=3, lookup=True)  # but the lookups keep failing
@@ -82,6 +86,7 @@ def test_merged_lookup_and_diffusion_cycles_are_priced_and_recorded_by_span(monk
     monkeypatch.setattr(auto, "forward_seconds", lambda batch, width: 1.0)
     planner = DraftPlanner(4, quadratic=False, prior=[0.5] * 4)
     planner.lookup = auto._Rates([0.9] * 4)
+    planner.time_ratio["ar"] = 1.0
     # merged k=4 with a 2-token lookup: 1 + .9 + .81 + .405 + .2025 = 3.3175 tokens for 2 s (draft + verify)
     planner._costs[1] = [1.0, 2.0, 2.0, 2.0, 2.0]
     assert planner.choose(_Rows(1), lookup_len=2) == (2, True)  # lookup alone: 2.71 tokens for 1 s is better
@@ -166,3 +171,14 @@ def test_a_choice_that_ran_slower_than_predicted_is_priced_by_its_observed_time(
     planner.time_ratio["draft"] = 1.0  # as if the other draft lengths ran as predicted
     assert planner.choose(_Rows(1))[0] == 3  # k=4 priced at its observed ~20 s, k=3 at its prediction
     assert planner.remember()["observed"] == planner.observed
+
+
+def test_a_fresh_planner_times_an_ar_step_before_it_drafts():
+    """Until an AR step was timed the planner cannot price drafting against it (the one-off width measurements
+    misjudged AR steps by 1.8x here), so its first choice is an AR step however good the drafts look."""
+    planner = DraftPlanner(4, False, prior=[0.95] * 4)
+    planner._costs[1] = [1.0, 1.1, 1.1, 1.1, 1.1]
+    assert planner.choose(_Rows(1)) == (0, False)
+    planner.finish(0)
+    planner.time_ratio["ar"] = 1.0  # measured as predicted
+    assert planner.choose(_Rows(1))[0] == 4
