@@ -36,7 +36,8 @@ def _first_position_row(report: dict[str, Any]) -> list[str]:
     b, a = (report[k].get("per_position_acceptance") or [None] for k in ("before", "after"))
     if b[0] is None or a[0] is None:
         return []
-    return [f"| r_1 (first draft position accepted) | {b[0]:.3f} | {a[0]:.3f} | {_pct(a[0] / b[0] - 1)} |"]
+    change = _pct(a[0] / b[0] - 1) if b[0] > 0 else ""
+    return [f"| r_1 (first draft position accepted) | {b[0]:.3f} | {a[0]:.3f} | {change} |"]
 
 
 def fastest_verdict(report: dict[str, Any]) -> str:
