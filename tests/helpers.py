@@ -69,6 +69,22 @@ def make_adapter(model, path, *, r: int = 4, seed: int = 0, target_modules=("o_p
     return str(path)
 
 
+@torch.no_grad()
+def pathway_outputs(model, adapter: str, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor) -> dict:
+    """Logits of one forward four ways: through PEFT with the adapter off and on, and through the runtime's base
+    and merged twins (what tests compare to check the twins reproduce PEFT)."""
+    from nld_lora.decoding.twins import pathway_encoder
+    from nld_lora.model.adapters import lora_enabled
+
+    out = {}
+    for label, on in (("off", False), ("on", True)):
+        with lora_enabled(model, adapter, on):
+            out[label] = model(ids, attention_mask=mask, position_ids=pos)[0]
+    for label, on in (("base", False), ("merged", True)):
+        out[label] = model(ids, attention_mask=mask, position_ids=pos, encoder=pathway_encoder(model, adapter, on))[0]
+    return out
+
+
 def random_prompts(n: int, vocab: int = 90, lo: int = 3, hi: int = 12, seed: int = 0) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
     lengths = torch.randint(lo, hi, (n,), generator=g)

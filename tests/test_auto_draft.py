@@ -175,7 +175,7 @@ def test_a_choice_that_ran_slower_than_predicted_is_priced_by_its_observed_time(
 
 def test_a_fresh_planner_times_an_ar_step_before_it_drafts():
     """Until an AR step was timed the planner cannot price drafting against it (the one-off width measurements
-    misjudged AR steps by 1.8x here), so its first choice is an AR step however good the drafts look."""
+    put AR steps at 1/0.56 of their real time in a traced run), so its first choice is an AR step however good the drafts look."""
     planner = DraftPlanner(4, False, prior=[0.95] * 4)
     planner._costs[1] = [1.0, 1.1, 1.1, 1.1, 1.1]
     assert planner.choose(_Rows(1)) == (0, False)

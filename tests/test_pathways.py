@@ -4,9 +4,8 @@ import pytest
 import torch
 
 from nld_lora.decoding.twins import pathway_encoder
-from nld_lora.model.adapters import lora_enabled
 from nld_lora.model.masks import causal_mask, draft_mask
-from tests.helpers import make_adapter, random_prompts, tiny_model
+from tests.helpers import make_adapter, pathway_outputs, random_prompts, tiny_model
 
 
 @torch.no_grad()
@@ -18,12 +17,8 @@ def test_twins_reproduce_peft_with_the_adapter_off_and_on(tmp_path):
     valid = torch.ones(1, 6, dtype=torch.bool)
     pos = torch.arange(6)[None]
     for mask in (causal_mask(valid, 6), draft_mask(valid, 6)):
-        with lora_enabled(model, name, False):
-            off = model(ids, attention_mask=mask, position_ids=pos)[0]
-        with lora_enabled(model, name, True):
-            on = model(ids, attention_mask=mask, position_ids=pos)[0]
-        base = model(ids, attention_mask=mask, position_ids=pos, encoder=pathway_encoder(model, name, False))[0]
-        merged = model(ids, attention_mask=mask, position_ids=pos, encoder=pathway_encoder(model, name, True))[0]
+        out = pathway_outputs(model, name, ids, mask, pos)
+        off, on, base, merged = out["off"], out["on"], out["base"], out["merged"]
         assert torch.equal(base, off)
         assert torch.allclose(merged, on, atol=1e-5) and not torch.allclose(merged, off, atol=1e-3)
     assert pathway_encoder(model, name, True) is pathway_encoder(model, name, True)  # built once

@@ -15,7 +15,15 @@ from nld_lora.model.adapters import lora_enabled
 from nld_lora.model.masks import causal_mask, draft_mask
 from nld_lora.train import LoraSettings, TrainConfig, train
 from nld_lora.train.objective import DraftBatch, draft_loss, student_logits, teacher_pass
-from tests.helpers import EMBEDDED, ROOT, make_adapter, rank_errors, run_two_processes, tiny_model
+from tests.helpers import (
+    EMBEDDED,
+    ROOT,
+    make_adapter,
+    pathway_outputs,
+    rank_errors,
+    run_two_processes,
+    tiny_model,
+)
 
 EVAL_PROMPTS = ROOT / "data" / "prompts" / "code_eval.jsonl"
 
@@ -253,7 +261,6 @@ def test_gradients_survive_a_teacher_pass_between_student_forward_and_backward()
 def test_retrained_mask_embedding_is_saved_drafts_through_the_twins_and_attaches_in_the_release_layout(
         collected, tmp_path):
     from nld_lora.cli import main
-    from nld_lora.decoding.twins import pathway_encoder
     from nld_lora.model.masks import draft_mask
 
     model = nld_lora.load(EMBEDDED)
@@ -268,13 +275,9 @@ def test_retrained_mask_embedding_is_saved_drafts_through_the_twins_and_attaches
     ids = torch.tensor([[4, 8, 15, model.mask_token_id, model.mask_token_id, model.mask_token_id]])
     valid, pos = torch.ones(1, 6, dtype=torch.bool), torch.arange(6)[None]
     mask = draft_mask(valid, 6)
+    out = pathway_outputs(model, name, ids, mask, pos)
+    off, on, base, merged = out["off"], out["on"], out["base"], out["merged"]
     with torch.no_grad():
-        with lora_enabled(model, name, False):
-            off = model(ids, attention_mask=mask, position_ids=pos)[0]
-        with lora_enabled(model, name, True):
-            on = model(ids, attention_mask=mask, position_ids=pos)[0]
-        base = model(ids, attention_mask=mask, position_ids=pos, encoder=pathway_encoder(model, name, False))[0]
-        merged = model(ids, attention_mask=mask, position_ids=pos, encoder=pathway_encoder(model, name, True))[0]
         plain = nld_lora.load(EMBEDDED)(ids, attention_mask=mask, position_ids=pos)[0]
     assert torch.equal(base, off) and torch.equal(base, plain)  # adapter off: the original mask embedding
     assert torch.allclose(merged, on, atol=1e-5)

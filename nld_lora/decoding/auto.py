@@ -11,8 +11,7 @@ the runtime's own per-cycle cost (verification, bookkeeping) is learnt from the 
 running ratio of measured to predicted time, kept apart for AR steps, diffusion-draft cycles and lookup-only cycles
 (one forward and no draft bookkeeping: averaged with the others it made diffusion drafts look cheap); and once a
 choice (rows, kind, k) has run MIN_OBSERVED times, its own observed wall time replaces the prediction (the one-off
-width measurements can be off by width: at batch 1 here a width-1 forward measured 2.03 ms while AR ran at 1.56 ms
-per token). What a planner learnt
+width measurements can be off: in a traced batch-1 run AR steps took 0.56x the measured width-1 forward). What a planner learnt
 is kept per model, adapter, layout and batch-size bucket (decoding/twins.py planner_memory) and is the next decode
 batch's start.
 """
@@ -107,9 +106,10 @@ class DraftPlanner:
     it, and its verdicts are recorded the same way."""
 
     def __init__(self, max_len: int, quadratic: bool, prior: list[float] | None = None,
-                 memory: dict | None = None):
+                 memory: dict | None = None, memory_key: tuple = ()):
         """prior: diffusion rates to start from (an adapter's evaluated ones); memory: a previous planner's
-        remember() of the same adapter and layout, which takes precedence (measured in this process)."""
+        remember() of the same adapter and layout, which takes precedence (measured in this process); memory_key:
+        where the runtime keeps what this planner learns (decoding/loops.py)."""
         self.max_len = max_len
         self.quadratic = quadratic
         memory = memory or {}
@@ -120,7 +120,7 @@ class DraftPlanner:
         self.observed: dict[tuple, tuple[float, int]] = dict(memory.get("observed") or {})  # (rows, kind, k) ->
         # (smoothed wall seconds, cycles): what each choice really cost here
         self._chosen: tuple = (0, (0, False))
-        self.memory_key: tuple = ()  # where the runtime keeps what this planner learns (decoding/loops.py)
+        self.memory_key = memory_key
         self._started = self._predicted = 0.0
         self._costs: dict[int, list[float]] = {}  # batch rows -> predicted seconds per cycle for k = 0..max_len
 
@@ -161,7 +161,7 @@ class DraftPlanner:
         costs, rows = self._costs[len(batch)], len(batch)
         best, best_rate, predicted = (0, False), 1.0 / self.seconds(rows, "ar", 0, costs[0]), costs[0]
         if self.time_ratio["ar"] is None:  # time an AR step first: the one-off width measurements misjudge it
-            # (here a width-1 measurement said 2.2 ms, AR steps ran at 1.24), and every unmeasured kind takes its ratio
+            # (a traced run: AR steps at 0.56x the measured width-1 forward), and every unmeasured kind takes its ratio
             best_rate = float("inf")
         lookup = self.lookup.values()[:lookup_len]
         tokens, survive = 1.0, 1.0

@@ -177,9 +177,8 @@ def _planner(batch: DecodeBatch, cfg: DecodeSettings, quadratic: bool) -> DraftP
     loaded = batch.model.adapters.get(batch.adapter) if batch.adapter else None
     layout = "quadratic" if quadratic else "linear"
     prior = loaded.meta.per_position if loaded is not None and loaded.meta.draft_layout == layout else None
-    planner = DraftPlanner(cfg.draft_len, quadratic, prior, planner_memory(batch.model).get(_memory_key(batch, layout)))
-    planner.memory_key = _memory_key(batch, layout)
-    return planner
+    key = _memory_key(batch, layout)
+    return DraftPlanner(cfg.draft_len, quadratic, prior, planner_memory(batch.model).get(key), memory_key=key)
 
 
 def _memory_key(batch: DecodeBatch, layout: str) -> tuple:
@@ -241,8 +240,8 @@ def run_self_spec(batch: DecodeBatch, out: Outputs, cfg: DecodeSettings, gen: to
                 block[:, 1:] = _merge_drafts([found[:k] for found in lookups], block[:, 1:], k, mask_id, seeds.device)
             draft_logits = batch.forward(block, "draft", logits_index=slice(1, None))
             drafts = select_tokens(draft_logits, cfg.temperature, gen, cfg.top_k, cfg.top_p)
-            if lookups is not None:
-                drafts = _merge_drafts([found[:k] for found in lookups], drafts, k, mask_id, seeds.device)
+            if lookups is not None:  # the lookup tokens stand where the block holds them (one op, no second copy)
+                drafts = torch.where(block[:, 1:] != mask_id, block[:, 1:], drafts)
         starts = list(batch.lengths)
         target = batch.forward(torch.cat([seeds[:, None], drafts], 1), "verify")
         tokens, n_acc = _verify(target, drafts, draft_logits, cfg, gen, batch, cycle)

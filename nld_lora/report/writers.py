@@ -30,6 +30,10 @@ def _fastest_rows(report: dict[str, Any]) -> list[str]:
             f"{a['tokens_per_s_batch1']:.1f} ({a['speedup_vs_ar_batch1']:.2f}x AR) | |"]
 
 
+def _paragraph(text: str) -> list[str]:
+    return [text, ""] if text else []
+
+
 def _first_position_row(report: dict[str, Any]) -> list[str]:
     """r_1, the acceptance rate of the first draft position: every cycle pays for it, so an adapter must not lower
     it."""
@@ -126,7 +130,7 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
         f"{report['after']['speedup_vs_ar_batch1']:.2f}x | |",
         *_fastest_rows(report),
         "",
-        *([fastest_verdict(report), ""] if fastest_verdict(report) else []),
+        *_paragraph(fastest_verdict(report)),
         f"Lossless check (greedy self-spec vs AR): **{report['lossless']['mismatches']} mismatching prompts**"
         if report["lossless"]["checked"] else "Lossless check: not applicable (sampling).",
         "",
