@@ -64,8 +64,9 @@ def categorize(name: str, in_class: bool, body_source: str) -> str:
     return "class_method" if in_class else "plain_function"
 
 
-def prompts_from_source(source: str, rel_path: str, rng: random.Random) -> list[dict]:
-    """Function/method header + docstring + first 1-3 body lines as a completion prompt."""
+def prompts_from_source(source: str, rel_path: str, rng: random.Random, documented: bool = True) -> list[dict]:
+    """Function/method header + docstring + first 1-3 body lines as a completion prompt; documented=False: the
+    functions WITHOUT a docstring instead (header + first 1-3 body lines), more contexts from the same files."""
     try:
         tree = ast.parse(source)
     except (SyntaxError, ValueError):
@@ -84,10 +85,10 @@ def prompts_from_source(source: str, rel_path: str, rng: random.Random) -> list[
     def emit(fn: ast.FunctionDef | ast.AsyncFunctionDef, in_class: bool) -> None:
         doc = ast.get_docstring(fn)
         body = fn.body
-        if not doc or len(body) < 2 or fn.end_lineno is None:
+        if bool(doc) != documented or len(body) < 2 or fn.end_lineno is None:
             return
         start = (fn.decorator_list[0].lineno if fn.decorator_list else fn.lineno) - 1
-        after_doc = body[1].lineno - 1
+        after_doc = body[1 if documented else 0].lineno - 1
         n_extra = rng.randint(1, 3)
         cut = min(after_doc + n_extra, fn.end_lineno - 1)
         if cut <= after_doc:
@@ -111,7 +112,7 @@ def prompts_from_source(source: str, rel_path: str, rng: random.Random) -> list[
 
 
 def build(out_dir: Path, corpus_dir: Path, seed: int, eval_fraction: float, max_train: int, max_eval: int,
-          root: Path | None = None, name: str = "code", reference: bool = True) -> dict:
+          root: Path | None = None, name: str = "code", reference: bool = True, documented: bool = True) -> dict:
     root = root or Path(sysconfig.get_paths()["stdlib"])
     rng = random.Random(seed)
     corpus = {"train": [], "eval": []}
@@ -124,7 +125,7 @@ def build(out_dir: Path, corpus_dir: Path, seed: int, eval_fraction: float, max_
             continue
         split = split_of(rel, seed, eval_fraction)
         corpus[split].append(source)
-        prompts[split].extend(prompts_from_source(source, rel, rng))
+        prompts[split].extend(prompts_from_source(source, rel, rng, documented))
     out_dir.mkdir(parents=True, exist_ok=True)
     corpus_dir.mkdir(parents=True, exist_ok=True)
     counts = {}
@@ -154,9 +155,11 @@ def main() -> None:
     parser.add_argument("--root", default=None, help="source tree (default: this interpreter's stdlib)")
     parser.add_argument("--name", default="code", help="prompt files are NAME_train.jsonl / NAME_eval.jsonl")
     parser.add_argument("--no-reference", action="store_true", help="leave out each prompt's true continuation")
+    parser.add_argument("--undocumented", action="store_true",
+                        help="prompts from the functions without a docstring (extra training contexts)")
     args = parser.parse_args()
     counts = build(Path(args.out), Path(args.corpus), args.seed, args.eval_fraction, args.max_train, args.max_eval,
-                   Path(args.root) if args.root else None, args.name, not args.no_reference)
+                   Path(args.root) if args.root else None, args.name, not args.no_reference, not args.undocumented)
     print(json.dumps(counts, indent=2))
 
 

@@ -72,6 +72,7 @@ def test_an_unmeasured_cycle_kind_takes_the_measured_overhead():
     assert planner.ratio("draft") == planner.ratio("ar") == planner.ratio("lookup") == 1.0
     assert planner.choose(_Rows(1))[0] == 0  # 1.5 tokens for 1.9 s < 1 token per s
     planner.finish(0)
+    planner.choose(_Rows(1))  # the AR step's clock stops at the next choice
     measured = planner.time_ratio["ar"]
     assert measured is not None and planner.ratio("draft") == planner.ratio("lookup") == measured  # until timed
     planner.time_ratio["lookup"] = 0.5  # lookup-only cycles cheap: that says nothing about diffusion cycles
@@ -167,6 +168,8 @@ def test_a_choice_that_ran_slower_than_predicted_is_priced_by_its_observed_time(
         planner.choose(_Rows(1))
         planner._started = time.perf_counter() - 20.0
         planner.finish(4)
+    assert planner.observed.get((1, "draft", 4), (0, 0))[1] == 1  # the second is timed at the next choice
+    planner.choose(_Rows(1))
     assert planner.observed[(1, "draft", 4)][1] == 2
     planner.time_ratio["draft"] = 1.0  # as if the other draft lengths ran as predicted
     assert planner.choose(_Rows(1))[0] == 3  # k=4 priced at its observed ~20 s, k=3 at its prediction
@@ -182,3 +185,18 @@ def test_a_fresh_planner_times_an_ar_step_before_it_drafts():
     planner.finish(0)
     planner.time_ratio["ar"] = 1.0  # measured as predicted
     assert planner.choose(_Rows(1))[0] == 4
+
+
+def test_a_cycle_is_timed_until_the_next_choice_so_its_bookkeeping_counts():
+    """Work the loop does after a cycle's forwards (committing tokens, drafting state) is part of that cycle's cost:
+    stopping the clock at finish() left it out for draft cycles, and single-forward auto drafted below AR speed."""
+    import time
+
+    planner = _planner_with_costs([0.5] * 4, [1.0, 1.5, 1.6, 1.7, 1.8])
+    k = planner.choose(_Rows(1))[0]
+    planner.finish(k)
+    time.sleep(0.05)  # bookkeeping after the cycle's tokens reached the host
+    assert not planner.observed
+    planner.choose(_Rows(1))
+    (elapsed, count), = planner.observed.values()
+    assert count == 1 and elapsed >= 0.05

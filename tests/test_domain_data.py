@@ -72,3 +72,19 @@ def test_shipped_checkpoint_loads_and_runs_every_mode():
         if seq[-1] in model.eos_token_ids:
             break
     assert res.sequences[0] == seq[len(prompt):] and res.texts[0].strip()
+
+
+def test_undocumented_prompts_are_other_functions_of_the_same_files():
+    """--undocumented: extra training contexts from the functions without a docstring; none is a documented one."""
+    import ast
+    import random
+
+    builder = _builder()
+    source = ('def documented(x):\n    """Say what."""\n    y = x + 1\n    return y\n\n\n'
+              'def bare(x):\n    y = x * 2\n    z = y - 1\n    return z\n')
+    doc = builder.prompts_from_source(source, "m.py", random.Random(0))
+    bare = builder.prompts_from_source(source, "m.py", random.Random(0), documented=False)
+    assert [r["id"] for r in doc] == ["m.py:1:documented"] and [r["id"] for r in bare] == ["m.py:7:bare"]
+    fn = ast.parse(source).body[1]
+    assert bare[0]["prompt"].startswith("def bare(x):\n    y = x * 2") and '"""' not in bare[0]["prompt"]
+    assert bare[0]["reference"] and bare[0]["prompt"].count("\n") < fn.end_lineno - fn.lineno

@@ -7,7 +7,8 @@ width 1, one token). The planner takes the k with the most tokens per second. Ra
 adapter's evaluated per-position rates when it has them, else PRIOR_RATE) worth PRIOR_WEIGHT cycles and are
 updated with every verified cycle of the call. Forward times are measured once per process at widths 1, 2, 4, 8, ...
 (interpolated between) and per power-of-two bucket of batch rows, eager and compiled apart;
-the runtime's own per-cycle cost (verification, bookkeeping) is learnt from the wall time of the cycles run, as a
+the runtime's own per-cycle cost (verification, bookkeeping) is learnt from the wall time of the cycles run (each
+timed from its choice to the next, so all of a loop iteration counts), as a
 running ratio of measured to predicted time, kept apart for AR steps, diffusion-draft cycles and lookup-only cycles
 (one forward and no draft bookkeeping: averaged with the others it made diffusion drafts look cheap); and once a
 choice (rows, kind, k) has run MIN_OBSERVED times, its own observed wall time replaces the prediction (the one-off
@@ -122,6 +123,7 @@ class DraftPlanner:
         self._chosen: tuple = (0, (0, False))
         self.memory_key = memory_key
         self._started = self._predicted = 0.0
+        self._pending: tuple[str, int] | None = None  # (kind, k) of the cycle finish() named, not yet timed
         self._costs: dict[int, list[float]] = {}  # batch rows -> predicted seconds per cycle for k = 0..max_len
 
     def rates(self) -> list[float]:
@@ -155,7 +157,9 @@ class DraftPlanner:
     def choose(self, batch, lookup_len: int = 0, verifying: int = 0) -> tuple[int, bool]:
         """(draft length, take the lookup drafts) with the most expected tokens per second (0: an AR step);
         lookup_len: the longest lookup draft when every row found one, else 0. verifying (single-forward mode): the
-        drafts this cycle's forward verifies, which set its real width. Starts the cycle's clock."""
+        drafts this cycle's forward verifies, which set its real width. Closes the previous cycle's clock (finish)
+        and starts this one's."""
+        self._close()
         if len(batch) not in self._costs:
             self._costs[len(batch)] = [self.cycle_seconds(batch, k) for k in range(self.max_len + 1)]
         costs, rows = self._costs[len(batch)], len(batch)
@@ -190,10 +194,18 @@ class DraftPlanner:
         return seen[0] if seen and seen[1] >= MIN_OBSERVED else predicted * self.ratio(kind)
 
     def finish(self, k: int, lookup: bool = False) -> None:
-        """Stop the cycle's clock (after its tokens reached the host) and learn from it: k = 0 an AR step, else a
-        cycle of diffusion drafts, or of lookup drafts alone (lookup). Updates the kind's measured/predicted ratio
-        and the observed time of this very choice."""
-        kind = "ar" if k == 0 else "lookup" if lookup else "draft"
+        """Name the cycle that ran since choose(): k = 0 an AR step, else a cycle of diffusion drafts, or of lookup
+        drafts alone (lookup). Its clock stops at the next choose(), so the time learnt is the whole loop iteration,
+        the bookkeeping after its forwards included (stopping at the forwards' tokens left out work that draft
+        cycles do and AR steps do not, and single-forward auto drafted at 0.82x AR's speed, issue #22)."""
+        self._pending = ("ar" if k == 0 else "lookup" if lookup else "draft", k)
+
+    def _close(self) -> None:
+        """Learn from the finished cycle, if any: its kind's measured/predicted ratio and this very choice's time."""
+        if self._pending is None:
+            return
+        kind, k = self._pending
+        self._pending = None
         elapsed = time.perf_counter() - self._started
         old = self.time_ratio[kind]
         ratio = elapsed / self._predicted

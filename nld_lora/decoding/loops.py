@@ -263,7 +263,8 @@ def run_self_spec_quadratic(batch: DecodeBatch, out: Outputs, cfg: DecodeSetting
     causal (adapter off), sub-block i's masks see d_0..d_i and themselves (adapter on). After n accepted drafts the
     bonus token is AR's prediction at row d_n and the next drafts are sub-block n's mask predictions 2..k'+1 (its
     first mask sits where the bonus token goes). The first forward has no drafts to verify: it only drafts.
-    k' = k except with adaptive_draft, which picks it per cycle (0: no masks, a plain verify forward)."""
+    k' = k except with adaptive_draft, which picks it per cycle (0: no masks, a plain verify forward, or an AR
+    step when there are no drafts to verify either)."""
     seeds = _prefill(batch, out, cfg, gen)
     mask_id = batch.model.mask_token_id
     planner = _planner(batch, cfg, quadratic=True)
@@ -275,6 +276,11 @@ def run_self_spec_quadratic(batch: DecodeBatch, out: Outputs, cfg: DecodeSetting
         next_len = planner.choose(batch, verifying=n_drafts)[0] if planner else cfg.draft_len
         if planner:
             _note_choice(batch, out, next_len)
+        if not n_drafts and not next_len:  # nothing to verify, nothing to draft: a plain AR step at AR's cost
+            seeds = _ar_step(batch, out, cfg, gen, seeds)
+            planner.finish(0)
+            drafts = torch.empty(len(batch), 0, dtype=torch.long, device=seeds.device)
+            continue
         masks_per_row = next_len + 1 if next_len else 0
         lookups = _lookup_drafts(batch, out, cfg, n_drafts) if n_drafts else None
         if lookups is not None:
