@@ -23,7 +23,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 @dataclass
 class RecipeConfig:
     model: str = "data/tiny-nld-code"
-    train_prompts: str = "data/prompts/code_train.jsonl"
+    train_prompts: str = "data/prompts/code_train_all.jsonl"
     eval_prompts: str = "data/prompts/code_eval.jsonl"
     out: str = "runs/tiny_code"
     wrap: bool = False

@@ -8,13 +8,13 @@ adapter's evaluated per-position rates when it has them, else PRIOR_RATE) worth 
 updated with every verified cycle of the call. Forward times are measured once per process at widths 1, 2, 4, 8, ...
 (interpolated between) and per power-of-two bucket of batch rows, eager and compiled apart;
 the runtime's own per-cycle cost (verification, bookkeeping) is learnt from the wall time of the cycles run (each
-timed from its choice to the next, so all of a loop iteration counts), as a
-running ratio of measured to predicted time, kept apart for AR steps, diffusion-draft cycles and lookup-only cycles
-(one forward and no draft bookkeeping: averaged with the others it made diffusion drafts look cheap); and once a
-choice (rows, kind, k) has run MIN_OBSERVED times, its own observed wall time replaces the prediction (the one-off
-width measurements can be off: in a traced batch-1 run AR steps took 0.56x the measured width-1 forward). What a planner learnt
-is kept per model, adapter, layout and batch-size bucket (decoding/twins.py planner_memory) and is the next decode
-batch's start.
+timed from its choice to the next, so all of a loop iteration counts) as the median ratio of measured to predicted
+time over the last TIME_WINDOW cycles, kept apart for AR steps, diffusion-draft cycles and lookup-only cycles (one
+forward and no draft bookkeeping: averaged with the others it made diffusion drafts look cheap); once a choice
+(rows, kind, k) has run MIN_OBSERVED times, the median of its own observed wall times replaces the prediction (the
+one-off width measurements can be off: in a traced batch-1 run AR steps took 0.56x the measured width-1 forward).
+An AR step is timed first and again every AR_REPROBE cycles. What a planner learnt is kept per model, adapter,
+layout and batch-size bucket (decoding/twins.py planner_memory) and is the next decode batch's start.
 """
 
 from __future__ import annotations
@@ -29,7 +29,9 @@ from nld_lora.decoding.twins import forward_costs
 PRIOR_RATE = 0.6
 PRIOR_WEIGHT = 4.0
 TIMING_REPEATS = 3
-COST_SMOOTHING = 0.2  # weight of the newest cycle in the measured/predicted time ratio
+TIME_WINDOW = 9  # the last cycles a time estimate is the median of: a one-off spike (a page fault, another
+# process) cannot set a price, which a running mean's first sample did, and kept once that kind was not chosen again
+AR_REPROBE = 32  # cycles without an AR step after which the planner takes one, so AR's price stays current
 MIN_OBSERVED = 2  # cycles of one (rows, kind, k) after which its observed wall time replaces the prediction
 CYCLE_KINDS = ("ar", "draft", "lookup")  # AR steps, diffusion-draft cycles, lookup-only cycles: each its own ratio
 
@@ -70,6 +72,12 @@ def measure_forward(batch, width: int) -> float:
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
+
+
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
 
 
 def _prior(rates: list[float] | None, max_len: int) -> list[float]:
@@ -117,9 +125,12 @@ class DraftPlanner:
         self.diffusion = _Rates(_prior(memory.get("diffusion") or prior, max_len))
         self.lookup = _Rates(_prior(None, max_len))  # lookups are as good as each prompt repeats itself: not carried
         self.time_ratio: dict[str, float | None] = dict(memory.get("time_ratio") or dict.fromkeys(CYCLE_KINDS))
-        # measured / predicted cycle time per kind of cycle (None: none measured yet)
-        self.observed: dict[tuple, tuple[float, int]] = dict(memory.get("observed") or {})  # (rows, kind, k) ->
-        # (smoothed wall seconds, cycles): what each choice really cost here
+        # measured / predicted cycle time per kind of cycle (None: none measured yet), the median of ratio_samples
+        self.ratio_samples: dict[str, list[float]] = {kind: list(memory.get("ratio_samples", {}).get(kind, []))
+                                                      for kind in CYCLE_KINDS}
+        self.observed: dict[tuple, list[float]] = {key: list(v) for key, v in (memory.get("observed") or {}).items()}
+        # (rows, kind, k) -> the last TIME_WINDOW wall seconds of that choice: what it really cost here
+        self._since_ar = 0  # cycles since the last AR step
         self._chosen: tuple = (0, (0, False))
         self.memory_key = memory_key
         self._started = self._predicted = 0.0
@@ -137,7 +148,8 @@ class DraftPlanner:
         pessimistic carried estimate is never corrected once lookups stop being chosen. Without it every batch of a batch-1 run started from the adapter's evaluated rates, which the
         deployed loop does not reach (issue #22)."""
         return {"diffusion": self.diffusion.values(), "time_ratio": dict(self.time_ratio),
-                "observed": dict(self.observed)}
+                "ratio_samples": {kind: list(v) for kind, v in self.ratio_samples.items()},
+                "observed": {key: list(v) for key, v in self.observed.items()}}
 
     def ratio(self, kind: str) -> float:
         """Measured / predicted time of this kind of cycle (CYCLE_KINDS). Until one is measured: the AR steps'
@@ -164,7 +176,8 @@ class DraftPlanner:
             self._costs[len(batch)] = [self.cycle_seconds(batch, k) for k in range(self.max_len + 1)]
         costs, rows = self._costs[len(batch)], len(batch)
         best, best_rate, predicted = (0, False), 1.0 / self.seconds(rows, "ar", 0, costs[0]), costs[0]
-        if self.time_ratio["ar"] is None:  # time an AR step first: the one-off width measurements misjudge it
+        if self.time_ratio["ar"] is None or self._since_ar >= AR_REPROBE:  # time an AR step first (and again
+            # every AR_REPROBE cycles): the one-off width measurements misjudge it
             # (a traced run: AR steps at 0.56x the measured width-1 forward), and every unmeasured kind takes its ratio
             best_rate = float("inf")
         lookup = self.lookup.values()[:lookup_len]
@@ -187,11 +200,11 @@ class DraftPlanner:
         return best
 
     def seconds(self, rows: int, kind: str, k: int, predicted: float) -> float:
-        """Expected wall time of a cycle: as observed for this (rows, kind, k) once it ran MIN_OBSERVED times (linear
-        mode), else the predicted forwards times this kind's measured/predicted ratio."""
+        """Expected wall time of a cycle: the median observed for this (rows, kind, k) once it ran MIN_OBSERVED
+        times (linear mode), else the predicted forwards times this kind's measured/predicted ratio."""
         seen = None if self.quadratic else self.observed.get((rows, kind, k))  # single-forward: a cycle's width
         # also depends on the drafts it verifies (the previous choice), so one k's observed times are confounded
-        return seen[0] if seen and seen[1] >= MIN_OBSERVED else predicted * self.ratio(kind)
+        return _median(seen) if seen and len(seen) >= MIN_OBSERVED else predicted * self.ratio(kind)
 
     def finish(self, k: int, lookup: bool = False) -> None:
         """Name the cycle that ran since choose(): k = 0 an AR step, else a cycle of diffusion drafts, or of lookup
@@ -207,12 +220,12 @@ class DraftPlanner:
         kind, k = self._pending
         self._pending = None
         elapsed = time.perf_counter() - self._started
-        old = self.time_ratio[kind]
-        ratio = elapsed / self._predicted
-        self.time_ratio[kind] = ratio if old is None else old + COST_SMOOTHING * (ratio - old)
+        self._since_ar = 0 if kind == "ar" else self._since_ar + 1
+        samples = self.ratio_samples[kind]
+        samples[:] = (samples + [elapsed / self._predicted])[-TIME_WINDOW:]
+        self.time_ratio[kind] = _median(samples)
         key = (self._chosen[0], kind, k)
-        mean, count = self.observed.get(key, (elapsed, 0))
-        self.observed[key] = (mean + COST_SMOOTHING * (elapsed - mean) if count else elapsed, count + 1)
+        self.observed[key] = (self.observed.get(key, []) + [elapsed])[-TIME_WINDOW:]
 
     def record(self, accepted: list[int], drafted: int, lookup: bool = False,
                lookup_lens: list[int] | None = None) -> None:
