@@ -5,6 +5,9 @@ data/prompts/code_train.jsonl and data/prompts/code_eval.jsonl. With --root anot
 domain (the second domain: `--root <site-packages>/transformers --name transformers --max-train 800
 --max-eval 200 --no-reference`, transformers 5.24.0). The split is by source file, so no file
 feeds both train and eval. Deterministic for a given interpreter (seeded hashing, sorted walks).
+data/prompts/code_train_all.jsonl (the default recipe's training prompts: every function of the training files) is
+`--max-train 100000 --max-eval 0 --no-reference` followed by `--undocumented --name code_undoc` with the same caps,
+the two train files concatenated.
 """
 
 from __future__ import annotations

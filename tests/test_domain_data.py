@@ -88,3 +88,11 @@ def test_undocumented_prompts_are_other_functions_of_the_same_files():
     fn = ast.parse(source).body[1]
     assert bare[0]["prompt"].startswith("def bare(x):\n    y = x * 2") and '"""' not in bare[0]["prompt"]
     assert bare[0]["reference"] and bare[0]["prompt"].count("\n") < fn.end_lineno - fn.lineno
+
+
+def test_the_default_training_prompts_hold_the_documented_set_and_no_held_out_file():
+    every, documented, held = _rows("code_train_all.jsonl"), _rows("code_train.jsonl"), _rows("code_eval.jsonl")
+    ids = [r["id"] for r in every]
+    assert len(ids) == len(set(ids)) and {r["id"] for r in documented} <= set(ids)
+    assert not {r["source_file"] for r in every} & {r["source_file"] for r in held}
+    assert all(r["prompt"].strip() and r["source_file"] for r in every)
