@@ -91,17 +91,17 @@ def prompts_from_source(source: str, rel_path: str, rng: random.Random, document
         if bool(doc) != documented or len(body) < 2 or fn.end_lineno is None:
             return
         start = (fn.decorator_list[0].lineno if fn.decorator_list else fn.lineno) - 1
-        after_doc = body[1 if documented else 0].lineno - 1
+        code_start = body[1 if documented else 0].lineno - 1  # first line after the docstring, if any
         n_extra = rng.randint(1, 3)
-        cut = min(after_doc + n_extra, fn.end_lineno - 1)
-        if cut <= after_doc:
+        cut = min(code_start + n_extra, fn.end_lineno - 1)
+        if cut <= code_start:
             return
         # no trailing newline: a bare "\n" token is a boundary BPE never saw mid-function (token healing)
         prompt = textwrap.dedent("".join(lines[start:cut])).rstrip("\n")
         rest = textwrap.dedent("".join(lines[start:fn.end_lineno]))[len(prompt):]
         if not prompt.strip() or not rest.strip() or len(prompt) > MAX_PROMPT_CHARS:
             return
-        body_source = "".join(lines[after_doc:fn.end_lineno])
+        body_source = "".join(lines[code_start:fn.end_lineno])
         out.append({
             "id": f"{rel_path}:{fn.lineno}:{fn.name}",
             "prompt": prompt,

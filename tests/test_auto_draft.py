@@ -24,7 +24,7 @@ class _Rows:
 def _planner_with_costs(rates: list[float], costs: list[float], quadratic: bool = False) -> DraftPlanner:
     planner = DraftPlanner(len(rates), quadratic, prior=rates)
     planner._costs[1] = costs  # seconds per cycle for k = 0..max_len, as forward_seconds would have measured them
-    planner.time_ratio["ar"] = 1.0  # an AR step was timed as predicted
+    planner.ratio_samples["ar"] = [1.0]  # an AR step was timed as predicted
     return planner
 
 
@@ -43,8 +43,8 @@ def test_planner_learns_rates_and_the_runtime_overhead():
     for _ in range(40):
         planner.record([0, 0, 0], drafted=4)  # three rows, no draft accepted
     assert planner.rates()[0] < 0.05 and planner.choose(_Rows(1))[0] == 0
-    planner.time_ratio["draft"] = 1.0  # diffusion cycles measured as predicted,
-    planner.time_ratio["ar"] = 10.0  # AR steps far slower than predicted: speculation wins again
+    planner.ratio_samples["draft"] = [1.0]  # diffusion cycles measured as predicted,
+    planner.ratio_samples["ar"] = [10.0]  # AR steps far slower than predicted: speculation wins again
     assert planner.choose(_Rows(1))[0] > 0
 
 
@@ -53,11 +53,11 @@ def test_planner_takes_lookup_drafts_only_while_they_pay(monkeypatch):
 
     monkeypatch.setattr(auto, "forward_seconds", lambda batch, width: 1.0 + 0.1 * width)  # a measured cost curve
     planner = DraftPlanner(4, quadratic=False, prior=[0.05] * 4)  # diffusion drafts: never worth a draft forward
-    planner.time_ratio["ar"] = 1.0  # an AR step was timed as predicted
+    planner.ratio_samples["ar"] = [1.0]  # an AR step was timed as predicted
     assert planner.choose(_Rows(1), lookup_len=3) == (3, True)  # lookup prior 0.6: 2.18 tokens for 1.4 s
     monkeypatch.setattr(auto, "forward_seconds", lambda batch, width: 1.0 + 0.5 * width)  # wide verifies cost more:
     steep = DraftPlanner(4, False, [0.05] * 4)
-    steep.time_ratio["ar"] = 1.0
+    steep.ratio_samples["ar"] = [1.0]
     assert steep.choose(_Rows(1), lookup_len=3) == (1, True)  # 1.6 tokens for 2 s
     monkeypatch.setattr(auto, "forward_seconds", lambda batch, width: 1.0 + 0.1 * width)
     for _ in range(60):
@@ -75,9 +75,9 @@ def test_an_unmeasured_cycle_kind_takes_the_measured_overhead():
     planner.choose(_Rows(1))  # the AR step's clock stops at the next choice
     measured = planner.time_ratio["ar"]
     assert measured is not None and planner.ratio("draft") == planner.ratio("lookup") == measured  # until timed
-    planner.time_ratio["lookup"] = 0.5  # lookup-only cycles cheap: that says nothing about diffusion cycles
+    planner.ratio_samples["lookup"] = [0.5]  # lookup-only cycles cheap: that says nothing about diffusion cycles
     assert planner.ratio("lookup") == 0.5 and planner.ratio("draft") == measured == planner.ratio("ar")
-    planner.time_ratio["ar"] = None
+    planner.ratio_samples["ar"] = []
     assert planner.ratio("draft") == 0.5 == planner.ratio("ar")  # no AR step timed: the largest measured one
 
 
@@ -87,7 +87,7 @@ def test_merged_lookup_and_diffusion_cycles_are_priced_and_recorded_by_span(monk
     monkeypatch.setattr(auto, "forward_seconds", lambda batch, width: 1.0)
     planner = DraftPlanner(4, quadratic=False, prior=[0.5] * 4)
     planner.lookup = auto._Rates([0.9] * 4)
-    planner.time_ratio["ar"] = 1.0
+    planner.ratio_samples["ar"] = [1.0]
     # merged k=4 with a 2-token lookup: 1 + .9 + .81 + .405 + .2025 = 3.3175 tokens for 2 s (draft + verify)
     planner._costs[1] = [1.0, 2.0, 2.0, 2.0, 2.0]
     assert planner.choose(_Rows(1), lookup_len=2) == (2, True)  # lookup alone: 2.71 tokens for 1 s is better
@@ -149,10 +149,10 @@ def test_the_next_decode_batch_starts_from_what_the_planner_learnt(tmp_path):
     prompts = random_prompts(2, seed=5)
     model.generate(prompts[:1], mode="self_spec", draft_len="auto", max_new_tokens=20, adapter=False)
     learnt = planner_memory(model)[(None, "linear", 1)]
-    assert any(r is not None for r in learnt["time_ratio"].values())
+    assert any(learnt["ratio_samples"].values())
     planner = DraftPlanner(len(learnt["diffusion"]), False, prior=[0.9] * 3, memory=learnt)
     assert planner.diffusion.prior == pytest.approx([min(max(r, 0.05), 0.95) for r in learnt["diffusion"]])
-    assert planner.time_ratio == learnt["time_ratio"] and planner.observed == learnt["observed"]
+    assert planner.ratio_samples == learnt["ratio_samples"] and planner.observed == learnt["observed"]
     assert "lookup" not in learnt and planner.lookup.prior == [auto.PRIOR_RATE] * len(learnt["diffusion"])
     assert DraftPlanner(3, False, prior=[0.9] * 3).diffusion.prior == [0.9] * 3
     model.attach_adapter(make_adapter(model, tmp_path / "lora"))
@@ -171,7 +171,7 @@ def test_a_choice_that_ran_slower_than_predicted_is_priced_by_its_observed_time(
     assert len(planner.observed.get((1, "draft", 4), [])) == 1  # the second is timed at the next choice
     planner.choose(_Rows(1))
     assert len(planner.observed[(1, "draft", 4)]) == 2
-    planner.time_ratio["draft"] = 1.0  # as if the other draft lengths ran as predicted
+    planner.ratio_samples["draft"] = [1.0]  # as if the other draft lengths ran as predicted
     assert planner.choose(_Rows(1))[0] == 3  # k=4 priced at its observed ~20 s, k=3 at its prediction
     assert planner.remember()["observed"] == planner.observed
 
@@ -183,7 +183,7 @@ def test_a_fresh_planner_times_an_ar_step_before_it_drafts():
     planner._costs[1] = [1.0, 1.1, 1.1, 1.1, 1.1]
     assert planner.choose(_Rows(1)) == (0, False)
     planner.finish(0)
-    planner.time_ratio["ar"] = 1.0  # measured as predicted
+    planner.ratio_samples["ar"] = [1.0]  # measured as predicted
     assert planner.choose(_Rows(1))[0] == 4
 
 
@@ -232,7 +232,7 @@ def test_the_planner_times_an_ar_step_again_every_few_cycles():
     import nld_lora.decoding.auto as auto
 
     planner = _planner_with_costs([0.95] * 4, [1.0, 1.1, 1.1, 1.1, 1.1])
-    planner.time_ratio["draft"] = 1.0
+    planner.ratio_samples["draft"] = [1.0]
     choices = [_run_cycle(planner, 1.1)[0] for _ in range(auto.AR_REPROBE + 2)]
     assert choices[: auto.AR_REPROBE] == [4] * auto.AR_REPROBE and choices[auto.AR_REPROBE] == 0
     assert choices[auto.AR_REPROBE + 1] == 4

@@ -20,6 +20,7 @@ layout and batch-size bucket (decoding/twins.py planner_memory) and is the next 
 from __future__ import annotations
 
 import time
+from statistics import median
 
 import torch
 
@@ -53,7 +54,7 @@ def measure_forward(batch, width: int) -> float:
     overwrites its cache slots); measured once per process and (device, compiled, rows bucket, width)."""
     model = batch.model
     costs = forward_costs(model)
-    rows = 1 << (len(batch) - 1).bit_length()
+    rows = rows_bucket(len(batch))
     key = (str(model.device), model.encoder._compiled_call_impl is not None, rows, width)
     if key not in costs:
         tokens = torch.full((len(batch), width), model.mask_token_id, device=model.device)
@@ -65,19 +66,18 @@ def measure_forward(batch, width: int) -> float:
             _sync(model.device)
             if rep:  # the first one warms up
                 times.append(time.perf_counter() - t0)
-        costs[key] = sorted(times)[len(times) // 2]
+        costs[key] = median(times)
     return costs[key]
+
+
+def rows_bucket(rows: int) -> int:
+    """The power of two at or above `rows`: forward costs, and what a planner learnt, are kept per bucket."""
+    return 1 << (rows - 1).bit_length()
 
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
-
-
-def _median(values: list[float]) -> float:
-    ordered = sorted(values)
-    mid = len(ordered) // 2
-    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
 
 
 def _prior(rates: list[float] | None, max_len: int) -> list[float]:
@@ -124,10 +124,9 @@ class DraftPlanner:
         memory = memory or {}
         self.diffusion = _Rates(_prior(memory.get("diffusion") or prior, max_len))
         self.lookup = _Rates(_prior(None, max_len))  # lookups are as good as each prompt repeats itself: not carried
-        self.time_ratio: dict[str, float | None] = dict(memory.get("time_ratio") or dict.fromkeys(CYCLE_KINDS))
-        # measured / predicted cycle time per kind of cycle (None: none measured yet), the median of ratio_samples
         self.ratio_samples: dict[str, list[float]] = {kind: list(memory.get("ratio_samples", {}).get(kind, []))
-                                                      for kind in CYCLE_KINDS}
+                                                      for kind in CYCLE_KINDS}  # the last TIME_WINDOW measured /
+        # predicted cycle times per kind of cycle
         self.observed: dict[tuple, list[float]] = {key: list(v) for key, v in (memory.get("observed") or {}).items()}
         # (rows, kind, k) -> the last TIME_WINDOW wall seconds of that choice: what it really cost here
         self._since_ar = 0  # cycles since the last AR step
@@ -147,16 +146,21 @@ class DraftPlanner:
         costs carry over. Lookup rates are not carried: they are as good as each prompt repeats itself, and a
         pessimistic carried estimate is never corrected once lookups stop being chosen. Without it every batch of a batch-1 run started from the adapter's evaluated rates, which the
         deployed loop does not reach (issue #22)."""
-        return {"diffusion": self.diffusion.values(), "time_ratio": dict(self.time_ratio),
-                "ratio_samples": {kind: list(v) for kind, v in self.ratio_samples.items()},
+        return {"diffusion": self.diffusion.values(), "ratio_samples": {kind: list(v) for kind, v in self.ratio_samples.items()},
                 "observed": {key: list(v) for key, v in self.observed.items()}}
+
+    @property
+    def time_ratio(self) -> dict[str, float | None]:
+        """Measured / predicted cycle time per kind of cycle: the median of its samples (None: none measured)."""
+        return {kind: median(v) if v else None for kind, v in self.ratio_samples.items()}
 
     def ratio(self, kind: str) -> float:
         """Measured / predicted time of this kind of cycle (CYCLE_KINDS). Until one is measured: the AR steps'
         ratio, else the largest measured one, else 1 (the runtime's overhead per forward is shared, and an unmeasured
         kind must not look cheaper than a measured one)."""
-        own, ar = self.time_ratio[kind], self.time_ratio["ar"]
-        measured = [r for r in self.time_ratio.values() if r is not None]
+        ratios = self.time_ratio
+        own, ar = ratios[kind], ratios["ar"]
+        measured = [r for r in ratios.values() if r is not None]
         return own if own is not None else ar if ar is not None else max(measured, default=1.0)
 
     def cycle_seconds(self, batch, k: int) -> float:
@@ -175,8 +179,9 @@ class DraftPlanner:
         if len(batch) not in self._costs:
             self._costs[len(batch)] = [self.cycle_seconds(batch, k) for k in range(self.max_len + 1)]
         costs, rows = self._costs[len(batch)], len(batch)
-        best, best_rate, predicted = (0, False), 1.0 / self.seconds(rows, "ar", 0, costs[0]), costs[0]
-        if self.time_ratio["ar"] is None or self._since_ar >= AR_REPROBE:  # time an AR step first (and again
+        ratios = {kind: self.ratio(kind) for kind in CYCLE_KINDS}
+        best, best_rate, predicted = (0, False), 1.0 / self.seconds(rows, "ar", 0, costs[0], ratios), costs[0]
+        if not self.ratio_samples["ar"] or self._since_ar >= AR_REPROBE:  # time an AR step first (and again
             # every AR_REPROBE cycles): the one-off width measurements misjudge it
             # (a traced run: AR steps at 0.56x the measured width-1 forward), and every unmeasured kind takes its ratio
             best_rate = float("inf")
@@ -185,11 +190,12 @@ class DraftPlanner:
         for k, r in enumerate(self.diffusion.values(), start=1):
             survive *= lookup[k - 1] if k <= lookup_len else r
             tokens += survive
-            if tokens / self.seconds(rows, "draft", k, costs[k]) > best_rate:
-                best, best_rate, predicted = (k, False), tokens / self.seconds(rows, "draft", k, costs[k]), costs[k]
+            rate = tokens / self.seconds(rows, "draft", k, costs[k], ratios)
+            if rate > best_rate:
+                best, best_rate, predicted = (k, False), rate, costs[k]
         for k in range(1, lookup_len + 1):  # lookup drafts cut to k: a narrower verify, for fewer expected tokens
             verify = forward_seconds(batch, k + 1)
-            rate = expected_tokens(lookup, k) / self.seconds(rows, "lookup", k, verify)
+            rate = expected_tokens(lookup, k) / self.seconds(rows, "lookup", k, verify, ratios)
             if rate > best_rate:
                 best, best_rate, predicted = (k, True), rate, verify
         if self.quadratic:  # ranked by the steady state; this forward's width also depends on the drafts it verifies
@@ -199,18 +205,19 @@ class DraftPlanner:
         self._started = time.perf_counter()
         return best
 
-    def seconds(self, rows: int, kind: str, k: int, predicted: float) -> float:
+    def seconds(self, rows: int, kind: str, k: int, predicted: float, ratios: dict[str, float]) -> float:
         """Expected wall time of a cycle: the median observed for this (rows, kind, k) once it ran MIN_OBSERVED
-        times (linear mode), else the predicted forwards times this kind's measured/predicted ratio."""
+        times (linear mode), else the predicted forwards times this kind's measured/predicted ratio (ratios:
+        ratio() of every kind, computed once per choice)."""
         seen = None if self.quadratic else self.observed.get((rows, kind, k))  # single-forward: a cycle's width
         # also depends on the drafts it verifies (the previous choice), so one k's observed times are confounded
-        return _median(seen) if seen and len(seen) >= MIN_OBSERVED else predicted * self.ratio(kind)
+        return median(seen) if seen and len(seen) >= MIN_OBSERVED else predicted * ratios[kind]
 
     def finish(self, k: int, lookup: bool = False) -> None:
         """Name the cycle that ran since choose(): k = 0 an AR step, else a cycle of diffusion drafts, or of lookup
         drafts alone (lookup). Its clock stops at the next choose(), so the time learnt is the whole loop iteration,
         the bookkeeping after its forwards included (stopping at the forwards' tokens left out work that draft
-        cycles do and AR steps do not, and single-forward auto drafted at 0.82x AR's speed, issue #22)."""
+        cycles do and AR steps do not; issue #22)."""
         self._pending = ("ar" if k == 0 else "lookup" if lookup else "draft", k)
 
     def _close(self) -> None:
@@ -221,9 +228,7 @@ class DraftPlanner:
         self._pending = None
         elapsed = time.perf_counter() - self._started
         self._since_ar = 0 if kind == "ar" else self._since_ar + 1
-        samples = self.ratio_samples[kind]
-        samples[:] = (samples + [elapsed / self._predicted])[-TIME_WINDOW:]
-        self.time_ratio[kind] = _median(samples)
+        self.ratio_samples[kind] = (self.ratio_samples[kind] + [elapsed / self._predicted])[-TIME_WINDOW:]
         key = (self._chosen[0], kind, k)
         self.observed[key] = (self.observed.get(key, []) + [elapsed])[-TIME_WINDOW:]
 

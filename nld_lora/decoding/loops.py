@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from nld_lora.decoding.auto import DraftPlanner
+from nld_lora.decoding.auto import DraftPlanner, rows_bucket
 from nld_lora.decoding.batch import DecodeBatch
 from nld_lora.decoding.lookup import NgramIndex
 from nld_lora.decoding.outputs import Outputs
@@ -183,7 +183,7 @@ def _planner(batch: DecodeBatch, cfg: DecodeSettings, quadratic: bool) -> DraftP
 
 def _memory_key(batch: DecodeBatch, layout: str) -> tuple:
     """(adapter, layout, rows bucket): cost ratios differ with the batch size, so batch sizes learn apart."""
-    return batch.adapter, layout, 1 << (len(batch) - 1).bit_length()
+    return batch.adapter, layout, rows_bucket(len(batch))
 
 
 def _remember(batch: DecodeBatch, planner: DraftPlanner | None) -> None:
