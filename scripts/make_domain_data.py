@@ -4,10 +4,12 @@ Writes (a) the pretraining corpus (train files / held-out files) and (b) complet
 data/prompts/code_train.jsonl and data/prompts/code_eval.jsonl. With --root another source tree gives another
 domain (the second domain: `--root <site-packages>/transformers --name transformers --max-train 800
 --max-eval 200 --no-reference`, transformers 5.24.0). The split is by source file, so no file
-feeds both train and eval. Deterministic for a given interpreter (seeded hashing, sorted walks).
+feeds both train and eval; a training prompt that is also an eval file's prompt, or whose function is also in an
+eval file (copied code: transformers copies functions between model files), is dropped. Deterministic for a given interpreter (seeded hashing, sorted walks).
 data/prompts/code_train_all.jsonl (the default recipe's training prompts: every function of the training files) is
 `--max-train 100000 --max-eval 0 --no-reference` followed by `--undocumented --name code_undoc` with the same caps,
-the two train files concatenated.
+the two train files concatenated. data/prompts/transformers_train_mix.jsonl (the second domain at the default's
+volume) is the same pair on transformers' sources with `--max-train 4000` each. --deep cuts further into each body.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from pathlib import Path
 EXCLUDED_PARTS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__", "ensurepip"}
 MAX_PROMPT_CHARS = 1200
 MAX_FILE_BYTES = 400_000
+DEEP_MIN_LINES = 4  # a deep cut keeps at least this many body lines in the prompt
 
 
 def stdlib_files(root: Path) -> list[Path]:
@@ -67,9 +70,11 @@ def categorize(name: str, in_class: bool, body_source: str) -> str:
     return "class_method" if in_class else "plain_function"
 
 
-def prompts_from_source(source: str, rel_path: str, rng: random.Random, documented: bool = True) -> list[dict]:
+def prompts_from_source(source: str, rel_path: str, rng: random.Random, documented: bool = True,
+                        deep: bool = False) -> list[dict]:
     """Function/method header + docstring + first 1-3 body lines as a completion prompt; documented=False: the
-    functions WITHOUT a docstring instead (header + first 1-3 body lines), more contexts from the same files."""
+    functions WITHOUT a docstring instead (header + first 1-3 body lines), more contexts from the same files;
+    deep=True: cut at a random line 4 or more lines into the body instead (another context per longer function)."""
     try:
         tree = ast.parse(source)
     except (SyntaxError, ValueError):
@@ -92,8 +97,12 @@ def prompts_from_source(source: str, rel_path: str, rng: random.Random, document
             return
         start = (fn.decorator_list[0].lineno if fn.decorator_list else fn.lineno) - 1
         code_start = body[1 if documented else 0].lineno - 1  # first line after the docstring, if any
-        n_extra = rng.randint(1, 3)
-        cut = min(code_start + n_extra, fn.end_lineno - 1)
+        if deep:
+            if code_start + DEEP_MIN_LINES > fn.end_lineno - 1:
+                return
+            cut = rng.randint(code_start + DEEP_MIN_LINES, fn.end_lineno - 1)
+        else:
+            cut = min(code_start + rng.randint(1, 3), fn.end_lineno - 1)
         if cut <= code_start:
             return
         # no trailing newline: a bare "\n" token is a boundary BPE never saw mid-function (token healing)
@@ -103,7 +112,7 @@ def prompts_from_source(source: str, rel_path: str, rng: random.Random, document
             return
         body_source = "".join(lines[code_start:fn.end_lineno])
         out.append({
-            "id": f"{rel_path}:{fn.lineno}:{fn.name}",
+            "id": f"{rel_path}:{fn.lineno}:{fn.name}" + (f"@{cut + 1}" if deep else ""),
             "prompt": prompt,
             "category": categorize(fn.name, in_class, body_source),
             "source_file": rel_path,
@@ -115,7 +124,8 @@ def prompts_from_source(source: str, rel_path: str, rng: random.Random, document
 
 
 def build(out_dir: Path, corpus_dir: Path, seed: int, eval_fraction: float, max_train: int, max_eval: int,
-          root: Path | None = None, name: str = "code", reference: bool = True, documented: bool = True) -> dict:
+          root: Path | None = None, name: str = "code", reference: bool = True, documented: bool = True,
+          deep: bool = False) -> dict:
     root = root or Path(sysconfig.get_paths()["stdlib"])
     rng = random.Random(seed)
     corpus = {"train": [], "eval": []}
@@ -128,14 +138,22 @@ def build(out_dir: Path, corpus_dir: Path, seed: int, eval_fraction: float, max_
             continue
         split = split_of(rel, seed, eval_fraction)
         corpus[split].append(source)
-        prompts[split].extend(prompts_from_source(source, rel, rng, documented))
+        prompts[split].extend(prompts_from_source(source, rel, rng, documented, deep))
     out_dir.mkdir(parents=True, exist_ok=True)
     corpus_dir.mkdir(parents=True, exist_ok=True)
+    # copied code (transformers' "Copied from" models) puts eval files' functions verbatim in train files; an equal
+    # prompt alone is a leak too, since the targets are the model's own continuation of the prompt
+    eval_texts = {row["prompt"] for row in prompts["eval"]} | {row["prompt"] + row["reference"] for row in prompts["eval"]}
     counts = {}
     for split, cap in (("train", max_train), ("eval", max_eval)):
         rows = prompts[split]
         random.Random(seed + 1).shuffle(rows)
         rows = sorted(rows[:cap], key=lambda r: r["id"])
+        if split == "train":
+            kept = [row for row in rows
+                    if row["prompt"] not in eval_texts and row["prompt"] + row["reference"] not in eval_texts]
+            counts["train_dropped_as_eval_copies"] = len(rows) - len(kept)
+            rows = kept
         with open(out_dir / f"{name}_{split}.jsonl", "w", encoding="utf-8") as f:
             for row in rows:
                 if not reference:
@@ -160,9 +178,12 @@ def main() -> None:
     parser.add_argument("--no-reference", action="store_true", help="leave out each prompt's true continuation")
     parser.add_argument("--undocumented", action="store_true",
                         help="prompts from the functions without a docstring (extra training contexts)")
+    parser.add_argument("--deep", action="store_true",
+                        help=f"cut {DEEP_MIN_LINES}+ lines into each body instead of 1-3 (extra training contexts)")
     args = parser.parse_args()
     counts = build(Path(args.out), Path(args.corpus), args.seed, args.eval_fraction, args.max_train, args.max_eval,
-                   Path(args.root) if args.root else None, args.name, not args.no_reference, not args.undocumented)
+                   Path(args.root) if args.root else None, args.name, not args.no_reference, not args.undocumented,
+                   args.deep)
     print(json.dumps(counts, indent=2))
 
 

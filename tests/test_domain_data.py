@@ -96,3 +96,42 @@ def test_the_default_training_prompts_hold_the_documented_set_and_no_held_out_fi
     assert len(ids) == len(set(ids)) and {r["id"] for r in documented} <= set(ids)
     assert not {r["source_file"] for r in every} & {r["source_file"] for r in held}
     assert all(r["prompt"].strip() and r["source_file"] for r in every)
+
+
+def test_training_functions_copied_from_eval_files_are_dropped(tmp_path):
+    """Copied code must not leak held-out functions into training: an eval file's function copied into a train
+    file, or a train prompt equal to an eval prompt, is dropped from the train prompts; nothing else is."""
+    builder = _builder()
+    names = [f"m{i}.py" for i in range(40)]
+    train_file = next(n for n in names if builder.split_of(n, 0, 0.5) == "train")
+    eval_file = next(n for n in names if builder.split_of(n, 0, 0.5) == "eval")
+    copied = 'def copied(x):\n    """Shared."""\n    y = x + 1\n    z = y * 2\n    return z\n'
+    own = 'def own(x):\n    """Only here."""\n    y = x - 1\n    z = y * 3\n    return z\n'
+    root = tmp_path / "src"
+    root.mkdir()
+    (root / train_file).write_text(copied + "\n\n" + own)
+    (root / eval_file).write_text(copied)
+    counts = builder.build(tmp_path / "p", tmp_path / "c", 0, 0.5, 100, 100, root=root)
+    train = [json.loads(x) for x in (tmp_path / "p" / "code_train.jsonl").read_text().splitlines()]
+    held = [json.loads(x) for x in (tmp_path / "p" / "code_eval.jsonl").read_text().splitlines()]
+    assert [r["id"].split(":")[-1] for r in train] == ["own"] and [r["id"].split(":")[-1] for r in held] == ["copied"]
+    assert counts["train_dropped_as_eval_copies"] == 1
+
+
+def test_committed_training_prompts_share_no_prompt_with_their_eval_set():
+    for train, held in (("code_train_all.jsonl", "code_eval.jsonl"), ("code_train.jsonl", "code_eval.jsonl"),
+                        ("transformers_train.jsonl", "transformers_eval.jsonl"),
+                        ("transformers_train_mix.jsonl", "transformers_eval.jsonl")):
+        assert not {r["prompt"] for r in _rows(train)} & {r["prompt"] for r in _rows(held)}, train
+
+
+def test_deep_cuts_keep_at_least_four_body_lines_and_skip_short_functions():
+    import random
+
+    builder = _builder()
+    body = "".join(f"    v{i} = {i}\n" for i in range(8))
+    source = 'def long(x):\n    """Doc."""\n' + body + "    return x\n\n\ndef short(x):\n    y = 1\n    return y\n"
+    deep = builder.prompts_from_source(source, "m.py", random.Random(0), deep=True)
+    assert len(deep) == 1 and deep[0]["id"].startswith("m.py:1:long@")
+    body_lines = deep[0]["prompt"].splitlines()[2:]
+    assert len(body_lines) >= builder.DEEP_MIN_LINES and deep[0]["reference"].strip()

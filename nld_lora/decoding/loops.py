@@ -276,11 +276,11 @@ def run_self_spec_quadratic(batch: DecodeBatch, out: Outputs, cfg: DecodeSetting
         next_len = planner.choose(batch, verifying=n_drafts)[0] if planner else cfg.draft_len
         if planner:
             _note_choice(batch, out, next_len)
-        if not n_drafts and not next_len:  # nothing to verify, nothing to draft: a plain AR step at AR's cost
-            seeds = _ar_step(batch, out, cfg, gen, seeds)
-            planner.finish(0)
-            drafts = torch.empty(len(batch), 0, dtype=torch.long, device=seeds.device)
-            continue
+            if not n_drafts and not next_len:  # nothing to verify, nothing to draft: a plain AR step at AR's cost
+                seeds = _ar_step(batch, out, cfg, gen, seeds)
+                planner.finish(0)
+                drafts = torch.empty(len(batch), 0, dtype=torch.long, device=seeds.device)
+                continue
         masks_per_row = next_len + 1 if next_len else 0
         lookups = _lookup_drafts(batch, out, cfg, n_drafts) if n_drafts else None
         if lookups is not None:
