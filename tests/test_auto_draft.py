@@ -69,16 +69,16 @@ def test_an_unmeasured_cycle_kind_takes_the_measured_overhead():
     """Speculative cycles start from the AR steps' measured/predicted ratio, not 1: else a runtime overhead seen
     only on AR steps makes speculation look cheaper than it is (the batch-8 regression of issue #22)."""
     planner = _planner_with_costs([0.5] * 4, [1.0, 1.9, 2.0, 2.1, 2.2])
-    assert planner.ratio("draft") == planner.ratio("ar") == planner.ratio("lookup") == 1.0
+    assert planner.ratios()["draft"] == planner.ratios()["ar"] == planner.ratios()["lookup"] == 1.0
     assert planner.choose(_Rows(1))[0] == 0  # 1.5 tokens for 1.9 s < 1 token per s
     planner.finish(0)
     planner.choose(_Rows(1))  # the AR step's clock stops at the next choice
     measured = planner.time_ratio["ar"]
-    assert measured is not None and planner.ratio("draft") == planner.ratio("lookup") == measured  # until timed
+    assert measured is not None and planner.ratios()["draft"] == planner.ratios()["lookup"] == measured  # until timed
     planner.ratio_samples["lookup"] = [0.5]  # lookup-only cycles cheap: that says nothing about diffusion cycles
-    assert planner.ratio("lookup") == 0.5 and planner.ratio("draft") == measured == planner.ratio("ar")
+    assert planner.ratios()["lookup"] == 0.5 and planner.ratios()["draft"] == measured == planner.ratios()["ar"]
     planner.ratio_samples["ar"] = []
-    assert planner.ratio("draft") == 0.5 == planner.ratio("ar")  # no AR step timed: the largest measured one
+    assert planner.ratios()["draft"] == 0.5 == planner.ratios()["ar"]  # no AR step timed: the largest measured one
 
 
 def test_merged_lookup_and_diffusion_cycles_are_priced_and_recorded_by_span(monkeypatch):
@@ -236,3 +236,22 @@ def test_the_planner_times_an_ar_step_again_every_few_cycles():
     choices = [_run_cycle(planner, 1.1)[0] for _ in range(auto.AR_REPROBE + 2)]
     assert choices[: auto.AR_REPROBE] == [4] * auto.AR_REPROBE and choices[auto.AR_REPROBE] == 0
     assert choices[auto.AR_REPROBE + 1] == 4
+
+
+def test_lookup_drafts_on_offer_are_tried_again_after_a_bad_start(monkeypatch):
+    """Lookup rates learn only from verified lookups: after an unlucky start a prompt stayed on AR steps though its
+    lookups would have paid (a report run: 256 lookup cycles where the same prompts took 632). Lookups on offer but
+    not verified for LOOKUP_RETRY cycles run again; once they pay the planner keeps them."""
+    import nld_lora.decoding.auto as auto
+
+    monkeypatch.setattr(auto, "forward_seconds", lambda batch, width: 1.0 + 0.1 * width)
+    planner = DraftPlanner(4, quadratic=False, prior=[0.05] * 4)
+    planner.ratio_samples.update(ar=[1.0], lookup=[1.0])
+    for _ in range(60):
+        planner.record([0], drafted=3, lookup=True)  # the first lookups failed: AR steps look better
+    choices = [_run_cycle(planner, 1.0, lookup_len=3) for _ in range(auto.LOOKUP_RETRY + 1)]
+    assert choices[:auto.LOOKUP_RETRY] == [(0, False)] * auto.LOOKUP_RETRY and choices[-1][1]
+    for _ in range(40):
+        planner.record([3], drafted=3, lookup=True)  # the retried lookups are accepted whole
+    assert _run_cycle(planner, 1.0, lookup_len=3) == (3, True)
+    assert _run_cycle(planner, 1.0) == (0, False)  # no lookup on offer: the retry counter plays no part

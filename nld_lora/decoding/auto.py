@@ -13,7 +13,8 @@ time over the last TIME_WINDOW cycles, kept apart for AR steps, diffusion-draft 
 forward and no draft bookkeeping: averaged with the others it made diffusion drafts look cheap); once a choice
 (rows, kind, k) has run MIN_OBSERVED times, the median of its own observed wall times replaces the prediction (the
 one-off width measurements can be off: in a traced batch-1 run AR steps took 0.56x the measured width-1 forward).
-An AR step is timed first and again every AR_REPROBE cycles. What a planner learnt is kept per model, adapter,
+An AR step is timed first and again every AR_REPROBE cycles; lookup drafts on offer but not verified for
+LOOKUP_RETRY cycles are tried again. What a planner learnt is kept per model, adapter,
 layout and batch-size bucket (decoding/twins.py planner_memory) and is the next decode batch's start.
 """
 
@@ -33,6 +34,9 @@ TIMING_REPEATS = 3
 TIME_WINDOW = 9  # the last cycles a time estimate is the median of: a one-off spike (a page fault, another
 # process) cannot set a price, which a running mean's first sample did, and kept once that kind was not chosen again
 AR_REPROBE = 32  # cycles without an AR step after which the planner takes one, so AR's price stays current
+LOOKUP_RETRY = 8  # cycles with lookup drafts on offer but none verified, after which the best lookup choice runs:
+# lookup rates learn only from verified lookups, so one unlucky start kept a whole prompt on AR steps (a report run:
+# 256 lookup cycles where the same prompts took 632)
 MIN_OBSERVED = 2  # cycles of one (rows, kind, k) after which its observed wall time replaces the prediction
 CYCLE_KINDS = ("ar", "draft", "lookup")  # AR steps, diffusion-draft cycles, lookup-only cycles: each its own ratio
 
@@ -130,6 +134,7 @@ class DraftPlanner:
         self.observed: dict[tuple, list[float]] = {key: list(v) for key, v in (memory.get("observed") or {}).items()}
         # (rows, kind, k) -> the last TIME_WINDOW wall seconds of that choice: what it really cost here
         self._since_ar = 0  # cycles since the last AR step
+        self._lookups_skipped = 0  # cycles since lookup drafts were last verified, counting those that offered them
         self._chosen: tuple = (0, (0, False))
         self.memory_key = memory_key
         self._started = self._predicted = 0.0
@@ -154,14 +159,14 @@ class DraftPlanner:
         """Measured / predicted cycle time per kind of cycle: the median of its samples (None: none measured)."""
         return {kind: median(v) if v else None for kind, v in self.ratio_samples.items()}
 
-    def ratio(self, kind: str) -> float:
-        """Measured / predicted time of this kind of cycle (CYCLE_KINDS). Until one is measured: the AR steps'
-        ratio, else the largest measured one, else 1 (the runtime's overhead per forward is shared, and an unmeasured
-        kind must not look cheaper than a measured one)."""
-        ratios = self.time_ratio
-        own, ar = ratios[kind], ratios["ar"]
-        measured = [r for r in ratios.values() if r is not None]
-        return own if own is not None else ar if ar is not None else max(measured, default=1.0)
+    def ratios(self) -> dict[str, float]:
+        """Measured / predicted time per kind of cycle (CYCLE_KINDS), as choices price it: its own ratio; until one
+        is measured, the AR steps' ratio, else the largest measured one, else 1 (the runtime's overhead per forward
+        is shared, and an unmeasured kind must not look cheaper than a measured one)."""
+        measured = self.time_ratio
+        known = [r for r in measured.values() if r is not None]
+        fallback = measured["ar"] if measured["ar"] is not None else max(known, default=1.0)
+        return {kind: fallback if r is None else r for kind, r in measured.items()}
 
     def cycle_seconds(self, batch, k: int) -> float:
         if k == 0:
@@ -179,12 +184,12 @@ class DraftPlanner:
         if len(batch) not in self._costs:
             self._costs[len(batch)] = [self.cycle_seconds(batch, k) for k in range(self.max_len + 1)]
         costs, rows = self._costs[len(batch)], len(batch)
-        ratios = {kind: self.ratio(kind) for kind in CYCLE_KINDS}
-        best, best_rate, predicted = (0, False), 1.0 / self.seconds(rows, "ar", 0, costs[0], ratios), costs[0]
         if not self.ratio_samples["ar"] or self._since_ar >= AR_REPROBE:  # time an AR step first (and again
             # every AR_REPROBE cycles): the one-off width measurements misjudge it
             # (a traced run: AR steps at 0.56x the measured width-1 forward), and every unmeasured kind takes its ratio
-            best_rate = float("inf")
+            return self._start(costs[0], rows, (0, False))
+        ratios = self.ratios()
+        best, best_rate, predicted = (0, False), 1.0 / self.seconds(rows, "ar", 0, costs[0], ratios), costs[0]
         lookup = self.lookup.values()[:lookup_len]
         tokens, survive = 1.0, 1.0
         for k, r in enumerate(self.diffusion.values(), start=1):
@@ -193,22 +198,30 @@ class DraftPlanner:
             rate = tokens / self.seconds(rows, "draft", k, costs[k], ratios)
             if rate > best_rate:
                 best, best_rate, predicted = (k, False), rate, costs[k]
+        best_lookup: tuple = (0.0, (0, False), 0.0)  # (rate, choice, predicted)
         for k in range(1, lookup_len + 1):  # lookup drafts cut to k: a narrower verify, for fewer expected tokens
             verify = forward_seconds(batch, k + 1)
             rate = expected_tokens(lookup, k) / self.seconds(rows, "lookup", k, verify, ratios)
-            if rate > best_rate:
-                best, best_rate, predicted = (k, True), rate, verify
+            best_lookup = max(best_lookup, (rate, (k, True), verify))
+        if lookup_len and (best_lookup[0] > best_rate or self._lookups_skipped >= LOOKUP_RETRY):
+            best, predicted = best_lookup[1], best_lookup[2]
+        verified_lookups = best[1] or (best[0] > 0 and lookup_len > 0)  # a diffusion cycle verifies them too
+        self._lookups_skipped = 0 if verified_lookups else self._lookups_skipped + (lookup_len > 0)
         if self.quadratic:  # ranked by the steady state; this forward's width also depends on the drafts it verifies
             k = best[0]
             predicted = forward_seconds(batch, (verifying + 1) * (k + 2) if k else verifying + 1)
-        self._predicted, self._chosen = predicted, (rows, best)
+        return self._start(predicted, rows, best)
+
+    def _start(self, predicted: float, rows: int, choice: tuple[int, bool]) -> tuple[int, bool]:
+        """Start the clock of the cycle just chosen."""
+        self._predicted, self._chosen = predicted, (rows, choice)
         self._started = time.perf_counter()
-        return best
+        return choice
 
     def seconds(self, rows: int, kind: str, k: int, predicted: float, ratios: dict[str, float]) -> float:
         """Expected wall time of a cycle: the median observed for this (rows, kind, k) once it ran MIN_OBSERVED
         times (linear mode), else the predicted forwards times this kind's measured/predicted ratio (ratios:
-        ratio() of every kind, computed once per choice)."""
+        ratios(), computed once per choice)."""
         seen = None if self.quadratic else self.observed.get((rows, kind, k))  # single-forward: a cycle's width
         # also depends on the drafts it verifies (the previous choice), so one k's observed times are confounded
         return median(seen) if seen and len(seen) >= MIN_OBSERVED else predicted * ratios[kind]
