@@ -91,6 +91,7 @@ def test_report_files_exist_parse_and_agree(tmp_path):
     before_fastest = on_disk["before"]["fastest"]
     faster = fastest["speedup_vs_ar_batch1"] >= before_fastest["speedup_vs_ar_batch1"]
     assert ("fastest lossless mode is faster" if faster else "Measured reason") in md
+    assert faster or f"lookup cycles {fastest['lookup_cycles']} against {before_fastest['lookup_cycles']}" in md
     model.detach_adapter()  # (the fastest mode's own figures depend on measured timings: only its shape is checked)
     for name in on_disk["plots"].values():
         data = (tmp_path / "rep" / name).read_bytes()
@@ -119,3 +120,19 @@ def test_lossless_mismatch_is_loud_with_strict(tmp_path):
     assert "lossless check failed" in res.stderr
     report = json.loads((tmp_path / "rep" / "report.json").read_text())
     assert report["lossless"]["mismatches"] > 0 and report["lossless"]["per_run"]["after"]["prompt_ids"]
+
+
+def test_fastest_verdict_says_when_the_adapters_drafts_took_no_part():
+    """When neither run drafted with diffusion (only AR steps and lookup cycles) the adapter cannot be what made
+    its fastest mode slower, and the verdict says so; with diffusion drafts chosen it does not."""
+    from nld_lora.report.writers import fastest_verdict
+
+    def run(speedup: float, choices: dict) -> dict:
+        return {"speedup_vs_ar_batch1": speedup, "tpf": 2.0, "acceptance_length": 2.8, "lookup_cycles": 600,
+                "draft_len_choices": choices}
+
+    lookup_only = {"before": {"fastest": run(1.30, {"0": 435})}, "after": {"fastest": run(1.29, {"0": 407})}}
+    assert "Neither run chose a diffusion draft" in fastest_verdict(lookup_only)
+    drafted = {"before": {"fastest": run(1.30, {"0": 435})}, "after": {"fastest": run(1.29, {"0": 300, "3": 50})}}
+    assert "Measured reason" in fastest_verdict(drafted) and "Neither run" not in fastest_verdict(drafted)
+    assert "is faster" in fastest_verdict({"before": drafted["after"], "after": drafted["before"]})

@@ -55,10 +55,14 @@ def fastest_verdict(report: dict[str, Any]) -> str:
                 f"{b['speedup_vs_ar_batch1']:.2f}x without it (batch 1, interleaved rounds).")
     costs = report.get("forward_ms_batch1") or {}
     cost_text = ", ".join(f"width {w}: {ms:.2f} ms" for w, ms in costs.items()) or "not measured"
+    no_diffusion = not any(int(k) and n for run in (a, b) for k, n in run["draft_len_choices"].items())
+    unused = (" Neither run chose a diffusion draft (only AR steps and lookup cycles), so the adapter's drafts took "
+              "no part: the gap is between two timings of the same kind of work." if no_diffusion else "")
     return (f"With the adapter the fastest lossless mode is slower ({a['speedup_vs_ar_batch1']:.2f}x AR against "
-            f"{b['speedup_vs_ar_batch1']:.2f}x without it, batch 1, interleaved rounds). Measured reason: its TPF "
+            f"{b['speedup_vs_ar_batch1']:.2f}x without it, batch 1, interleaved rounds).{unused} Measured reason: its TPF "
             f"is {a['tpf']:.3f} against {b['tpf']:.3f} (acceptance {a['acceptance_length']:.2f} against "
-            f"{b['acceptance_length']:.2f}; draft lengths chosen {a['draft_len_choices']} against "
+            f"{b['acceptance_length']:.2f}; lookup cycles {a['lookup_cycles']} against "
+            f"{b['lookup_cycles']}, other draft lengths chosen {a['draft_len_choices']} against "
             f"{b['draft_len_choices']}), while a diffusion draft costs a second forward; forwards here cost "
             f"{cost_text}. A cycle pays only when its tokens exceed the cost of its forwards in AR steps.")
 
