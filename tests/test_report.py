@@ -132,7 +132,7 @@ def test_fastest_verdict_says_when_the_adapters_drafts_took_no_part():
                 "draft_len_choices": choices}
 
     lookup_only = {"before": {"fastest": run(1.30, {"0": 435})}, "after": {"fastest": run(1.29, {"0": 407})}}
-    assert "Neither run chose a diffusion draft" in fastest_verdict(lookup_only)
+    assert "Measured reason: neither run chose a diffusion draft" in fastest_verdict(lookup_only)
     drafted = {"before": {"fastest": run(1.30, {"0": 435})}, "after": {"fastest": run(1.29, {"0": 300, "3": 50})}}
-    assert "Measured reason" in fastest_verdict(drafted) and "Neither run" not in fastest_verdict(drafted)
+    assert "Measured reason" in fastest_verdict(drafted) and "neither run" not in fastest_verdict(drafted)
     assert "is faster" in fastest_verdict({"before": drafted["after"], "after": drafted["before"]})

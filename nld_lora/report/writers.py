@@ -46,25 +46,26 @@ def _first_position_row(report: dict[str, Any]) -> list[str]:
 
 def fastest_verdict(report: dict[str, Any]) -> str:
     """One sentence on whether the adapter's fastest mode beat the fastest mode without it, and if not, the
-    measured reason: tokens per forward against what a forward of each width costs here."""
+    measured reason: that neither run drafted with diffusion (the adapter took no part), else tokens per forward
+    against what a forward of each width costs here."""
     b, a = report["before"].get("fastest"), report["after"].get("fastest")
     if not (b and a):
         return ""
     if a["speedup_vs_ar_batch1"] >= b["speedup_vs_ar_batch1"]:
         return (f"With the adapter the fastest lossless mode is faster: {a['speedup_vs_ar_batch1']:.2f}x AR against "
                 f"{b['speedup_vs_ar_batch1']:.2f}x without it (batch 1, interleaved rounds).")
+    slower = (f"With the adapter the fastest lossless mode is slower ({a['speedup_vs_ar_batch1']:.2f}x AR against "
+              f"{b['speedup_vs_ar_batch1']:.2f}x without it, batch 1, interleaved rounds). Measured reason: ")
+    counts = (f"TPF {a['tpf']:.3f} against {b['tpf']:.3f}, acceptance {a['acceptance_length']:.2f} against "
+              f"{b['acceptance_length']:.2f}, lookup cycles {a['lookup_cycles']} against {b['lookup_cycles']}, other "
+              f"draft lengths chosen {a['draft_len_choices']} against {b['draft_len_choices']}")
+    if not any(int(k) and n for run in (a, b) for k, n in run["draft_len_choices"].items()):
+        return (slower + f"neither run chose a diffusion draft, only AR steps and lookup cycles ({counts}), so the "
+                "adapter's drafts took no part: the gap is between two timings of the same kind of work.")
     costs = report.get("forward_ms_batch1") or {}
     cost_text = ", ".join(f"width {w}: {ms:.2f} ms" for w, ms in costs.items()) or "not measured"
-    no_diffusion = not any(int(k) and n for run in (a, b) for k, n in run["draft_len_choices"].items())
-    unused = (" Neither run chose a diffusion draft (only AR steps and lookup cycles), so the adapter's drafts took "
-              "no part: the gap is between two timings of the same kind of work." if no_diffusion else "")
-    return (f"With the adapter the fastest lossless mode is slower ({a['speedup_vs_ar_batch1']:.2f}x AR against "
-            f"{b['speedup_vs_ar_batch1']:.2f}x without it, batch 1, interleaved rounds).{unused} Measured reason: its TPF "
-            f"is {a['tpf']:.3f} against {b['tpf']:.3f} (acceptance {a['acceptance_length']:.2f} against "
-            f"{b['acceptance_length']:.2f}; lookup cycles {a['lookup_cycles']} against "
-            f"{b['lookup_cycles']}, other draft lengths chosen {a['draft_len_choices']} against "
-            f"{b['draft_len_choices']}), while a diffusion draft costs a second forward; forwards here cost "
-            f"{cost_text}. A cycle pays only when its tokens exceed the cost of its forwards in AR steps.")
+    return (slower + f"{counts}, while a diffusion draft costs a second forward; forwards here cost {cost_text}. A "
+            "cycle pays only when its tokens exceed the cost of its forwards in AR steps.")
 
 
 def _fit_lines(report: dict[str, Any]) -> list[str]:
