@@ -117,6 +117,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(json.dumps({"adapter": res.adapter_dir, "steps": res.steps, "best_step": res.best_step,
                       "simulated_acceptance_before": round(res.baseline_simulated_acceptance, 4),
                       "simulated_acceptance_after": round(res.best_simulated_acceptance, 4),
+                      "deployed_acceptance_before": res.deployed_baseline and round(res.deployed_baseline, 4),
+                      "deployed_acceptance_after": res.deployed_best and round(res.deployed_best, 4),
                       "wall_s": round(res.wall_s, 1), "processes": res.world_size,
                       "parallelism": res.parallelism}, indent=2))
     return 0

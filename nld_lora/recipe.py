@@ -80,6 +80,9 @@ def run_recipe(cfg: RecipeConfig) -> dict[str, Any]:
         model.to(accelerator.device)
         say(f"      best step {res.best_step}: simulated acceptance on held-out groups "
             f"{res.baseline_simulated_acceptance:.3f} -> {res.best_simulated_acceptance:.3f} ({res.wall_s:.0f}s)")
+        if res.deployed_best is not None:
+            say(f"      tokens per cycle of the deployed loop on the same targets: {res.deployed_baseline:.3f} -> "
+                f"{res.deployed_best:.3f}")
         if res.fit_best_simulated_acceptance is not None:
             say(f"      on training sequences (fit): {res.fit_baseline_simulated_acceptance:.3f} -> "
                 f"{res.fit_best_simulated_acceptance:.3f}")

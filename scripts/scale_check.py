@@ -125,7 +125,8 @@ def measure(folder: str, dtype: str, device: str, quantization: str | None, prom
         torch.cuda.reset_peak_memory_stats()
 
     def train_step() -> None:
-        cache, teacher = teacher_pass(model, draft, ADAPTER_NAME)
+        passed = teacher_pass(model, draft, ADAPTER_NAME)
+        cache, teacher = passed.cache, passed.blocks(draft)
         with lora_enabled(model, ADAPTER_NAME, on=True), torch.autocast(device.split(":")[0], torch.bfloat16,
                                                                           enabled=cuda):
             student = student_logits(peft_model, draft, cache, model.mask_token_id)

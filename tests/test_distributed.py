@@ -51,7 +51,7 @@ def test_fsdp2_eval_save_and_step_are_collective_and_equal_one_process(collected
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["world"] == 2 and result["sharded_params"] > 0 and result["ranks_agree"]
     before, init, stepped, after = _single_process_reference(collected)
-    for key in ("simulated_acceptance", "mean_block_acceptance", "blocks"):
+    for key in ("simulated_acceptance", "deployed_acceptance", "mean_block_acceptance", "blocks"):
         assert result["eval_before"][key] == pytest.approx(before[key], abs=1e-9)
         assert result["eval_after"][key] == pytest.approx(after[key], abs=1e-9)
     for name, ref in (("adapter_init", init), ("adapter_stepped", stepped)):

@@ -62,7 +62,7 @@ def test_multi_block_student_pass_equals_one_draft_forward_each(long_model):
     starts = torch.tensor([[3, 9, 17, 26, 40]])  # blocks before, across and well past the threshold
     batch = DraftBatch(torch.tensor([seq]), torch.tensor([len(seq)]), starts, k)
     with torch.no_grad():
-        cache, _ = teacher_pass(long_model, batch, None)
+        cache = teacher_pass(long_model, batch, None).cache
         student = student_logits(long_model, batch, cache, long_model.mask_token_id)[0]
         for b, s in enumerate(starts[0].tolist()):
             prefix = DynamicCache(config=long_model.config)

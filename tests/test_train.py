@@ -14,7 +14,7 @@ from nld_lora.data import read_prompts
 from nld_lora.model.adapters import lora_enabled
 from nld_lora.model.masks import causal_mask, draft_mask
 from nld_lora.train import LoraSettings, TrainConfig, train
-from nld_lora.train.objective import DraftBatch, draft_loss, student_logits, teacher_pass
+from nld_lora.train.objective import DraftBatch, draft_loss, row_validity, student_logits, teacher_pass
 from tests.helpers import (
     EMBEDDED,
     ROOT,
@@ -33,7 +33,7 @@ def test_student_layout_equals_blocks_run_one_by_one():
     ids = torch.randint(1, 90, (2, 20))
     k = 3
     batch = DraftBatch(ids, torch.tensor([20, 15]), torch.tensor([[5, 9, 13], [4, 11, -1]]), k)
-    cache, _ = teacher_pass(model, batch, None)
+    cache = teacher_pass(model, batch, None).cache
     student = student_logits(model, batch, cache, model.mask_token_id)
     assert cache.get_seq_length() == 20  # the student pass leaves the teacher cache as it was
     for b in range(2):
@@ -55,7 +55,7 @@ def test_quadratic_draft_layout_hides_the_seed_like_a_single_forward_sub_block()
     ids = torch.randint(3, 90, (1, 20))
     k, s = 3, 9
     batch = DraftBatch(ids, torch.tensor([20]), torch.tensor([[s]]), k, "quadratic")
-    cache, _ = teacher_pass(model, batch, None)
+    cache = teacher_pass(model, batch, None).cache
     student = student_logits(model, batch, cache, model.mask_token_id)
     c = DynamicCache(config=model.config)
     model(ids[:, :s], attention_mask=causal_mask(torch.ones(1, s, dtype=torch.bool), s),
@@ -95,7 +95,8 @@ def test_training_recomputes_exactly_the_runtime_drafts(tmp_path):
         seq = res.prompt_ids[i] + ar.sequences[i]
         starts = torch.tensor([st.cycle_starts])
         batch = DraftBatch(torch.tensor([seq]), torch.tensor([len(seq)]), starts, k)
-        cache, teacher = teacher_pass(model, batch, model.active_adapter)
+        passed = teacher_pass(model, batch, model.active_adapter)
+        cache, teacher = passed.cache, passed.blocks(batch)
         with lora_enabled(model, model.active_adapter, on=True):
             student = student_logits(model, batch, cache, model.mask_token_id)
         assert student.argmax(-1)[0].tolist() == st.cycle_drafts
@@ -103,6 +104,52 @@ def test_training_recomputes_exactly_the_runtime_drafts(tmp_path):
         assert (accepted + 1).tolist() == st.acceptance_lengths
         cycles += len(st.cycle_starts)
     assert cycles > 10 and res.stats.acceptance_length > 1.2
+
+
+def test_deployed_walk_runs_the_runtime_cycles(tmp_path):
+    """The training-side walk over AR targets (rows padded together) starts its cycles where the runtime's greedy
+    self-speculation started them and commits as many tokens in each."""
+    from nld_lora.train.data import Sequence, make_batch
+    from nld_lora.train.objective import deployed_walk
+
+    model = nld_lora.load(EMBEDDED)
+    model.attach_adapter(make_adapter(model, tmp_path / "lora", r=4, seed=1))
+    records, _ = read_prompts(EVAL_PROMPTS, limit=4)
+    prompts = [r.prompt for r in records]
+    k = model.block_size - 1
+    res = model.generate(prompts, mode="self_spec", max_new_tokens=48, batch_size=4)
+    ar = model.generate(prompts, mode="ar", max_new_tokens=48 + k + 1)
+    seqs = [Sequence(res.prompt_ids[i] + ar.sequences[i], len(res.prompt_ids[i]), str(i)) for i in range(4)]
+    batch = make_batch(seqs, 2, k, torch.Generator().manual_seed(0), model.config.pad_token_id or 0)
+    passed = teacher_pass(model, batch, model.active_adapter, span=True)
+    with lora_enabled(model, model.active_adapter, on=True):
+        starts, commits = deployed_walk(model, batch, passed, model.mask_token_id)
+    for i, st in enumerate(res.stats.requests):
+        n = len(st.cycle_starts)
+        assert starts[i, :n].tolist() == st.cycle_starts and commits[i, :n].tolist() == st.acceptance_lengths
+        assert sum(st.acceptance_lengths) >= 48 - 1
+    assert sum(len(st.cycle_starts) for st in res.stats.requests) > 10
+
+
+def test_teacher_span_gives_the_block_rows_of_any_later_block_set():
+    from nld_lora.train.objective import sample_starts
+
+    model = tiny_model(seed=3)
+    ids = torch.randint(3, 90, (2, 24))
+    first = torch.tensor([4, 6])
+    batch = DraftBatch(ids, torch.tensor([24, 19]), torch.tensor([[5, 9, 13], [6, 11, -1]]), 3, first_start=first)
+    later = DraftBatch(ids, batch.lengths, torch.tensor([[4, 20, -1], [7, 15, 16]]), 3, first_start=first)
+    span = teacher_pass(model, batch, None, span=True)
+    for b in (batch, later):
+        valid = row_validity(b)  # rows past a sequence's end or of unused blocks are never scored
+        torch.testing.assert_close(span.blocks(b)[valid], teacher_pass(model, b, None).blocks(b)[valid], atol=1e-5,
+                                   rtol=0)
+    with pytest.raises(ValueError, match="span=True"):
+        teacher_pass(model, batch, None).blocks(later)
+    walked = torch.tensor([[4, 9, 12, -1, -1], [6, -1, -1, -1, -1]])
+    picked = sample_starts(walked, 3, torch.Generator().manual_seed(0))
+    assert sorted(picked[0].tolist()) == [4, 9, 12] and sorted(picked[1].tolist()) == [-1, -1, 6]
+    assert sample_starts(walked, 8, torch.Generator()).shape == (2, 8)
 
 
 def _small_cfg(**kw) -> TrainConfig:

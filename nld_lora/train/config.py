@@ -37,6 +37,8 @@ class TrainConfig:
     # saved in the adapter folder; used only where the mask token is fed: draft blocks)
     follow_up_blocks: bool = False  # also train, each step, on the blocks the deployed loop would draft next (start
     # after this step's own accepted drafts + the bonus token): the contexts right after a rejection
+    on_policy_blocks: bool = False  # also train, each step, on blocks at cycle starts of the deployed loop: a
+    # greedy walk of the current adapter over each target (EAGLE-3's training-time test), blocks_per_seq of them
     first_position_weight: float = 1.0  # loss weight of draft row 1 (every cycle pays for it) relative to the rest
     draft_layout: str = "linear"  # linear (mode self_spec) | quadratic (self_spec_quadratic: the draft block's
     # first token is a mask, not the seed)

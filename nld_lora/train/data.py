@@ -67,4 +67,5 @@ def make_batch(seqs: list[Sequence], blocks: int, draft_len: int, generator: tor
         if hi >= lo:
             starts[i] = torch.randint(lo, hi + 1, (blocks,), generator=generator)
     lengths = torch.tensor([len(s.ids) for s in seqs])
-    return DraftBatch(ids.to(device), lengths.to(device), starts.to(device), draft_len, layout)
+    first = torch.tensor([s.prompt_len for s in seqs])
+    return DraftBatch(ids.to(device), lengths.to(device), starts.to(device), draft_len, layout, first.to(device))

@@ -8,6 +8,7 @@ logits at position s + j - 1 (the verify pass's prediction for the same token).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +30,8 @@ class DraftBatch:
     draft_len: int
     layout: str = "linear"  # linear: block [x_s, mask x k]; quadratic: [mask x (k+1)] (x_s unseen, as in
     # single-forward self-speculation, where the first mask sits where the bonus token goes)
+    first_start: torch.Tensor | None = None  # (B,) each row's first draftable start (its prompt length): where
+    # the deployed loop's first cycle starts
 
 
 @dataclass
@@ -63,19 +66,53 @@ def block_layout(batch: DraftBatch, mask_token_id: int) -> tuple[torch.Tensor, t
     return block_ids.reshape(bsz, nb * width), positions, mask
 
 
-def teacher_pass(model, batch: DraftBatch, adapter: str | None) -> tuple[DynamicCache, torch.Tensor]:
-    """Causal pass with every adapter off: the cache and AR logits at positions s + j - 1 (j = 1..k)."""
+@dataclass
+class TeacherPass:
+    """The causal pass over the clean sequences (every adapter off): its KV cache and AR logits, either at the rows
+    of one batch's blocks or over each row's whole draftable span (then any later block set over the same
+    sequences, such as the follow-up blocks or a deployed walk, needs no second pass)."""
+
+    cache: DynamicCache
+    logits: torch.Tensor  # (B, nb * k, V) block rows, or (B, T, V): positions lo + t
+    lo: torch.Tensor | None  # (B,) first position of the span; None: block rows of `starts`
+    starts: torch.Tensor
+
+    def blocks(self, batch: DraftBatch) -> torch.Tensor:
+        """AR logits (B, nb, k, V) at positions s + j - 1 (j = 1..k) of every block of `batch`."""
+        k = batch.draft_len
+        bsz, nb = batch.starts.shape
+        if self.lo is None:
+            if not torch.equal(batch.starts, self.starts):
+                raise ValueError("this teacher pass holds one batch's block rows; run it with span=True")
+            return self.logits.view(bsz, nb, k, self.logits.shape[-1])
+        index = (batch.starts.clamp(min=0)[:, :, None] + torch.arange(k, device=self.lo.device)
+                 - self.lo[:, None, None]).clamp(0, self.logits.shape[1] - 1).reshape(bsz, -1)
+        rows = torch.gather(self.logits, 1, index[..., None].expand(-1, -1, self.logits.shape[-1]))
+        return rows.view(bsz, nb, k, -1)
+
+
+def teacher_pass(model, batch: DraftBatch, adapter: str | None, *, span: bool = False) -> TeacherPass:
+    """Causal pass with every adapter off: the cache and AR logits at the batch's block rows, or (span=True) at
+    every position from each row's first draft start (`first_start`, else its lowest start) to its end."""
     ids, k = batch.input_ids, batch.draft_len
     bsz, length = ids.shape
     valid = torch.arange(length, device=ids.device)[None] < batch.lengths[:, None]
-    index = (batch.starts.clamp(min=0)[:, :, None] + torch.arange(k, device=ids.device)).reshape(bsz, -1)
-    index = index.clamp(max=length - 1)
+    if span:
+        lo = batch.first_start if batch.first_start is not None else torch.where(
+            batch.starts >= 0, batch.starts, length).min(1).values
+        lo = lo.clamp(max=length - 1)
+        width = int((batch.lengths - lo).max().clamp(min=1))
+        index = (lo[:, None] + torch.arange(width, device=ids.device)).clamp(max=length - 1)
+    else:
+        lo = None
+        index = (batch.starts.clamp(min=0)[:, :, None] + torch.arange(k, device=ids.device)).reshape(bsz, -1)
+        index = index.clamp(max=length - 1)
     cache = DynamicCache(config=model.config)
     with torch.no_grad(), lora_enabled(model, adapter, on=False):
         logits, _ = model(ids, attention_mask=causal_mask(valid, length),
                           position_ids=torch.arange(length, device=ids.device)[None].expand(bsz, -1),
                           cache=cache, logits_index=index)
-    return cache, logits.view(bsz, -1, k, logits.shape[-1])
+    return TeacherPass(cache, logits, lo, batch.starts)
 
 
 def student_logits(model, batch: DraftBatch, cache: DynamicCache, mask_token_id: int) -> torch.Tensor:
@@ -104,7 +141,48 @@ def follow_up_batch(batch: DraftBatch, accepted: torch.Tensor) -> DraftBatch:
     leave no target token to draft are -1."""
     nxt = batch.starts + accepted.to(batch.starts.dtype) + 1
     keep = (batch.starts >= 0) & (nxt <= batch.lengths[:, None] - 2)
-    return DraftBatch(batch.input_ids, batch.lengths, torch.where(keep, nxt, -1), batch.draft_len, batch.layout)
+    return DraftBatch(batch.input_ids, batch.lengths, torch.where(keep, nxt, -1), batch.draft_len, batch.layout,
+                      batch.first_start)
+
+
+@torch.no_grad()
+def deployed_walk(model, batch: DraftBatch, teacher: TeacherPass, mask_token_id: int,
+                  keep_going: Callable[[bool], bool] = bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cycles greedy self-speculation runs over each row's target (the loop commits exactly the collected AR
+    tokens, so its cycle starts depend only on the drafts): the first cycle starts at `first_start`, a cycle at s
+    that accepts n drafts is followed by one at s + n + 1. Call with the adapter under test on; `teacher` must
+    hold the span. keep_going maps "a row here still has a cycle to run" to whether to run another forward (under
+    several processes: whether any rank has one). Returns starts (B, C) (-1 pads) and each cycle's committed
+    tokens n + 1 (0 pads)."""
+    if batch.first_start is None:
+        raise ValueError("deployed_walk needs batch.first_start (make_batch sets it)")
+    s = batch.first_start.clone()
+    limit = batch.lengths - 2  # a cycle needs a target token to draft
+    starts, commits = [], []
+    while keep_going(bool((s <= limit).any())):
+        alive = s <= limit
+        hop = DraftBatch(batch.input_ids, batch.lengths, torch.where(alive, s, -1)[:, None], batch.draft_len,
+                         batch.layout, batch.first_start)
+        student = student_logits(model, hop, teacher.cache, mask_token_id)
+        accepted = greedy_acceptance(student, teacher.blocks(hop), row_validity(hop))[:, 0]
+        starts.append(hop.starts[:, 0])
+        commits.append(torch.where(alive, accepted + 1, 0))
+        s = torch.where(alive, s + accepted + 1, s)
+    if not starts:
+        empty = torch.empty(batch.starts.shape[0], 0, dtype=torch.long, device=batch.starts.device)
+        return empty, empty
+    return torch.stack(starts, 1), torch.stack(commits, 1).to(torch.long)
+
+
+def sample_starts(starts: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
+    """Up to n distinct valid starts per row of `starts` (B, C), drawn at random; -1 pads rows with fewer."""
+    keys = torch.rand(starts.shape, generator=generator).to(starts.device).masked_fill(starts < 0, -1.0)
+    take = min(n, starts.shape[1])
+    top, idx = keys.topk(take, dim=1)
+    picked = torch.where(top >= 0, starts.gather(1, idx), -1)
+    if take < n:
+        picked = torch.cat([picked, picked.new_full((starts.shape[0], n - take), -1)], 1)
+    return picked
 
 
 def greedy_acceptance(student: torch.Tensor, teacher: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +29,12 @@ from nld_lora.train.config import TrainConfig
 from nld_lora.train.data import Sequence, build_sequences, make_batch, split_eval
 from nld_lora.train.objective import (
     DraftLossOutput,
+    deployed_walk,
     draft_loss,
     follow_up_batch,
     greedy_acceptance,
     row_validity,
+    sample_starts,
     simulated_acceptance,
     student_logits,
     teacher_pass,
@@ -55,6 +57,8 @@ class TrainResult:
     parallelism: str = "single"  # what the run did: single | ddp | fsdp (nld_lora.parallel.parallelism)
     fit_baseline_simulated_acceptance: float | None = None  # on training sequences (fit), without the adapter
     fit_best_simulated_acceptance: float | None = None  # the same with the selected adapter
+    deployed_baseline: float | None = None  # tokens per cycle of the deployed loop on the eval split, no adapter
+    deployed_best: float | None = None  # the same with the selected adapter (what the report's gain estimates)
 
 
 def add_lora(model, cfg: TrainConfig):
@@ -78,8 +82,11 @@ def add_lora(model, cfg: TrainConfig):
 
 @torch.no_grad()
 def evaluate_drafts(model, seqs: list[Sequence], cfg: TrainConfig, draft_len: int, *, adapter: str | None,
-                    batch_size: int = 8, accelerator: Any = None) -> dict[str, Any]:
-    """Simulated acceptance on held-out sequences at fixed (seeded) draft starts, same passes as training.
+                    batch_size: int = 8, accelerator: Any = None, walk: bool = True) -> dict[str, Any]:
+    """Simulated acceptance on held-out sequences at fixed (seeded) draft starts, same passes as training, and
+    deployed acceptance (walk=True): tokens per cycle of the cycles greedy self-speculation runs over the same
+    targets, which is what the report measures (uniform starts over-weight the long easy stretches a cycle crosses
+    at once).
 
     Collective under several processes: every rank draws the same batches, runs every world_size-th one (ranks
     with fewer run a discarded extra batch, so sharded models see the same number of forwards on every rank) and
@@ -92,25 +99,46 @@ def evaluate_drafts(model, seqs: list[Sequence], cfg: TrainConfig, draft_len: in
                           cfg.draft_layout) for i in range(0, len(seqs), batch_size)]
     mine = batches[rank::world]
     rounds = -(-len(batches) // world)
-    counts = torch.zeros(2 * draft_len + 2, dtype=torch.float64)  # attempts, accepts, sum of lengths, blocks
+    counts = torch.zeros(2 * draft_len + 4, dtype=torch.float64)  # attempts, accepts, sum of lengths, blocks,
+    # deployed walk: committed tokens, cycles
     for j in range(rounds):
         batch = mine[j] if j < len(mine) else batches[0]
-        cache, teacher = teacher_pass(model, batch, adapter)
+        teacher = teacher_pass(model, batch, adapter, span=walk)
+        commits = torch.zeros(0)
         with lora_enabled(model, adapter, on=True):
-            student = student_logits(model, batch, cache, model.mask_token_id)
-        out = draft_loss(student, teacher, row_validity(batch), position_weighting="uniform", distill="none")
+            student = student_logits(model, batch, teacher.cache, model.mask_token_id)
+            if walk:
+                _, commits = deployed_walk(model, batch, teacher, model.mask_token_id,
+                                           keep_going=walk_sync(accelerator))
+        out = draft_loss(student, teacher.blocks(batch), row_validity(batch), position_weighting="uniform",
+                         distill="none")
         if j < len(mine):
             counts += torch.cat([out.position_attempts.cpu(), out.position_accepts.cpu(),
-                                 torch.tensor([out.accept_lengths.sum().item(), len(out.accept_lengths)])]).double()
+                                 torch.tensor([out.accept_lengths.sum().item(), len(out.accept_lengths),
+                                               commits.sum().item(), (commits > 0).sum().item()])]).double()
     if world > 1:
         counts = accelerator.reduce(counts.to(accelerator.device), "sum").cpu()
     attempts, accepts = counts[:draft_len].long(), counts[draft_len:2 * draft_len].long()
+    deployed = {"deployed_acceptance": float(counts[-2] / counts[-1].clamp(min=1))} if walk else {}
     return {
         "simulated_acceptance": simulated_acceptance(attempts, accepts),
-        "mean_block_acceptance": float(counts[-2] / counts[-1].clamp(min=1)),
+        **deployed,
+        "mean_block_acceptance": float(counts[-4] / counts[-3].clamp(min=1)),
         "per_position": (accepts.double() / attempts.double().clamp(min=1)).tolist(),
-        "blocks": int(counts[-1]),
+        "blocks": int(counts[-3]),
     }
+
+
+def walk_sync(accelerator: Any) -> Any:
+    """keep_going for deployed_walk: under several processes every rank runs as many walk forwards as the one
+    with the longest walk (sharded models gather weights in every forward)."""
+    if accelerator is None or accelerator.num_processes == 1:
+        return bool
+
+    def any_rank(flag: bool) -> bool:
+        return bool(accelerator.reduce(torch.tensor([float(flag)], device=accelerator.device), "sum").item() > 0)
+
+    return any_rank
 
 
 def adapter_state(peft_model: Any, adapter: str = ADAPTER_NAME) -> dict[str, torch.Tensor]:
@@ -170,6 +198,7 @@ class TrainState:
     best: float | None = None  # best simulated acceptance on the eval split so far
     best_step: int = 0
     baseline: float | None = None  # the same metric without the adapter
+    deployed_baseline: float | None = None  # deployed acceptance on the eval split without the adapter
     fit_baseline: float | None = None  # the same on the fit sample of training sequences
     history: list[dict[str, Any]] = field(default_factory=list)
     config: dict[str, Any] = field(default_factory=dict)
@@ -259,8 +288,9 @@ def resume_state(accelerator, out: Path, cfg: TrainConfig) -> TrainState:
     if latest is None:
         return state
     saved = TrainState.load(latest / STATE_FILE)
-    if saved.config != state.config:
-        diff = sorted(k for k in state.config if saved.config.get(k) != state.config[k])
+    defaults = _config_key(TrainConfig())  # a setting added since the checkpoint was written had its default
+    if {**defaults, **saved.config} != state.config:
+        diff = sorted(k for k in state.config if saved.config.get(k, defaults.get(k)) != state.config[k])
         raise ConfigError(f"{out}: holds checkpoints of a run with other settings ({diff}); "
                           "use a new output folder or delete its checkpoints/")
     accelerator.load_state(str(latest))
@@ -304,16 +334,18 @@ def run_eval(run: TrainingRun, step: int) -> None:
     best_adapter/ (gathered on every process, written by the main one)."""
     st, acc = run.state, run.accelerator
 
-    def measure(seqs: list[Sequence], adapter: str | None) -> dict[str, Any]:
-        return evaluate_drafts(run.model, seqs, run.cfg, run.draft_len, adapter=adapter, accelerator=acc)
+    def measure(seqs: list[Sequence], adapter: str | None, walk: bool = True) -> dict[str, Any]:
+        return evaluate_drafts(run.model, seqs, run.cfg, run.draft_len, adapter=adapter, accelerator=acc, walk=walk)
 
     metrics = measure(run.eval_seqs, ADAPTER_NAME)
     if st.baseline is None:
-        st.baseline = measure(run.eval_seqs, None)["simulated_acceptance"]
+        base = measure(run.eval_seqs, None)
+        st.baseline, st.deployed_baseline = base["simulated_acceptance"], base["deployed_acceptance"]
+    metrics["deployed_baseline"] = st.deployed_baseline
     if run.fit_seqs:
-        metrics["fit_simulated_acceptance"] = measure(run.fit_seqs, ADAPTER_NAME)["simulated_acceptance"]
+        metrics["fit_simulated_acceptance"] = measure(run.fit_seqs, ADAPTER_NAME, False)["simulated_acceptance"]
         if st.fit_baseline is None:
-            st.fit_baseline = measure(run.fit_seqs, None)["simulated_acceptance"]
+            st.fit_baseline = measure(run.fit_seqs, None, False)["simulated_acceptance"]
         metrics["fit_baseline_simulated_acceptance"] = st.fit_baseline
     record = {"step": step, "eval": True, **{k: v for k, v in metrics.items() if k != "per_position"}}
     if acc.is_main_process:
@@ -351,17 +383,22 @@ def train_step(run: TrainingRun) -> DraftLossOutput:
         mine = [run.train_seqs[int(i)] for i in picks[micro, rank::world]]
         batch = make_batch(mine, cfg.blocks_per_seq, run.draft_len, gen, pad, acc.device, cfg.draft_layout)
         with acc.accumulate(run.wrapped):
-            cache, teacher = teacher_pass(run.model, batch, ADAPTER_NAME)
-            with lora_enabled(run.model, ADAPTER_NAME, on=True):
-                res, student = student_loss(run, batch, cache, teacher)
-            loss = res.loss
-            if cfg.follow_up_blocks:
-                nxt = follow_up_batch(batch, greedy_acceptance(student.detach(), teacher, row_validity(batch)))
-                cache, teacher = teacher_pass(run.model, nxt, ADAPTER_NAME)
+            teacher = teacher_pass(run.model, batch, ADAPTER_NAME, span=cfg.follow_up_blocks or cfg.on_policy_blocks)
             with lora_enabled(run.model, ADAPTER_NAME, on=True):  # backward too: PEFT clears requires_grad of
-                if cfg.follow_up_blocks:  # a disabled adapter, and its gradients would be lost
-                    loss = (loss + student_loss(run, nxt, cache, teacher)[0].loss) / 2
-                acc.backward(loss)
+                targets = teacher.blocks(batch)  # a disabled adapter, and its gradients would be lost
+                res, student = student_loss(run, batch, teacher.cache, targets)
+                extra = []
+                if cfg.follow_up_blocks:
+                    extra.append(follow_up_batch(batch, greedy_acceptance(student.detach(), targets,
+                                                                          row_validity(batch))))
+                if cfg.on_policy_blocks:
+                    walked, _ = deployed_walk(run.model, batch, teacher, run.model.mask_token_id,
+                                              keep_going=walk_sync(acc))
+                    extra.append(replace(batch, starts=sample_starts(walked, cfg.blocks_per_seq, gen)))
+                loss = res.loss
+                for more in extra:
+                    loss = loss + student_loss(run, more, teacher.cache, teacher.blocks(more))[0].loss
+                acc.backward(loss / (1 + len(extra)))
             if acc.sync_gradients:
                 acc.clip_grad_norm_(run.params, cfg.max_grad_norm)
             run.optimizer.step()
@@ -424,7 +461,8 @@ def train(model_or_path: Any, dataset_dir: str | Path, out_dir: str | Path, cfg:
     final = run.out / FINAL_ADAPTER
     best = next((r for r in st.history if r["step"] == st.best_step), {})
     return TrainResult(str(final), st.best_step, st.best or 0.0, st.baseline or 0.0, st.step, wall,
-                       acc.num_processes, parallelism(acc), st.fit_baseline, best.get("fit_simulated_acceptance"))
+                       acc.num_processes, parallelism(acc), st.fit_baseline, best.get("fit_simulated_acceptance"),
+                       st.deployed_baseline, best.get("deployed_acceptance"))
 
 
 def _save_state(accelerator, ckpt_dir: Path, state: TrainState) -> None:
