@@ -78,7 +78,7 @@ def run_recipe(cfg: RecipeConfig) -> dict[str, Any]:
         res = train(training_model(model, model_path, cfg, accelerator), out / "collect", out / "train", cfg.train,
                     accelerator=accelerator)
         model.to(accelerator.device)
-        say(f"      best step {res.best_step}: simulated acceptance on held-out groups "
+        say(f"      best step {res.best_step} (by {cfg.train.select_by} acceptance): simulated acceptance on held-out groups "
             f"{res.baseline_simulated_acceptance:.3f} -> {res.best_simulated_acceptance:.3f} ({res.wall_s:.0f}s)")
         if res.deployed_best is not None:
             say(f"      tokens per cycle of the deployed loop on the same targets: {res.deployed_baseline:.3f} -> "

@@ -77,21 +77,21 @@ def main() -> None:
         after, after_ci, r1 = measure(model, texts, adapter, args.max_new_tokens, base.seed)
         model.detach_adapter()
         rows.append({"variant": name, "overrides": overrides, "val_after": after, "val_after_ci95": after_ci,
-                     "gain": relative_gain(before, after), "r1": r1, "selection_metric": res.best_simulated_acceptance,
+                     "gain": relative_gain(before, after), "r1": r1, "simulated_metric": res.best_simulated_acceptance,
                      "deployed_metric": res.deployed_best, "fit_metric": res.fit_best_simulated_acceptance,
                      "best_step": res.best_step, "train_s": wall})
         print(json.dumps(rows[-1]), flush=True)
     print(f"\nValidation: {len(val)} prompts from held-out files of {args.prompts}; before (no adapter) "
           f"{before:.3f} [{before_ci[0]:.2f}, {before_ci[1]:.2f}], r_1 {before_r1:.3f}\n")
-    print("| variant | change | validation acceptance after [95% CI] | gain | r_1 | selection metric (held-out "
-          "files) | deployed-loop metric (same files) | fit metric (training seqs) | best step | train s |")
+    print("| variant | change | validation acceptance after [95% CI] | gain | r_1 | simulated metric (held-out "
+          "files) | deployed-loop metric (same files) | fit metric (training seqs, simulated) | best step | train s |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         lo, hi = r["val_after_ci95"]
         fit = f"{r['fit_metric']:.3f}" if r["fit_metric"] is not None else "-"
         deployed = f"{r['deployed_metric']:.3f}" if r["deployed_metric"] is not None else "-"
         print(f"| {r['variant']} | `{r['overrides'] or '-'}` | {r['val_after']:.3f} [{lo:.2f}, {hi:.2f}] | "
-              f"{100 * r['gain']:+.1f}% | {r['r1']:.3f} | {r['selection_metric']:.3f} | {deployed} | {fit} | {r['best_step']} | "
+              f"{100 * r['gain']:+.1f}% | {r['r1']:.3f} | {r['simulated_metric']:.3f} | {deployed} | {fit} | {r['best_step']} | "
               f"{r['train_s']:.0f} |")
 
 

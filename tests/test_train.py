@@ -81,15 +81,22 @@ def test_distillation_has_zero_gradient_when_student_equals_teacher():
     assert float(student.grad.abs().max()) > 1e-4
 
 
-def test_training_recomputes_exactly_the_runtime_drafts(tmp_path):
-    """Runtime cycles (adapter attached, greedy) vs the training student pass at the same start positions."""
+def _runtime_cycles(tmp_path, seed: int, batch_size: int):
+    """The embedded model with a random adapter, its greedy self-speculation over 4 eval prompts (48 tokens, cycle
+    stats) and the AR continuation long enough to score every drafted row."""
     model = nld_lora.load(EMBEDDED)
-    model.attach_adapter(make_adapter(model, tmp_path / "lora", r=4, seed=0))
+    model.attach_adapter(make_adapter(model, tmp_path / "lora", r=4, seed=seed))
     records, _ = read_prompts(EVAL_PROMPTS, limit=4)
     prompts = [r.prompt for r in records]
     k = model.block_size - 1
-    res = model.generate(prompts, mode="self_spec", max_new_tokens=48, batch_size=2)
+    res = model.generate(prompts, mode="self_spec", max_new_tokens=48, batch_size=batch_size)
     ar = model.generate(prompts, mode="ar", max_new_tokens=48 + k + 1)
+    return model, res, ar, k
+
+
+def test_training_recomputes_exactly_the_runtime_drafts(tmp_path):
+    """Runtime cycles (adapter attached, greedy) vs the training student pass at the same start positions."""
+    model, res, ar, k = _runtime_cycles(tmp_path, seed=0, batch_size=2)
     cycles = 0
     for i, st in enumerate(res.stats.requests):
         seq = res.prompt_ids[i] + ar.sequences[i]
@@ -112,13 +119,7 @@ def test_deployed_walk_runs_the_runtime_cycles(tmp_path):
     from nld_lora.train.data import Sequence, make_batch
     from nld_lora.train.objective import deployed_walk
 
-    model = nld_lora.load(EMBEDDED)
-    model.attach_adapter(make_adapter(model, tmp_path / "lora", r=4, seed=1))
-    records, _ = read_prompts(EVAL_PROMPTS, limit=4)
-    prompts = [r.prompt for r in records]
-    k = model.block_size - 1
-    res = model.generate(prompts, mode="self_spec", max_new_tokens=48, batch_size=4)
-    ar = model.generate(prompts, mode="ar", max_new_tokens=48 + k + 1)
+    model, res, ar, k = _runtime_cycles(tmp_path, seed=1, batch_size=4)
     seqs = [Sequence(res.prompt_ids[i] + ar.sequences[i], len(res.prompt_ids[i]), str(i)) for i in range(4)]
     batch = make_batch(seqs, 2, k, torch.Generator().manual_seed(0), model.config.pad_token_id or 0)
     passed = teacher_pass(model, batch, model.active_adapter, span=True)
@@ -171,6 +172,10 @@ def test_few_steps_reduce_loss_and_raise_simulated_acceptance(collected, tmp_pat
     losses = [r["loss"] for r in log if "loss" in r]
     assert sum(losses[-3:]) < sum(losses[:3])
     assert res.best_simulated_acceptance > res.baseline_simulated_acceptance
+    evals = [r for r in log if r.get("eval")]
+    assert all(r["deployed_baseline"] == res.deployed_baseline for r in evals)
+    assert res.deployed_best == next(r["deployed_acceptance"] for r in evals if r["step"] == res.best_step)
+    assert 1.0 < res.deployed_baseline < res.baseline_simulated_acceptance + 0.5
     meta = json.loads((Path(res.adapter_dir) / "nld_adapter.json").read_text())
     assert meta["base_weights_hash"] == nld_lora.load(EMBEDDED).weights_hash
     model = nld_lora.load(EMBEDDED)
@@ -178,6 +183,17 @@ def test_few_steps_reduce_loss_and_raise_simulated_acceptance(collected, tmp_pat
     from peft import PeftModel
 
     PeftModel.from_pretrained(nld_lora.load(EMBEDDED), res.adapter_dir)  # and through plain PEFT
+
+
+@pytest.mark.slow
+def test_on_policy_blocks_train_on_the_deployed_walk(collected, tmp_path):
+    """Blocks at the cycle starts of a greedy walk with the current adapter, beside the uniform ones: the loss falls
+    and the deployed loop's tokens per cycle on held-out sequences rise."""
+    res = train(EMBEDDED, collected, tmp_path / "run", _small_cfg(on_policy_blocks=True), progress=False)
+    log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in log if "loss" in r]
+    assert sum(losses[-3:]) < sum(losses[:3])
+    assert res.deployed_best > res.deployed_baseline
 
 
 @pytest.mark.slow

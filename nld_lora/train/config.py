@@ -47,6 +47,8 @@ class TrainConfig:
     eval_fraction: float = 0.05
     eval_split: str = "group"  # group: hold out whole groups (source files) -> selection by transfer | prompt
     fit_eval: bool = True  # also measure the same metric on as many training sequences (fit vs transfer)
+    select_by: str = "deployed"  # the adapter kept: best deployed acceptance (tokens per cycle of the deployed
+    # loop's walk over the eval split, what the report measures) or best simulated acceptance (uniform starts)
     eval_max_seqs: int = 64
     eval_blocks_per_seq: int = 16
     eval_every: int = 100
@@ -82,6 +84,7 @@ class TrainConfig:
             (self.quantization in (None, "4bit", "8bit"), f"quantization={self.quantization!r}: null|4bit|8bit"),
             (0 < self.eval_fraction < 1, f"eval_fraction must be in (0, 1); got {self.eval_fraction}"),
             (self.eval_split in ("group", "prompt"), f"eval_split={self.eval_split!r}: group|prompt"),
+            (self.select_by in ("deployed", "simulated"), f"select_by={self.select_by!r}: deployed|simulated"),
         ]
         for ok, message in checks:
             if not ok:

@@ -2,7 +2,7 @@
 
 Why accelerate and not a transformers/TRL Trainer subclass: one step runs two passes with different adapter
 states over a shared KV cache (teacher off, student on), batches are built from draft starts rather than a
-collator, and checkpoints are selected by simulated acceptance; a plain loop on accelerate says this directly.
+collator, and checkpoints are selected by a walk of the deployed loop; a plain loop on accelerate says this directly.
 We reuse transformers' schedulers, PEFT for the adapter and accelerate's state save/load and trackers.
 """
 
@@ -195,7 +195,7 @@ class TrainState:
     """Everything a resumed run needs besides the accelerate state; saved as trainer_state.json per checkpoint."""
 
     step: int = 0
-    best: float | None = None  # best simulated acceptance on the eval split so far
+    best: float | None = None  # best selection metric (cfg.select_by) on the eval split so far
     best_step: int = 0
     baseline: float | None = None  # the same metric without the adapter
     deployed_baseline: float | None = None  # deployed acceptance on the eval split without the adapter
@@ -350,8 +350,9 @@ def run_eval(run: TrainingRun, step: int) -> None:
     record = {"step": step, "eval": True, **{k: v for k, v in metrics.items() if k != "per_position"}}
     if acc.is_main_process:
         _log(acc, run.log_path, record)
-    if st.best is None or metrics["simulated_acceptance"] > st.best:
-        st.best, st.best_step = metrics["simulated_acceptance"], step
+    selected = metrics[f"{run.cfg.select_by}_acceptance"]
+    if st.best is None or selected > st.best:
+        st.best, st.best_step = selected, step
         state = adapter_state(run.peft)
         if acc.is_main_process:
             save_adapter(run.peft, run.out / "best_adapter", run.model, run.cfg, run.draft_len,
@@ -460,7 +461,7 @@ def train(model_or_path: Any, dataset_dir: str | Path, out_dir: str | Path, cfg:
     acc, st = run.accelerator, run.state
     final = run.out / FINAL_ADAPTER
     best = next((r for r in st.history if r["step"] == st.best_step), {})
-    return TrainResult(str(final), st.best_step, st.best or 0.0, st.baseline or 0.0, st.step, wall,
+    return TrainResult(str(final), st.best_step, best.get("simulated_acceptance", 0.0), st.baseline or 0.0, st.step, wall,
                        acc.num_processes, parallelism(acc), st.fit_baseline, best.get("fit_simulated_acceptance"),
                        st.deployed_baseline, best.get("deployed_acceptance"))
 
