@@ -124,15 +124,21 @@ def test_lossless_mismatch_is_loud_with_strict(tmp_path):
 
 def test_fastest_verdict_says_when_the_adapters_drafts_took_no_part():
     """When neither run drafted with diffusion (only AR steps and lookup cycles) the adapter cannot be what made
-    its fastest mode slower, and the verdict says so; with diffusion drafts chosen it does not."""
+    its fastest mode slower, and the verdict says so; with diffusion draft forwards in either run (an auto mode's
+    drafts, or a fixed-length mode, which records no draft-length choices) it does not."""
     from nld_lora.report.writers import fastest_verdict
 
-    def run(speedup: float, choices: dict) -> dict:
+    def run(speedup: float, choices: dict, drafts: int) -> dict:
         return {"speedup_vs_ar_batch1": speedup, "tpf": 2.0, "acceptance_length": 2.8, "lookup_cycles": 600,
-                "draft_len_choices": choices}
+                "draft_len_choices": choices, "diffusion_drafts": drafts}
 
-    lookup_only = {"before": {"fastest": run(1.30, {"0": 435})}, "after": {"fastest": run(1.29, {"0": 407})}}
+    lookup_only = {"before": {"fastest": run(1.30, {"0": 435}, 0)}, "after": {"fastest": run(1.29, {"0": 407}, 0)}}
     assert "Measured reason: neither run chose a diffusion draft" in fastest_verdict(lookup_only)
-    drafted = {"before": {"fastest": run(1.30, {"0": 435})}, "after": {"fastest": run(1.29, {"0": 300, "3": 50})}}
-    assert "Measured reason" in fastest_verdict(drafted) and "neither run" not in fastest_verdict(drafted)
+    drafted = {"before": {"fastest": run(1.30, {"0": 435}, 0)},
+               "after": {"fastest": run(1.29, {"0": 300, "3": 50}, 50)}}
+    fixed = {"before": {"fastest": run(1.50, {"0": 434}, 0)}, "after": {"fastest": run(1.43, {}, 260)}}
+    for case in (drafted, fixed):
+        verdict = fastest_verdict(case)
+        assert "Measured reason" in verdict and "neither run" not in verdict
+    assert "diffusion draft forwards 260 against 0" in fastest_verdict(fixed)
     assert "is faster" in fastest_verdict({"before": drafted["after"], "after": drafted["before"]})

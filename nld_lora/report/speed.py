@@ -57,6 +57,7 @@ def fastest_modes(model: Any, adapters: dict[str, str | bool], selection: list[s
         "ar_tokens_per_s_batch1": statistics.median(timings["ar"]), "rounds": rounds,
         "tpf": last[label].tpf, "acceptance_length": last[label].acceptance_length,
         "draft_len_choices": last[label].draft_len_choices, "lookup_cycles": last[label].lookup_cycles,
+        "diffusion_drafts": last[label].forwards["draft"] + last[label].forwards["verify_draft"],
         "selection_tokens_per_s": speeds[label], "selection_prompts": len(selection),
     } for label in adapters}
 

@@ -57,9 +57,9 @@ def fastest_verdict(report: dict[str, Any]) -> str:
     slower = (f"With the adapter the fastest lossless mode is slower ({a['speedup_vs_ar_batch1']:.2f}x AR against "
               f"{b['speedup_vs_ar_batch1']:.2f}x without it, batch 1, interleaved rounds). Measured reason: ")
     counts = (f"TPF {a['tpf']:.3f} against {b['tpf']:.3f}, acceptance {a['acceptance_length']:.2f} against "
-              f"{b['acceptance_length']:.2f}, lookup cycles {a['lookup_cycles']} against {b['lookup_cycles']}, other "
-              f"draft lengths chosen {a['draft_len_choices']} against {b['draft_len_choices']}")
-    if not any(int(k) and n for run in (a, b) for k, n in run["draft_len_choices"].items()):
+              f"{b['acceptance_length']:.2f}, lookup cycles {a['lookup_cycles']} against {b['lookup_cycles']}, "
+              f"diffusion draft forwards {a['diffusion_drafts']} against {b['diffusion_drafts']}")
+    if not (a["diffusion_drafts"] or b["diffusion_drafts"]):
         return (slower + f"neither run chose a diffusion draft, only AR steps and lookup cycles ({counts}), so the "
                 "adapter's drafts took no part: the gap is between two timings of the same kind of work.")
     costs = report.get("forward_ms_batch1") or {}
