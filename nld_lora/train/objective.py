@@ -156,18 +156,16 @@ def deployed_walk(model, batch: DraftBatch, teacher: TeacherPass, mask_token_id:
     tokens n + 1 (0 pads)."""
     if batch.first_start is None:
         raise ValueError("deployed_walk needs batch.first_start (make_batch sets it)")
-    s = batch.first_start.clone()
-    limit = batch.lengths - 2  # a cycle needs a target token to draft
+    first = batch.first_start[:, None]
+    hop = DraftBatch(batch.input_ids, batch.lengths, torch.where(first <= batch.lengths[:, None] - 2, first, -1),
+                     batch.draft_len, batch.layout, batch.first_start)
     starts, commits = [], []
-    while keep_going(bool((s <= limit).any())):
-        alive = s <= limit
-        hop = DraftBatch(batch.input_ids, batch.lengths, torch.where(alive, s, -1)[:, None], batch.draft_len,
-                         batch.layout, batch.first_start)
+    while keep_going(bool((hop.starts >= 0).any())):
         student = student_logits(model, hop, teacher.cache, mask_token_id)
-        accepted = greedy_acceptance(student, teacher.blocks(hop), row_validity(hop))[:, 0]
+        accepted = greedy_acceptance(student, teacher.blocks(hop), row_validity(hop))
         starts.append(hop.starts[:, 0])
-        commits.append(torch.where(alive, accepted + 1, 0))
-        s = torch.where(alive, s + accepted + 1, s)
+        commits.append(torch.where(hop.starts[:, 0] >= 0, accepted[:, 0] + 1, 0))
+        hop = follow_up_batch(hop, accepted)  # the loop's own next-cycle rule
     if not starts:
         empty = torch.empty(batch.starts.shape[0], 0, dtype=torch.long, device=batch.starts.device)
         return empty, empty

@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -129,7 +130,7 @@ def evaluate_drafts(model, seqs: list[Sequence], cfg: TrainConfig, draft_len: in
     }
 
 
-def walk_sync(accelerator: Any) -> Any:
+def walk_sync(accelerator: Any) -> Callable[[bool], bool]:
     """keep_going for deployed_walk: under several processes every rank runs as many walk forwards as the one
     with the longest walk (sharded models gather weights in every forward)."""
     if accelerator is None or accelerator.num_processes == 1:
