@@ -50,7 +50,7 @@ STATE_FILE = "trainer_state.json"
 class TrainResult:
     adapter_dir: str
     best_step: int
-    best_simulated_acceptance: float
+    best_simulated_acceptance: float  # simulated acceptance of the kept adapter (kept by cfg.select_by)
     baseline_simulated_acceptance: float
     steps: int
     wall_s: float
