@@ -22,6 +22,9 @@ import torch
 
 import nld_lora
 from nld_lora.data.readers import read_prompts
+from nld_lora.decoding.api import normalize_prompts
+from nld_lora.decoding.interleave import interleaved
+from nld_lora.decoding.stats import GenerationStats
 from nld_lora.decoding.twins import forward_costs
 from nld_lora.model.export import export_ar_view
 
@@ -35,23 +38,25 @@ def load_ar_view(model):
         return AutoModelForCausalLM.from_pretrained(str(view), dtype=model.dtype).to(model.device).eval()
 
 
-def transformers_rows(hf, model, args, prompt_ids: list[list[int]], ar_sequences: list[list[int]]) -> list[tuple]:
-    """transformers' greedy generate and prompt-lookup decoding on the AR view, one prompt at a time:
-    (label, tokens/s, prompts whose tokens equal the runtime's AR)."""
+def transformers_runner(hf, model, args, extra: dict[str, Any]):
+    """transformers' `generate` on the AR view, one prompt at a time: a batch's (token lists, seconds)."""
     eos = sorted(model.eos_token_ids)
     pad = model.config.pad_token_id or 0
-    rows = []
-    for label, extra in (("hf greedy", {}), ("hf prompt-lookup", {"prompt_lookup_num_tokens": args.lookup})):
-        tokens = same = 0
-        t0 = time.perf_counter()
-        for ids, ref in zip(prompt_ids, ar_sequences):
+
+    def run(prompts: list[str]) -> tuple[list[list[int]], float]:
+        outs, t0 = [], time.perf_counter()
+        for ids in normalize_prompts(model, prompts):
             x = torch.tensor([ids], device=model.device)
-            out = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=args.max_new_tokens,
-                              do_sample=False, eos_token_id=eos, pad_token_id=pad, **extra)[0, len(ids):].tolist()
-            tokens += len(out)
-            same += out == ref
-        rows.append((label, tokens / (time.perf_counter() - t0), same))
-    return rows
+            outs.append(hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=args.max_new_tokens,
+                                    do_sample=False, eos_token_id=eos, pad_token_id=pad, **extra)[0, len(ids):].tolist())
+        return outs, time.perf_counter() - t0
+    return run
+
+
+def decoder(model, args, bs: int, kw: dict[str, Any]):
+    """One row's runner: a batch of prompts decoded with the row's keywords, profiled; returns the result."""
+    return lambda prompts: model.generate(prompts, max_new_tokens=args.max_new_tokens, batch_size=bs, profile=True,
+                                          **{"adapter": False, **kw})
 
 
 def decode_rows(args, model) -> list[tuple[str, dict]]:
@@ -159,36 +164,41 @@ def main() -> None:
                 model.generate(prompts[:bs], max_new_tokens=args.max_new_tokens, batch_size=bs,
                                **{"adapter": False, **kw})
     hf = load_ar_view(model) if 1 in batch_sizes and not args.no_transformers else None
+    hf_rows = {"hf greedy": {}, "hf prompt-lookup": {"prompt_lookup_num_tokens": args.lookup}}
     speeds: dict[tuple, list[float]] = {}
     ratios: dict[tuple, list[float]] = {}
     last: dict[tuple, Any] = {}
-    for _ in range(args.rounds):  # rounds interleave the rows, so a slow spell of the machine hits them all
-        for bs in batch_sizes:
-            ar = None
-            for label, kw in rows:
-                if kw.get("compile") and bs not in compile_batches(args):
-                    continue
-                res = model.generate(prompts, max_new_tokens=args.max_new_tokens, batch_size=bs, profile=True,
-                                     **{"adapter": False, **kw})
-                ar = ar or res
-                speeds.setdefault((bs, label), []).append(res.stats.tokens_per_s)
-                ratios.setdefault((bs, label), []).append(res.stats.tokens_per_s / ar.stats.tokens_per_s)
-                last[(bs, label)] = (res, kw)
+    for _ in range(args.rounds):  # each round decodes every batch of prompts with every row before the next batch,
+        for bs in batch_sizes:  # so a slow spell of the machine hits all rows alike (decoding/interleave.py)
+            runners = {label: decoder(model, args, bs, kw) for label, kw in rows
+                       if not (kw.get("compile") and bs not in compile_batches(args))}
             if bs == 1 and hf is not None:
-                for label, speed, same in transformers_rows(hf, model, args, ar.prompt_ids, ar.sequences):
-                    speeds.setdefault((bs, label), []).append(speed)
-                    ratios.setdefault((bs, label), []).append(speed / ar.stats.tokens_per_s)
-                    last[(bs, label)] = (same, None)
-    print(f"median of {args.rounds} interleaved rounds; 'vs AR' = median of the per-round ratios to that round's AR")
+                runners.update({label: transformers_runner(hf, model, args, extra) for label, extra in hf_rows.items()})
+            results = interleaved(prompts, runners, batch_size=bs)
+            stats = {label: GenerationStats.concat([part.stats for part in parts]) for label, parts in results.items()
+                     if label not in hf_rows}
+            ar = stats["ar"]
+            for label, st in stats.items():
+                speeds.setdefault((bs, label), []).append(st.tokens_per_s)
+                ratios.setdefault((bs, label), []).append(st.tokens_per_s / ar.tokens_per_s)
+                last[(bs, label)] = (st, dict(rows)[label])
+            ar_sequences = [seq for part in results["ar"] for seq in part.sequences]
+            for label in [name for name in hf_rows if name in results]:
+                outs = [seq for part, _ in results[label] for seq in part]
+                speed = sum(map(len, outs)) / sum(sec for _, sec in results[label])
+                speeds.setdefault((bs, label), []).append(speed)
+                ratios.setdefault((bs, label), []).append(speed / ar.tokens_per_s)
+                last[(bs, label)] = (sum(o == r for o, r in zip(outs, ar_sequences)), None)
+    print(f"median of {args.rounds} rounds, rows interleaved batch by batch; 'vs AR' = median of the per-round "
+          "ratios to that round's AR")
     print(f"{'batch':>5} {'mode':>34} {'TPF':>7} {'accept':>7} {'tok/s':>9} {'vs AR':>7} {'overhead':>9}  draft lens")
     for (bs, label), values in speeds.items():
-        res, kw = last[(bs, label)]
+        st, kw = last[(bs, label)]
         speed, ratio = statistics.median(values), statistics.median(ratios[(bs, label)])
         if kw is None:
             print(f"{bs:>5} {label:>34} {'-':>7} {'-':>7} {speed:>9.1f} {ratio:>6.2f}x {'-':>9}"
-                  f"  (same tokens as the runtime's AR on {res}/{len(prompts)} prompts)")
+                  f"  (same tokens as the runtime's AR on {st}/{len(prompts)} prompts)")
             continue
-        st = res.stats
         acc = f"{st.acceptance_length:.2f}" if kw["mode"].startswith("self_spec") else "-"
         chosen = " ".join(f"{k}:{n}" for k, n in st.draft_len_choices.items())
         print(f"{bs:>5} {label:>34} {st.tpf:>7.3f} {acc:>7} {speed:>9.1f} {ratio:>6.2f}x "

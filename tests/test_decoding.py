@@ -6,9 +6,11 @@ import pytest
 import torch
 
 from nld_lora.decoding.batch import DecodeBatch
+from nld_lora.decoding.interleave import interleaved
 from nld_lora.decoding.loops import run_diffusion
 from nld_lora.decoding.outputs import Outputs
 from nld_lora.decoding.settings import DecodeSettings
+from nld_lora.decoding.stats import GenerationStats
 from nld_lora.model.adapters import AdapterError, lora_enabled
 from nld_lora.model.masks import causal_mask
 from tests.helpers import make_adapter, random_prompts, tiny_model
@@ -317,3 +319,33 @@ def test_diffusion_drafts_past_a_lookup_match_see_its_tokens(monkeypatch):
             assert row[1:1 + len(found)] == found and set(row[1 + len(found):]) <= {model.mask_token_id}
             with_lookup += bool(found)
     assert with_lookup > 0
+
+
+def test_interleaved_rounds_run_every_row_on_a_batch_before_the_next_and_rotate_who_starts():
+    log = []
+    runners = {label: (lambda chunk, label=label: log.append((label, tuple(chunk))) or (label, chunk))
+               for label in ("ar", "a", "b")}
+    results = interleaved(list(range(7)), runners, batch_size=3)
+    batches = [(0, 1, 2), (3, 4, 5), (6,)]
+    assert [chunk for _, chunk in log] == [b for b in batches for _ in range(3)]
+    assert [label for label, _ in log[::3]] == ["ar", "a", "b"]  # a different row starts each batch
+    assert {label: [chunk for _, chunk in res] for label, res in results.items()} == {
+        label: [list(b) for b in batches] for label in runners}
+    with pytest.raises(ValueError, match="batch_size"):
+        interleaved([1], runners, batch_size=0)
+
+
+def test_stats_of_batch_by_batch_generate_calls_concat_to_one_calls():
+    model = tiny_model(seed=2)
+    prompts = random_prompts(5, seed=3)
+    whole = model.generate(prompts, mode="self_spec", max_new_tokens=12, draft_len=3, batch_size=2, profile=True)
+    parts = interleaved(prompts, {"ss": lambda chunk: model.generate(chunk, mode="self_spec", max_new_tokens=12,
+                                                                     draft_len=3, batch_size=2, profile=True)},
+                        batch_size=2)["ss"]
+    joined = GenerationStats.concat([p.stats for p in parts])
+    assert [s for p in parts for s in p.sequences] == whole.sequences
+    assert (joined.new_tokens, joined.forwards, joined.acceptance_lengths) == (
+        whole.stats.new_tokens, whole.stats.forwards, whole.stats.acceptance_lengths)
+    assert joined.wall_s == pytest.approx(sum(p.stats.wall_s for p in parts))
+    assert joined.forward_s == pytest.approx(sum(p.stats.forward_s for p in parts))
+    assert GenerationStats.concat([parts[0].stats, GenerationStats([], 1.0)]).forward_s is None

@@ -85,6 +85,14 @@ class GenerationStats:
     wall_s: float
     forward_s: float | None = None  # wall time inside model forwards (generate(profile=True)), else None
 
+    @classmethod
+    def concat(cls, parts: list[GenerationStats]) -> GenerationStats:
+        """The stats of several generate calls as one: their requests in order, wall and forward times summed
+        (forward time only when every part was profiled)."""
+        forward = [p.forward_s for p in parts]
+        return cls([r for p in parts for r in p.requests], sum(p.wall_s for p in parts),
+                   None if any(f is None for f in forward) else sum(forward))
+
     @property
     def overhead_share(self) -> float | None:
         """Share of wall time spent outside model forwards (the runtime's own cost), when profiled."""

@@ -7,7 +7,11 @@ Candidates are timed at batch size 1 on `selection` prompts; the winner is then 
 from __future__ import annotations
 
 import statistics
+from collections.abc import Callable
 from typing import Any
+
+from nld_lora.decoding.interleave import interleaved
+from nld_lora.decoding.stats import GenerationStats
 
 SPEED_CANDIDATES: dict[str, dict[str, Any]] = {
     "self_spec": {"mode": "self_spec"},
@@ -23,33 +27,37 @@ def fastest_modes(model: Any, adapters: dict[str, str | bool], selection: list[s
                   settings: Any, max_new_tokens: int, rounds: int = 3) -> dict[str, dict[str, Any]]:
     """The fastest lossless candidate per run (label -> adapter name, False for none), at batch 1.
 
-    Selection: each candidate timed on `selection` for every run back to back, so a slow spell of the machine hits
-    the runs alike. Timing: AR and each run's winner on `timed`, interleaved in `rounds` rounds; tokens/s is the
-    median over rounds and the speedup the median of each round's ratio to that round's AR, so machine drift does
-    not decide a before/after comparison.
+    Selection: every candidate of every run on `selection`, interleaved prompt by prompt (decoding/interleave.py),
+    so a slow spell of the machine hits them alike. Timing: AR and each run's winner on `timed`, interleaved prompt
+    by prompt, in `rounds` rounds; tokens/s is the median over rounds and the speedup the median of each round's
+    ratio to that round's AR, so machine drift does not decide a before/after comparison.
     """
     candidates = SPEED_CANDIDATES if settings.temperature <= 0 else {
         name: kw for name, kw in SPEED_CANDIDATES.items() if "ngram" not in kw}  # lookup drafts are greedy-only
 
-    def run(prompts: list[str], adapter: str | bool, kw: dict[str, Any]):
-        return model.generate(prompts, batch_size=1, max_new_tokens=max_new_tokens, settings=settings,
-                              adapter=adapter, **kw).stats
+    def runner(adapter: str | bool, kw: dict[str, Any]) -> Callable[[list[str]], GenerationStats]:
+        return lambda prompts: model.generate(prompts, batch_size=1, max_new_tokens=max_new_tokens,
+                                              settings=settings, adapter=adapter, **kw).stats
 
-    speeds: dict[str, dict[str, float]] = {label: {} for label in adapters}
-    for name, kw in candidates.items():
-        for label, adapter in adapters.items():
-            speeds[label][name] = run(selection, adapter, kw).tokens_per_s
+    picks = interleaved(selection, {(label, name): runner(adapter, kw) for name, kw in candidates.items()
+                                    for label, adapter in adapters.items()}, batch_size=1)
+    speeds = {label: {name: GenerationStats.concat(picks[(label, name)]).tokens_per_s for name in candidates}
+              for label in adapters}
     best = {label: max(s, key=s.get) for label, s in speeds.items()}
-    timings: dict[str, list[float]] = {label: [] for label in ("ar", *adapters)}
+    runners = {"ar": runner(False, {"mode": "ar"}),
+               **{label: runner(adapter, candidates[best[label]]) for label, adapter in adapters.items()}}
+    timings: dict[str, list[float]] = {label: [] for label in runners}
     ratios: dict[str, list[float]] = {label: [] for label in adapters}
-    last: dict[str, Any] = {}
+    last: dict[str, GenerationStats] = {}
     for _ in range(rounds):
-        ar = run(timed, False, {"mode": "ar"}).tokens_per_s
-        timings["ar"].append(ar)
-        for label, adapter in adapters.items():
-            last[label] = run(timed, adapter, candidates[best[label]])
-            timings[label].append(last[label].tokens_per_s)
-            ratios[label].append(last[label].tokens_per_s / ar if ar else 0.0)
+        round_stats = {label: GenerationStats.concat(parts) for label, parts in
+                       interleaved(timed, runners, batch_size=1).items()}
+        ar = round_stats["ar"].tokens_per_s
+        for label, stats in round_stats.items():
+            timings[label].append(stats.tokens_per_s)
+            if label in adapters:
+                ratios[label].append(stats.tokens_per_s / ar if ar else 0.0)
+                last[label] = stats
     return {label: {
         "mode": best[label], "settings": {k: v for k, v in candidates[best[label]].items() if v is not None},
         "tokens_per_s_batch1": statistics.median(timings[label]),

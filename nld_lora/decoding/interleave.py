@@ -1,0 +1,33 @@
+"""Speed comparisons that machine drift cannot decide: every configuration decodes the same batch of prompts, one
+after another, before the next batch starts.
+
+Runs that time whole prompt sets one after another (even in interleaved rounds) let a slow spell of a shared
+machine land on one configuration: the fifth session's report read its two runs at 1.39x and 1.19x AR by the
+median of per-round ratios and the other way round by median tokens/s. Interleaving per decode batch spreads a
+spell over every configuration; the starting configuration rotates from batch to batch, so none always runs first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Sequence
+from typing import TypeVar
+
+K = TypeVar("K", bound=Hashable)
+T = TypeVar("T")
+P = TypeVar("P")
+
+
+def interleaved(prompts: Sequence[P], runners: dict[K, Callable[[list[P]], T]],
+                batch_size: int) -> dict[K, list[T]]:
+    """One round: each runner's results on consecutive batches of `batch_size` prompts (label -> one result per
+    batch, in prompt order); every runner decodes a batch before any runner starts the next one."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size}; expected >= 1")
+    labels = list(runners)
+    results: dict[K, list[T]] = {label: [] for label in labels}
+    for i, start in enumerate(range(0, len(prompts), batch_size)):
+        chunk = list(prompts[start:start + batch_size])
+        shift = i % len(labels) if labels else 0
+        for label in labels[shift:] + labels[:shift]:
+            results[label].append(runners[label](chunk))
+    return results
