@@ -164,6 +164,7 @@ def main() -> None:
                 model.generate(prompts[:bs], max_new_tokens=args.max_new_tokens, batch_size=bs,
                                **{"adapter": False, **kw})
     hf = load_ar_view(model) if 1 in batch_sizes and not args.no_transformers else None
+    row_kw = dict(rows)
     hf_rows = {"hf greedy": {}, "hf prompt-lookup": {"prompt_lookup_num_tokens": args.lookup}}
     speeds: dict[tuple, list[float]] = {}
     ratios: dict[tuple, list[float]] = {}
@@ -181,7 +182,7 @@ def main() -> None:
             for label, st in stats.items():
                 speeds.setdefault((bs, label), []).append(st.tokens_per_s)
                 ratios.setdefault((bs, label), []).append(st.tokens_per_s / ar.tokens_per_s)
-                last[(bs, label)] = (st, dict(rows)[label])
+                last[(bs, label)] = (st, row_kw[label])
             ar_sequences = [seq for part in results["ar"] for seq in part.sequences]
             for label in [name for name in hf_rows if name in results]:
                 outs = [seq for part, _ in results[label] for seq in part]
