@@ -84,6 +84,10 @@ def test_report_files_exist_parse_and_agree(tmp_path):
     assert f"{on_disk['before']['acceptance_length']:.3f}" in md and f"{on_disk['after']['tpf']:.3f}" in md
     assert "**0 mismatching prompts**" in md
     assert f"| r_1 (first draft position accepted) | {on_disk['before']['per_position_acceptance'][0]:.3f} |" in md
+    paired = on_disk["first_position_paired"]
+    assert set(paired) == {"before", "after"}
+    assert paired["before"]["before"] == pytest.approx(on_disk["before"]["per_position_acceptance"][0], abs=0.02)
+    assert "| r_1 at the same contexts: " in md and "identical contexts" in md
     fastest = on_disk["after"]["fastest"]
     assert fastest["mode"] in SPEED_CANDIDATES and fastest["mode"] in md and fastest["tokens_per_s_batch1"] > 0
     assert fastest["selection_prompts"] == 2 and not fastest["selected_on_timed_prompts"]
@@ -142,3 +146,29 @@ def test_fastest_verdict_says_when_the_adapters_drafts_took_no_part():
         assert "Measured reason" in verdict and "neither run" not in verdict
     assert "diffusion draft forwards 260 against 0" in fastest_verdict(fixed)
     assert "is faster" in fastest_verdict({"before": drafted["after"], "after": drafted["before"]})
+
+
+def test_paired_r1_redrafts_each_runs_own_first_drafts(tmp_path):
+    """Drafting again at a run's cycle starts (the context as the prompt) gives that run's own first drafts, with
+    and without the adapter: the same-context r_1 compares the drafters where the runs really drafted."""
+    import nld_lora
+    from nld_lora.report.paired import cycle_contexts, first_draft_hits, paired_change
+
+    model = nld_lora.load(saved_tiny_model(tmp_path / "m"))
+    model.attach_adapter(make_adapter(model, tmp_path / "lora", r=4), name="a")
+    texts = [json.loads(line)["prompt"] for line in _prompts(tmp_path / "p.jsonl").read_text().splitlines()]
+    settings = DecodeSettings(block_size=4, draft_len=3)
+    for adapter in (False, "a"):
+        res = model.generate(texts, mode="self_spec", adapter=adapter, batch_size=3, max_new_tokens=16,
+                             settings=settings)
+        contexts = cycle_contexts(res)
+        recorded = [d[0] == full[s + 1]
+                    for p, seq, req in zip(res.prompt_ids, res.sequences, res.stats.requests)
+                    for full in [p + seq] for s, d in zip(req.cycle_starts, req.cycle_drafts) if s + 1 < len(full)]
+        assert len(contexts) == len(recorded) > 10
+        assert first_draft_hits(model, contexts, adapter, settings, batch_size=4) == recorded
+    change = paired_change([True, True, False, False, True], [True, False, True, True, True])
+    assert change["before"] == pytest.approx(3 / 5) and change["after"] == pytest.approx(4 / 5)
+    assert (change["after_only"], change["before_only"]) == (2, 1)
+    lo, hi = change["change_ci95"]
+    assert lo < 0.2 < hi

@@ -26,6 +26,7 @@ from nld_lora.report.metrics import (
     summarize_run,
     token_agreement,
 )
+from nld_lora.report.paired import first_position_paired
 from nld_lora.report.plots import plot_categories, plot_histograms, plot_per_position
 from nld_lora.report.speed import fastest_modes, forward_ms
 from nld_lora.report.writers import write_markdown
@@ -49,6 +50,8 @@ class ReportConfig:
     fastest_mode: bool = True  # speed rows also for the fastest lossless mode (report/speed.py), chosen on
     # the speed_prompts that follow the timed ones
     speed_rounds: int = 3  # the fastest modes and AR are timed interleaved in this many rounds (medians)
+    paired_contexts: int = 1000  # r_1 with and without the first adapter at the same contexts: this many cycle
+    # starts of each run (report/paired.py; 0: off)
 
 
 def machine_info() -> dict[str, Any]:
@@ -105,10 +108,15 @@ def _measure_and_write(model: Any, names: list[str], adapters: list[str], record
     categories = [r.category for r in records]
     common = {"max_new_tokens": cfg.max_new_tokens, "settings": settings, "progress": progress}
     plans = plan_runs(names, cfg)
-    runs, sequences = measure_runs(model, plans, texts, categories, cfg, common)
+    runs, results = measure_runs(model, plans, texts, categories, cfg, common)
+    sequences = {label: res.sequences for label, res in results.items()}
     forward_costs = measure_fastest(model, runs, plans, texts, names, cfg, settings) if cfg.fastest_mode else None
     lossless = check_lossless(sequences, ["before", *names], records, settings, cfg.diffusion)
     report = assemble(model, names, adapters, records, prompts, cfg, settings, runs, lossless)
+    if names and cfg.paired_contexts > 0:
+        report["first_position_paired"] = first_position_paired(
+            model, {"before": results["before"], "after": results[names[0]]}, names[0], settings,
+            cfg.paired_contexts, cfg.batch_size, settings.seed)
     if forward_costs:
         report["forward_ms_batch1"] = forward_costs
     if fit_source and cfg.fit_prompts > 0 and names:
@@ -129,22 +137,23 @@ def plan_runs(names: list[str], cfg: ReportConfig) -> dict[str, dict[str, Any]]:
 
 
 def measure_runs(model: Any, plans: dict[str, dict[str, Any]], texts: list[str], categories: list[str],
-                 cfg: ReportConfig, common: dict[str, Any]) -> tuple[dict[str, dict], dict[str, list[list[int]]]]:
-    """Every planned run at cfg.batch_size (summaries and tokens) and again at batch 1 on the speed prompts."""
+                 cfg: ReportConfig, common: dict[str, Any]) -> tuple[dict[str, dict], dict[str, Any]]:
+    """Every planned run at cfg.batch_size (summaries, and the GenerationResults) and again at batch 1 on the speed
+    prompts."""
     settings = common["settings"]
     runs: dict[str, dict[str, Any]] = {}
-    sequences: dict[str, list[list[int]]] = {}
+    results: dict[str, Any] = {}
     for label, plan in plans.items():
         res = model.generate(texts, batch_size=cfg.batch_size, **plan, **common)
         spec_k = settings.draft_len if plan["mode"] == "self_spec" else None
         runs[label] = summarize_run(res.stats, spec_k, categories, settings.seed)
-        sequences[label] = res.sequences
+        results[label] = res
         speed = model.generate(texts[: cfg.speed_prompts], batch_size=1, **plan, **{**common, "progress": False})
         runs[label]["tokens_per_s_batch1"] = speed.stats.tokens_per_s
     for run in runs.values():
         run["speedup_vs_ar"] = safe_ratio(run["tokens_per_s"], runs["ar"]["tokens_per_s"])
         run["speedup_vs_ar_batch1"] = safe_ratio(run["tokens_per_s_batch1"], runs["ar"]["tokens_per_s_batch1"])
-    return runs, sequences
+    return runs, results
 
 
 def measure_fastest(model: Any, runs: dict[str, dict], plans: dict[str, dict], texts: list[str], names: list[str],

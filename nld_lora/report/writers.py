@@ -44,6 +44,18 @@ def _first_position_row(report: dict[str, Any]) -> list[str]:
     return [f"| r_1 (first draft position accepted) | {b[0]:.3f} | {a[0]:.3f} | {change} |"]
 
 
+def _paired_rows(report: dict[str, Any]) -> list[str]:
+    """r_1 of both drafters at the same contexts (report/paired.py): the row above compares cycles that start at
+    different places."""
+    where = {"before": "cycle starts of the run without the adapter", "after": "cycle starts of the run with it"}
+    rows = []
+    for label, p in report.get("first_position_paired", {}).items():
+        lo, hi = p["change_ci95"]
+        rows.append(f"| r_1 at the same contexts: {p['n']} {where[label]} | {p['before']:.3f} | {p['after']:.3f} | "
+                    f"{100 * (p['after'] - p['before']):+.1f} points [{100 * lo:+.1f}, {100 * hi:+.1f}] |")
+    return rows
+
+
 def fastest_verdict(report: dict[str, Any]) -> str:
     """One sentence on whether the adapter's fastest mode beat the fastest mode without it, and if not, the
     measured reason: that neither run drafted with diffusion (the adapter took no part), else tokens per forward
@@ -129,6 +141,7 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
         f"{report['after']['acceptance_length_ci95'][1]:.2f}] | {_pct(report['gain']['acceptance_length_rel'])} |",
         f"| TPF | {report['before']['tpf']:.3f} | {report['after']['tpf']:.3f} | {_pct(report['gain']['tpf_rel'])} |",
         *_first_position_row(report),
+        *_paired_rows(report),
         f"| speedup vs AR (batch {s['batch_size']}) | {report['before']['speedup_vs_ar']:.2f}x | "
         f"{report['after']['speedup_vs_ar']:.2f}x | |",
         f"| speedup vs AR (batch 1) | {report['before']['speedup_vs_ar_batch1']:.2f}x | "
@@ -139,7 +152,11 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
         f"Lossless check (greedy self-spec vs AR): **{report['lossless']['mismatches']} mismatching prompts**"
         if report["lossless"]["checked"] else "Lossless check: not applicable (sampling).",
         "",
-        "Brackets: 95% bootstrap interval over prompts.",
+        "Brackets: 95% bootstrap interval over prompts"
+        + ("; for r_1 at the same contexts, a 95% interval of the paired change. The plain r_1 row pools each run's "
+           "own cycles, which start at different contexts (a run that accepts more starts its cycles at harder "
+           "places); the same-context rows draft with and without the adapter at identical contexts."
+           if report.get("first_position_paired") else "."),
         "",
         *_fit_lines(report),
         "## All runs",

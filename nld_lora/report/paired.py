@@ -1,0 +1,72 @@
+"""r_1 with and without the adapter at the same draft contexts.
+
+The per-position r_1 of two runs compares cycles that start at different contexts: a run that accepts more crosses
+the easy stretches inside its cycles, so its cycles start at harder places, and its pooled r_1 can fall while its
+drafts are better at every context. Here both drafters draft at the same contexts (the cycle starts of one run),
+through the same runtime: generate() on the context as the prompt, whose first cycle drafts exactly there.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from typing import Any
+
+from nld_lora.decoding.settings import DecodeSettings
+
+Context = tuple[list[int], int, int]  # (tokens in the cache at a cycle's start, its seed, what draft 1 must match)
+
+
+def cycle_contexts(result: Any) -> list[Context]:
+    """Every cycle of a greedy self-speculation result as a context: cycle_starts count the tokens in the cache,
+    the next token is the cycle's seed and the one after it the target of its first draft (cycles whose target
+    lies past the decoded tokens are left out)."""
+    found = []
+    for prompt, seq, req in zip(result.prompt_ids, result.sequences, result.stats.requests):
+        full = prompt + seq
+        found += [(full[:s], full[s], full[s + 1]) for s in req.cycle_starts if s + 1 < len(full)]
+    return found
+
+
+def first_draft_hits(model: Any, contexts: list[Context], adapter: str | bool, settings: DecodeSettings,
+                     batch_size: int) -> list[bool]:
+    """Whether the first draft at each context equals its target: one cycle per context (max 2 new tokens: the
+    prefill's seed, then a draft + verify cycle). A context whose prefill does not reproduce the seed is an error:
+    the two drafters would then not see the same context."""
+    res = model.generate([c[0] for c in contexts], mode="self_spec", adapter=adapter, max_new_tokens=2,
+                         settings=settings, batch_size=batch_size)
+    hits = []
+    for i, ((_, seed, target), seq, req) in enumerate(zip(contexts, res.sequences, res.stats.requests)):
+        if seq[0] != seed or not req.cycle_drafts:
+            raise RuntimeError(f"paired r_1: context {i} (cache length {len(contexts[i][0])}) decoded seed {seq[0]}"
+                               f" where the run had {seed}, or ran no cycle; the contexts are not reproducible")
+        hits.append(req.cycle_drafts[0][0] == target)
+    return hits
+
+
+def paired_change(without: list[bool], with_: list[bool]) -> dict[str, Any]:
+    """r_1 of both drafters on the same contexts, the discordant counts and a 95% normal interval of the paired
+    difference (with - without)."""
+    n = len(without)
+    only_with = sum(w and not o for o, w in zip(without, with_))
+    only_without = sum(o and not w for o, w in zip(without, with_))
+    diff = (only_with - only_without) / n
+    half = 1.96 * math.sqrt(max((only_with + only_without) / n - diff * diff, 0.0) / n)
+    return {"n": n, "before": sum(without) / n, "after": sum(with_) / n, "after_only": only_with,
+            "before_only": only_without, "change_ci95": [diff - half, diff + half]}
+
+
+def first_position_paired(model: Any, results: dict[str, Any], adapter: str, settings: DecodeSettings,
+                          n: int, batch_size: int, seed: int = 0) -> dict[str, Any]:
+    """{label: paired_change(...)} for the cycle starts of each run in results ("before": the run without the
+    adapter, "after": with it), each a seeded sample of at most n of its cycles."""
+    rng = random.Random(seed)
+    out = {}
+    for label, result in results.items():
+        contexts = cycle_contexts(result)
+        sample = rng.sample(contexts, min(n, len(contexts)))
+        if not sample:
+            continue
+        out[label] = paired_change(first_draft_hits(model, sample, False, settings, batch_size),
+                                   first_draft_hits(model, sample, adapter, settings, batch_size))
+    return out
