@@ -1,6 +1,7 @@
 """Decode benchmark: per mode, at batch 1 and batch 8, TPF, mean acceptance, tokens/s, speedup over AR and the
 runtime's overhead share (wall time outside model forwards / total wall time) and, for draft_len="auto", the draft
-lengths chosen (k:cycles, 0 = an AR step); rows with torch.compile (compiled, and auto's forward costs measured,
+lengths chosen (k:cycles, 0 = an AR step) and each row's tail (how much longer its batches ran than their mean
+row: a batch waits for its slowest row); rows with torch.compile (compiled, and auto's forward costs measured,
 outside the timing); plus transformers' own greedy `generate` and its prompt-lookup decoding on the same weights (the model's AR view) as
 batch-1 baselines.
 
@@ -98,6 +99,20 @@ def decode_rows(args, model) -> list[tuple[str, dict]]:
     return rows
 
 
+STEP_KINDS = ("ar", "verify", "verify_draft", "denoise", "commit")  # one per loop iteration of a row (draft
+# forwards pair with a verify)
+
+
+def batch_tail(parts: list) -> float:
+    """Loop iterations of each decode batch (its slowest row's) over its rows' mean, pooled over batches: how much
+    longer a batch ran than its average row (1.0: the rows finished together, as AR's do)."""
+    longest = mean = 0.0
+    for part in parts:
+        steps = [sum(r.forwards[k] for k in STEP_KINDS) for r in part.stats.requests]
+        longest, mean = longest + max(steps), mean + sum(steps) / len(steps)
+    return longest / mean if mean else 1.0
+
+
 def print_verdicts(ratios: dict[tuple, list[float]]) -> None:
     """The comparisons a deployer reads off the table (medians of per-round ratios to AR): the best row with the
     adapter against the best without it and against transformers' prompt lookup, the best self-speculation row
@@ -182,28 +197,31 @@ def main() -> None:
             for label, st in stats.items():
                 speeds.setdefault((bs, label), []).append(st.tokens_per_s)
                 ratios.setdefault((bs, label), []).append(st.tokens_per_s / ar.tokens_per_s)
-                last[(bs, label)] = (st, row_kw[label])
+                last[(bs, label)] = (st, row_kw[label], batch_tail(results[label]))
             ar_sequences = [seq for part in results["ar"] for seq in part.sequences]
             for label in [name for name in hf_rows if name in results]:
                 outs = [seq for part, _ in results[label] for seq in part]
                 speed = sum(map(len, outs)) / sum(sec for _, sec in results[label])
                 speeds.setdefault((bs, label), []).append(speed)
                 ratios.setdefault((bs, label), []).append(speed / ar.tokens_per_s)
-                last[(bs, label)] = (sum(o == r for o, r in zip(outs, ar_sequences)), None)
+                last[(bs, label)] = (sum(o == r for o, r in zip(outs, ar_sequences)), None, None)
     print(f"median of {args.rounds} rounds, rows interleaved batch by batch; 'vs AR' = median of the per-round "
           "ratios to that round's AR")
-    print(f"{'batch':>5} {'mode':>34} {'TPF':>7} {'accept':>7} {'tok/s':>9} {'vs AR':>7} {'overhead':>9}  draft lens")
+    print("'tail': loop iterations of each batch over its rows' mean (its slowest row's, pooled; 1.00: the rows "
+          "finished together)")
+    print(f"{'batch':>5} {'mode':>34} {'TPF':>7} {'accept':>7} {'tok/s':>9} {'vs AR':>7} {'overhead':>9} {'tail':>5}"
+          "  draft lens")
     for (bs, label), values in speeds.items():
-        st, kw = last[(bs, label)]
+        st, kw, tail = last[(bs, label)]
         speed, ratio = statistics.median(values), statistics.median(ratios[(bs, label)])
         if kw is None:
-            print(f"{bs:>5} {label:>34} {'-':>7} {'-':>7} {speed:>9.1f} {ratio:>6.2f}x {'-':>9}"
+            print(f"{bs:>5} {label:>34} {'-':>7} {'-':>7} {speed:>9.1f} {ratio:>6.2f}x {'-':>9} {'-':>5}"
                   f"  (same tokens as the runtime's AR on {st}/{len(prompts)} prompts)")
             continue
         acc = f"{st.acceptance_length:.2f}" if kw["mode"].startswith("self_spec") else "-"
         chosen = " ".join(f"{k}:{n}" for k, n in st.draft_len_choices.items())
         print(f"{bs:>5} {label:>34} {st.tpf:>7.3f} {acc:>7} {speed:>9.1f} {ratio:>6.2f}x "
-              f"{100 * st.overhead_share:>8.1f}%  {chosen}")
+              f"{100 * st.overhead_share:>8.1f}% {tail:>5.2f}  {chosen}")
     print_verdicts(ratios)
     costs = forward_costs(model)
     if costs:

@@ -81,6 +81,21 @@ def test_an_unmeasured_cycle_kind_takes_the_measured_overhead():
     assert planner.ratios()["draft"] == 0.5 == planner.ratios()["ar"]  # no AR step timed: the largest measured one
 
 
+def test_a_batch_is_planned_for_the_row_it_waits_for():
+    costs = [1.0, 2.0, 2.1, 2.2, 2.3]  # a draft cycle costs two forwards
+    planner = _planner_with_costs([0.6] * 4, costs)
+    planner._costs[2] = costs
+    for _ in range(20):
+        planner.record([4, 0], drafted=4, rows=[7, 9])  # request 7 accepts every draft, request 9 none
+    assert planner.choose(_Rows(2))[0] == 4  # the pooled rates (r_1 0.5, then about 0.9) would draft
+    assert planner.critical([7, 9], [40, 20]) == 9  # the batch waits for the row with the fewest tokens
+    assert planner.choose(_Rows(2), row=9)[0] == 0  # whose drafts never pay: an AR step for the whole batch
+    assert planner.choose(_Rows(2), row=7)[0] == 4
+    assert planner.critical([7, 9], [20, 20]) == 9  # a tie goes to the lower own r_1
+    assert planner.critical([7], [20]) is None  # one row: its own rates are the pooled ones
+    assert planner.row_rates(9)[0][0] < 0.1 < 0.9 < planner.row_rates(7)[0][0]
+
+
 def test_merged_lookup_and_diffusion_cycles_are_priced_and_recorded_by_span(monkeypatch):
     import nld_lora.decoding.auto as auto
 

@@ -140,6 +140,10 @@ class DecodeBatch:
                 self.stats[rid].forwards[kind] += 1
         return logits
 
+    def committed(self) -> list[int]:
+        """Tokens in the cache past each row's prompt."""
+        return [n - len(self.prompts[rid]) for n, rid in zip(self.lengths, self.rows)]
+
     def advance(self, keep: list[int]) -> None:
         """After a forward, keep its first keep[b] tokens in row b (the rest will be overwritten)."""
         self.lengths = [n + k for n, k in zip(self.lengths, keep)]

@@ -220,7 +220,9 @@ def run_self_spec(batch: DecodeBatch, out: Outputs, cfg: DecodeSettings, gen: to
         all_found = lookups is not None and all(lookups)
         longest = max(map(len, lookups)) if all_found else 0
         if planner:
-            k, use_lookup = planner.choose(batch, longest)
+            row = planner.critical(batch.rows, batch.committed())
+            own = len(lookups[batch.rows.index(row)]) if all_found and row is not None else longest
+            k, use_lookup = planner.choose(batch, own, row=row)
             if not use_lookup:
                 _note_choice(batch, out, k)
         else:
@@ -248,7 +250,8 @@ def run_self_spec(batch: DecodeBatch, out: Outputs, cfg: DecodeSettings, gen: to
         accepted, drafted, emitted = _to_host(n_acc, drafts, tokens)
         batch.advance([a + 1 for a in accepted])
         if planner:
-            planner.record(accepted, k, lookup=use_lookup, lookup_lens=[len(f) for f in lookups] if lookups else None)
+            planner.record(accepted, k, lookup=use_lookup, lookup_lens=[len(f) for f in lookups] if lookups else None,
+                           rows=batch.rows)
             planner.finish(k, lookup=use_lookup)
         new = _record(batch, out, starts, accepted, drafted, emitted, lookups)
         seeds = tokens[torch.arange(n_rows, device=tokens.device), n_acc].long()
@@ -273,7 +276,8 @@ def run_self_spec_quadratic(batch: DecodeBatch, out: Outputs, cfg: DecodeSetting
     cycle = 0
     while len(batch):
         n_rows, n_drafts = drafts.shape
-        next_len = planner.choose(batch, verifying=n_drafts)[0] if planner else cfg.draft_len
+        next_len = (planner.choose(batch, verifying=n_drafts, row=planner.critical(batch.rows, batch.committed()))[0]
+                    if planner else cfg.draft_len)
         if planner:
             _note_choice(batch, out, next_len)
             if not n_drafts and not next_len:  # nothing to verify, nothing to draft: a plain AR step at AR's cost
@@ -296,7 +300,8 @@ def run_self_spec_quadratic(batch: DecodeBatch, out: Outputs, cfg: DecodeSetting
             accepted, drafted, emitted = _to_host(n_acc, drafts, tokens)
             new = _record(batch, out, starts, accepted, drafted, emitted, lookups)
             if planner:
-                planner.record(accepted, n_drafts, lookup_lens=[len(f) for f in lookups] if lookups else None)
+                planner.record(accepted, n_drafts, lookup_lens=[len(f) for f in lookups] if lookups else None,
+                               rows=batch.rows)
         else:
             tokens = select_tokens(logits[:, :1], cfg.temperature, gen, cfg.top_k, cfg.top_p)
             n_acc = torch.zeros(n_rows, dtype=torch.long, device=seeds.device)
