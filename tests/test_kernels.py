@@ -7,7 +7,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from nld_lora.kernels import reference, set_backend, triton_verify, verify_greedy
+from nld_lora.kernels import batched, reference, set_backend, triton_verify, verify_greedy
 from nld_lora.kernels.triton_verify import BLOCK_V
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -56,6 +56,29 @@ def test_greedy_triton_equals_reference(vocab, counts, dtype, seed, style):
     tri = triton_verify.verify_greedy(logits, drafts, cu)
     assert torch.equal(ref[0], tri[0]) and torch.equal(ref[1], tri[1])
     assert int(ref[0].max()) < vocab
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    vocab=st.sampled_from(VOCABS[:3]),
+    k=st.integers(0, 8),
+    n=st.integers(1, 6),
+    dtype=st.sampled_from(DTYPES),
+    seed=st.integers(0, 10_000),
+    style=st.sampled_from(["random", "ties", "equal", "neg_inf_tail"]),
+)
+def test_batched_greedy_equals_reference(vocab, k, n, dtype, seed, style):
+    """The runtime's non-CUDA path (one draft length per cycle, host offsets) against the per-request reference."""
+    logits, drafts, cu = _case(vocab, [k] * n, dtype, seed, style)
+    host = cu.tolist()
+    ref = reference.verify_greedy(logits, drafts, host)
+    fast = batched.verify_greedy(logits, drafts, host)
+    assert torch.equal(ref[0], fast[0]) and torch.equal(ref[1], fast[1])
+    assert all(torch.equal(a, b) for a, b in zip(verify_greedy(logits, drafts, host), ref))  # the dispatcher's pick
+    assert batched.uniform_draft_len(host) == k and batched.uniform_draft_len(cu) is None
+    if n > 1 and k:
+        with pytest.raises(ValueError, match="equal draft lengths"):
+            batched.verify_greedy(logits[:-1], drafts[:-1], host[:-1] + [host[-1] - 1])
 
 
 @pytest.mark.parametrize("vocab", VOCABS[3:])

@@ -1,4 +1,5 @@
-"""Pick the implementation: Triton for CUDA tensors, the PyTorch reference elsewhere; overridable."""
+"""Pick the implementation: Triton for CUDA tensors; elsewhere a whole-batch PyTorch path for greedy drafts of one
+length (the runtime's case), else the PyTorch reference; overridable."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from collections.abc import Sequence
 
 import torch
 
-from nld_lora.kernels import reference
+from nld_lora.kernels import batched, reference
 
 _BACKEND = os.environ.get("NLD_LORA_VERIFY_BACKEND", "auto")
 BACKENDS = ("auto", "triton", "reference")
@@ -38,6 +39,8 @@ def verify_greedy(
         from nld_lora.kernels import triton_verify
 
         return triton_verify.verify_greedy(target_logits, draft_tokens, cu_draft_lens)
+    if _BACKEND == "auto" and batched.uniform_draft_len(cu_draft_lens) is not None:
+        return batched.verify_greedy(target_logits, draft_tokens, cu_draft_lens)
     return reference.verify_greedy(target_logits, draft_tokens, cu_draft_lens)
 
 
