@@ -18,9 +18,9 @@ LOOKUP_RETRY cycles are tried again. A batch of several rows ends when its slowe
 early leave forwards that cost nearly as much with fewer rows), so the planner prices each cycle for the critical
 row: the one with the fewest committed tokens (ties: the lowest own r_1), at that row's own rates (its counts, the
 pooled rates as a prior worth PRIOR_WEIGHT cycles). Pooled rates drafted for the rows that accept well and left the
-others behind: at batch 8 the batch ran 24-42% more cycles than its mean row. What a planner learnt is kept per
-model, adapter,
-layout and batch-size bucket (decoding/twins.py planner_memory) and is the next decode batch's start.
+others behind (docs/benchmarks.md: a fixed-length adapter run at batch 8 ran 40% more iterations than its mean
+row). What a planner learnt is kept per model, adapter, layout and batch-size bucket (decoding/twins.py
+planner_memory) and is the next decode batch's start.
 """
 
 from __future__ import annotations
