@@ -113,7 +113,9 @@ def _measure_and_write(model: Any, names: list[str], adapters: list[str], record
     forward_costs = measure_fastest(model, runs, plans, texts, names, cfg, settings) if cfg.fastest_mode else None
     lossless = check_lossless(sequences, ["before", *names], records, settings, cfg.diffusion)
     report = assemble(model, names, adapters, records, prompts, cfg, settings, runs, lossless)
-    if names and cfg.paired_contexts > 0:
+    exact = lossless["checked"] and names and all(lossless["per_run"][lab]["mismatches"] == 0
+                                                  for lab in ("before", names[0]))
+    if exact and cfg.paired_contexts > 0:  # the contexts are the runs' own only when both emitted AR's tokens
         report["first_position_paired"] = first_position_paired(
             model, {"before": results["before"], "after": results[names[0]]}, names[0], settings,
             cfg.paired_contexts, cfg.batch_size, settings.seed)
