@@ -167,6 +167,7 @@ def test_paired_r1_redrafts_each_runs_own_first_drafts(tmp_path):
                     for full in [p + seq] for s, d in zip(req.cycle_starts, req.cycle_drafts) if s + 1 < len(full)]
         assert len(contexts) == len(recorded) > 10
         assert first_draft_hits(model, contexts, adapter, settings, batch_size=4) == recorded
+        assert [c[3] for c in contexts] == recorded  # so the report takes each run's own hits from its record
     change = paired_change([True, True, False, False, True], [True, False, True, True, True])
     assert change["before"] == pytest.approx(3 / 5) and change["after"] == pytest.approx(4 / 5)
     assert (change["after_only"], change["before_only"]) == (2, 1)

@@ -200,7 +200,8 @@ class DraftPlanner:
         tied = [rid for rid, n in zip(rows, committed) if n == least]
         if len(tied) == 1:
             return tied[0]
-        p = self.diffusion.values()[0]
+        pooled = self.diffusion
+        p = (pooled.accepts[0] + PRIOR_WEIGHT * pooled.prior[0]) / (pooled.attempts[0] + PRIOR_WEIGHT)
 
         def own_r1(rid: int) -> float:
             counts = self._own(rid)[0]

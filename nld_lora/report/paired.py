@@ -2,8 +2,10 @@
 
 The per-position r_1 of two runs compares cycles that start at different contexts: a run that accepts more crosses
 the easy stretches inside its cycles, so its cycles start at harder places, and its pooled r_1 can fall while its
-drafts are better at every context. Here both drafters draft at the same contexts (the cycle starts of one run),
-through the same runtime: generate() on the context as the prompt, whose first cycle drafts exactly there.
+drafts are better at every context. Here both drafters are scored at the same contexts (the cycle starts of one
+run): that run's own first drafts are its recorded ones, and the other drafter drafts again through the same
+runtime, generate() on the context as the prompt, whose first cycle drafts exactly there (tested to reproduce a
+run's recorded first drafts).
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ from typing import Any
 
 from nld_lora.decoding.settings import DecodeSettings
 
-Context = tuple[list[int], int, int]  # (tokens in the cache at a cycle's start, its seed, what draft 1 must match)
+Context = tuple[list[int], int, int, bool]  # (tokens in the cache at a cycle's start, its seed, what draft 1 must
+# match, whether the run's own first draft there did)
 
 
 def cycle_contexts(result: Any) -> list[Context]:
@@ -24,7 +27,8 @@ def cycle_contexts(result: Any) -> list[Context]:
     found = []
     for prompt, seq, req in zip(result.prompt_ids, result.sequences, result.stats.requests):
         full = prompt + seq
-        found += [(full[:s], full[s], full[s + 1]) for s in req.cycle_starts if s + 1 < len(full)]
+        found += [(full[:s], full[s], full[s + 1], bool(d) and d[0] == full[s + 1])
+                  for s, d in zip(req.cycle_starts, req.cycle_drafts) if s + 1 < len(full)]
     return found
 
 
@@ -36,7 +40,7 @@ def first_draft_hits(model: Any, contexts: list[Context], adapter: str | bool, s
     res = model.generate([c[0] for c in contexts], mode="self_spec", adapter=adapter, max_new_tokens=2,
                          settings=settings, batch_size=batch_size)
     hits = []
-    for i, ((_, seed, target), seq, req) in enumerate(zip(contexts, res.sequences, res.stats.requests)):
+    for i, ((_, seed, target, _), seq, req) in enumerate(zip(contexts, res.sequences, res.stats.requests)):
         if seq[0] != seed or not req.cycle_drafts:
             raise RuntimeError(f"paired r_1: context {i} (cache length {len(contexts[i][0])}) decoded seed {seq[0]}"
                                f" where the run had {seed}, or ran no cycle; the contexts are not reproducible")
@@ -56,17 +60,19 @@ def paired_change(without: list[bool], with_: list[bool]) -> dict[str, Any]:
             "before_only": only_without, "change_ci95": [diff - half, diff + half]}
 
 
-def first_position_paired(model: Any, results: dict[str, Any], adapter: str, settings: DecodeSettings,
+def first_position_paired(model: Any, before: Any, after: Any, adapter: str, settings: DecodeSettings,
                           n: int, batch_size: int, seed: int = 0) -> dict[str, Any]:
-    """{label: paired_change(...)} for the cycle starts of each run in results ("before": the run without the
-    adapter, "after": with it), each a seeded sample of at most n of its cycles."""
+    """{"before": ..., "after": ...} paired_change at a seeded sample of at most n cycle starts of the run without
+    the adapter (before) and of the run with it (after). Each run's own first drafts there are its recorded ones;
+    only the other drafter drafts again."""
     rng = random.Random(seed)
     out = {}
-    for label, result in results.items():
+    for label, result, other in (("before", before, adapter), ("after", after, False)):
         contexts = cycle_contexts(result)
         sample = rng.sample(contexts, min(n, len(contexts)))
         if not sample:
             continue
-        out[label] = paired_change(first_draft_hits(model, sample, False, settings, batch_size),
-                                   first_draft_hits(model, sample, adapter, settings, batch_size))
+        own = [c[3] for c in sample]
+        redrafted = first_draft_hits(model, sample, other, settings, batch_size)
+        out[label] = paired_change(own, redrafted) if label == "before" else paired_change(redrafted, own)
     return out

@@ -117,8 +117,8 @@ def _measure_and_write(model: Any, names: list[str], adapters: list[str], record
                                                   for lab in ("before", names[0]))
     if exact and cfg.paired_contexts > 0:  # the contexts are the runs' own only when both emitted AR's tokens
         report["first_position_paired"] = first_position_paired(
-            model, {"before": results["before"], "after": results[names[0]]}, names[0], settings,
-            cfg.paired_contexts, cfg.batch_size, settings.seed)
+            model, results["before"], results[names[0]], names[0], settings, cfg.paired_contexts, cfg.batch_size,
+            settings.seed)
     if forward_costs:
         report["forward_ms_batch1"] = forward_costs
     if fit_source and cfg.fit_prompts > 0 and names:
