@@ -270,3 +270,42 @@ def test_lookup_drafts_on_offer_are_tried_again_after_a_bad_start(monkeypatch):
         planner.record([3], drafted=3, lookup=True)  # the retried lookups are accepted whole
     assert _run_cycle(planner, 1.0, lookup_len=3) == (3, True)
     assert _run_cycle(planner, 1.0) == (0, False)  # no lookup on offer: the retry counter plays no part
+
+
+def test_ar_steps_that_win_by_a_margin_run_in_doubling_runs_timed_per_step():
+    """Planning every AR step again cost the loop ~2% of a batch-8 AR step (issue #22: auto below AR); once AR wins
+    by AR_RUN_MARGIN the planner hands out runs of AR steps, each step timed at its share of the run."""
+    import time
+
+    import nld_lora.decoding.auto as auto
+
+    planner = _planner_with_costs([0.3] * 4, [1.0, 2.0, 2.2, 2.4, 2.6])  # drafting never pays
+    runs = []
+    for _ in range(6):
+        assert planner.choose(_Rows(1)) == (0, False)
+        runs.append(planner.ar_run())
+        planner._started = time.perf_counter() - 4.0 * runs[-1]  # each step took 4 s (predicted: 1 s)
+        planner.finish(0, steps=runs[-1])
+    assert runs == [1, 2, 4, auto.AR_RUN_MAX, auto.AR_RUN_MAX, auto.AR_RUN_MAX]
+    planner.choose(_Rows(1))
+    assert planner.observed[(1, "ar", 0)][-1] == pytest.approx(4.0, rel=0.01)
+    close = _planner_with_costs([0.6] * 4, [1.0, 1.7, 2.2, 2.6, 3.0])  # drafting k=1: 1.6 tokens / 1.7 s, within
+    assert close.choose(_Rows(1)) == (0, False) and close.ar_run() == 1  # the margin: every step is planned
+
+
+@pytest.mark.parametrize("mode", ["self_spec", "self_spec_quadratic"])
+def test_runs_of_ar_steps_stay_lossless_and_note_each_step(mode, monkeypatch):
+    """With every AR win starting a run (margin 0), auto decoding still emits AR's tokens, and in linear mode each
+    request's AR forwards equal its noted choices of 0 drafts (the run notes every step, not only its first)."""
+    import nld_lora.decoding.auto as auto
+
+    monkeypatch.setattr(auto, "AR_RUN_MARGIN", 0.0)
+    model = tiny_model(seed=1)
+    prompts = random_prompts(5, seed=4)
+    ar = model.generate(prompts, mode="ar", max_new_tokens=24, batch_size=3)
+    for kw in ({}, {"ngram": 2}):
+        res = model.generate(prompts, mode=mode, max_new_tokens=24, batch_size=3, draft_len="auto", **kw)
+        assert res.sequences == ar.sequences
+        if mode == "self_spec":
+            for request in res.stats.requests:
+                assert request.forwards["ar"] == request.draft_len_choices.count(0) > 0

@@ -199,6 +199,26 @@ def _ar_step(batch: DecodeBatch, out: Outputs, cfg: DecodeSettings, gen: torch.G
     return _commit_rows(batch, out, [[t] for t in seeds.tolist()], seeds)
 
 
+def _ar_run(batch: DecodeBatch, out: Outputs, cfg: DecodeSettings, gen: torch.Generator, seeds: torch.Tensor,
+            planner: DraftPlanner, lookups: bool) -> torch.Tensor:
+    """The AR step the planner chose, or its run of them (DraftPlanner.ar_run), each noted as a choice of 0 drafts;
+    the run ends early when a row finishes or, with lookups, every row finds a lookup draft (a choice to weigh)."""
+    rows, steps = len(batch), 0
+    for _ in range(planner.ar_run()):
+        if steps:
+            if len(batch) != rows or lookups and _all_found(_lookup_drafts(batch, out, cfg, cfg.draft_len)):
+                break
+            _note_choice(batch, out, 0)
+        seeds = _ar_step(batch, out, cfg, gen, seeds)
+        steps += 1
+    planner.finish(0, steps=steps)
+    return seeds
+
+
+def _all_found(lookups: list[list[int]] | None) -> bool:
+    return lookups is not None and all(lookups)
+
+
 def _note_choice(batch: DecodeBatch, out: Outputs, k: int) -> None:
     for rid in batch.rows:
         out.stats[rid].draft_len_choices.append(k)
@@ -217,7 +237,7 @@ def run_self_spec(batch: DecodeBatch, out: Outputs, cfg: DecodeSettings, gen: to
     while len(batch):
         n_rows = len(batch)
         lookups = _lookup_drafts(batch, out, cfg, cfg.draft_len)
-        all_found = lookups is not None and all(lookups)
+        all_found = _all_found(lookups)
         longest = max(map(len, lookups)) if all_found else 0
         if planner:
             row = planner.critical(batch.rows, batch.committed())
@@ -232,8 +252,7 @@ def run_self_spec(batch: DecodeBatch, out: Outputs, cfg: DecodeSettings, gen: to
             drafts = _merge_drafts([found[:k] for found in lookups], None, k, mask_id, seeds.device)  # no draft
             # forward; the planner may cut the lookups short
         elif k == 0:
-            seeds = _ar_step(batch, out, cfg, gen, seeds)
-            planner.finish(k)
+            seeds = _ar_run(batch, out, cfg, gen, seeds, planner, lookups=lookups is not None)
             continue
         else:
             block = torch.full((n_rows, k + 1), mask_id, dtype=torch.long, device=seeds.device)
@@ -280,9 +299,8 @@ def run_self_spec_quadratic(batch: DecodeBatch, out: Outputs, cfg: DecodeSetting
                     if planner else cfg.draft_len)
         if planner:
             _note_choice(batch, out, next_len)
-            if not n_drafts and not next_len:  # nothing to verify, nothing to draft: a plain AR step at AR's cost
-                seeds = _ar_step(batch, out, cfg, gen, seeds)
-                planner.finish(0)
+            if not n_drafts and not next_len:  # nothing to verify, nothing to draft: plain AR steps at AR's cost
+                seeds = _ar_run(batch, out, cfg, gen, seeds, planner, lookups=False)
                 drafts = torch.empty(len(batch), 0, dtype=torch.long, device=seeds.device)
                 continue
         masks_per_row = next_len + 1 if next_len else 0
