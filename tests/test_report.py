@@ -96,6 +96,8 @@ def test_report_files_exist_parse_and_agree(tmp_path):
     faster = fastest["speedup_vs_ar_batch1"] >= before_fastest["speedup_vs_ar_batch1"]
     assert ("fastest lossless mode is faster" if faster else "Measured reason") in md
     assert faster or f"lookup cycles {fastest['lookup_cycles']} against {before_fastest['lookup_cycles']}" in md
+    cycle = on_disk["draft_cycle_batch1"]["after"]
+    assert cycle is None or f"{cycle['ms_per_token']:.2f} ms per token ({cycle['draft_len']} drafts" in md
     model.detach_adapter()  # (the fastest mode's own figures depend on measured timings: only its shape is checked)
     for name in on_disk["plots"].values():
         data = (tmp_path / "rep" / name).read_bytes()
@@ -146,6 +148,10 @@ def test_fastest_verdict_says_when_the_adapters_drafts_took_no_part():
         assert "Measured reason" in verdict and "neither run" not in verdict
     assert "diffusion draft forwards 260 against 0" in fastest_verdict(fixed)
     assert "is faster" in fastest_verdict({"before": drafted["after"], "after": drafted["before"]})
+    faster_without_drafts = fastest_verdict({"before": lookup_only["after"], "after": lookup_only["before"]})
+    assert "is faster" in faster_without_drafts and "not the adapter's drafts" in faster_without_drafts
+    assert "not the adapter's drafts" not in fastest_verdict({"before": drafted["before"],
+                                                              "after": {"fastest": run(1.31, {"3": 50}, 50)}})
 
 
 def test_paired_r1_redrafts_each_runs_own_first_drafts(tmp_path):
@@ -173,3 +179,20 @@ def test_paired_r1_redrafts_each_runs_own_first_drafts(tmp_path):
     assert (change["after_only"], change["before_only"]) == (2, 1)
     lo, hi = change["change_ci95"]
     assert lo < 0.2 < hi
+
+
+def test_draft_cycle_cost_prices_two_forwards_per_cycle_against_an_ar_step():
+    """A linear cycle of k drafts: E(k) tokens for two forwards of width k + 1 (interpolated between measured
+    widths, the widest measured one beyond it); positions no cycle reached (None) end the rates."""
+    from nld_lora.report.speed import draft_cycle_cost
+
+    forwards = {"1": 1.0, "2": 1.2, "4": 2.0}  # width 3: 1.6 ms
+    cost = draft_cycle_cost([0.5, 0.5, None, 0.9], forwards)
+    assert cost == {"draft_len": 1, "tokens_per_cycle": 1.5, "ms_per_cycle": 2.4, "ms_per_token": 1.6,
+                    "ar_ms_per_token": 1.0}  # k=2: 1.75 tokens for 3.2 ms, 1.83 ms per token
+    flat = draft_cycle_cost([0.9] * 6, {"1": 1.0, "8": 1.0})
+    assert flat["draft_len"] == 6 and flat["ms_per_token"] == pytest.approx(2 / (1 + sum(0.9 ** j for j in range(1, 7))),
+                                                                           abs=1e-3)
+    assert draft_cycle_cost([None], forwards) is None
+    with pytest.raises(ValueError, match="width 1"):
+        draft_cycle_cost([0.5], {"2": 1.0})

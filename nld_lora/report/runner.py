@@ -28,7 +28,7 @@ from nld_lora.report.metrics import (
 )
 from nld_lora.report.paired import first_position_paired
 from nld_lora.report.plots import plot_categories, plot_histograms, plot_per_position
-from nld_lora.report.speed import fastest_modes, forward_ms
+from nld_lora.report.speed import draft_cycle_cost, fastest_modes, forward_ms
 from nld_lora.report.writers import write_markdown
 
 SCHEMA_VERSION = 1
@@ -121,6 +121,8 @@ def _measure_and_write(model: Any, names: list[str], adapters: list[str], record
             settings.seed)
     if forward_costs:
         report["forward_ms_batch1"] = forward_costs
+        report["draft_cycle_batch1"] = {key: draft_cycle_cost(report[key]["per_position_acceptance"], forward_costs)
+                                        for key in ("before", "after")}
     if fit_source and cfg.fit_prompts > 0 and names:
         report["fit"] = _fit_vs_transfer(model, fit_source, cfg, names[0], common, report)
     report.update(extra or {})

@@ -10,6 +10,7 @@ import statistics
 from collections.abc import Callable
 from typing import Any
 
+from nld_lora.acceptance import expected_tokens
 from nld_lora.decoding.interleave import interleaved
 from nld_lora.decoding.stats import GenerationStats
 
@@ -77,3 +78,30 @@ def forward_ms(model: Any) -> dict[str, float]:
     return {str(width): round(1e3 * t, 3) for (_, compiled, rows, width), t in sorted(forward_costs(model).items(),
                                                                                     key=lambda kv: kv[0][3])
             if rows == 1 and not compiled}
+
+
+def draft_cycle_cost(position_rates: list[float | None], forward_ms_by_width: dict[str, float]) -> dict[str, Any] | None:
+    """What a linear diffusion cycle costs per token at batch 1, priced from a run's measured r_j and the measured
+    forward times (linear between measured widths): a cycle of k drafts commits E(k) tokens for a draft and a
+    verify forward of width k + 1. Returns the cheapest k, its tokens per cycle and ms per token, next to an AR
+    step's ms per token (one width-1 forward): the plain reason a planner does or does not draft here. Forwards
+    only, before the runtime's own per-cycle overhead; None without a measured r_1."""
+    widths = sorted(int(w) for w in forward_ms_by_width)
+    if not widths or widths[0] != 1:
+        raise ValueError(f"forward times must include width 1; got widths {widths}")
+
+    def ms(width: int) -> float:
+        hi = next((w for w in widths if w >= width), widths[-1])
+        lo = max(w for w in widths if w <= min(width, hi))
+        t_lo, t_hi = forward_ms_by_width[str(lo)], forward_ms_by_width[str(hi)]
+        return t_lo if hi == lo else t_lo + (t_hi - t_lo) * (width - lo) / (hi - lo)
+
+    reached = next((i for i, r in enumerate(position_rates) if r is None), len(position_rates))
+    known = [float(r) for r in position_rates[:reached]]
+    cycles = [(2 * ms(k + 1) / expected_tokens(known, k), k) for k in range(1, min(reached, widths[-1] - 1) + 1)]
+    if not cycles:
+        return None
+    per_token, k = min(cycles)
+    return {"draft_len": k, "tokens_per_cycle": round(expected_tokens(known, k), 3),
+            "ms_per_cycle": round(2 * ms(k + 1), 3), "ms_per_token": round(per_token, 3),
+            "ar_ms_per_token": round(ms(1), 3)}

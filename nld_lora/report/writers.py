@@ -65,7 +65,10 @@ def fastest_verdict(report: dict[str, Any]) -> str:
         return ""
     if a["speedup_vs_ar_batch1"] >= b["speedup_vs_ar_batch1"]:
         return (f"With the adapter the fastest lossless mode is faster: {a['speedup_vs_ar_batch1']:.2f}x AR against "
-                f"{b['speedup_vs_ar_batch1']:.2f}x without it (batch 1, interleaved rounds).")
+                f"{b['speedup_vs_ar_batch1']:.2f}x without it (batch 1, interleaved rounds)."
+                + ("" if a["diffusion_drafts"] else " Its run chose no diffusion draft (AR steps and lookup cycles "
+                   "only), so the difference is not the adapter's drafts: it is between two timings of the same "
+                   "kind of work."))
     slower = (f"With the adapter the fastest lossless mode is slower ({a['speedup_vs_ar_batch1']:.2f}x AR against "
               f"{b['speedup_vs_ar_batch1']:.2f}x without it, batch 1, interleaved rounds). Measured reason: ")
     counts = (f"TPF {a['tpf']:.3f} against {b['tpf']:.3f}, acceptance {a['acceptance_length']:.2f} against "
@@ -78,6 +81,23 @@ def fastest_verdict(report: dict[str, Any]) -> str:
     cost_text = ", ".join(f"width {w}: {ms:.2f} ms" for w, ms in costs.items()) or "not measured"
     return (slower + f"{counts}, while a diffusion draft costs a second forward; forwards here cost {cost_text}. A "
             "cycle pays only when its tokens exceed the cost of its forwards in AR steps.")
+
+
+def draft_cycle_sentence(report: dict[str, Any]) -> str:
+    """The batch-1 price of a diffusion draft cycle against an AR step, from measured r_j and forward times
+    (report/speed.py draft_cycle_cost): why a planner drafts here or takes lookup cycles and AR steps instead."""
+    cost = report.get("draft_cycle_batch1") or {}
+    if not (cost.get("before") and cost.get("after")):
+        return ""
+    b, a = cost["before"], cost["after"]
+
+    def cycle(c: dict[str, Any]) -> str:
+        return (f"{c['ms_per_token']:.2f} ms per token ({c['draft_len']} drafts: {c['tokens_per_cycle']:.2f} tokens "
+                f"per cycle for two width-{c['draft_len'] + 1} forwards, {c['ms_per_cycle']:.2f} ms)")
+    return (f"Priced by its forwards alone (batch 1, the measured r_j and forward times), a diffusion draft cycle at "
+            f"its cheapest draft length costs {cycle(a)} with the adapter and {cycle(b)} without, against "
+            f"{a['ar_ms_per_token']:.2f} ms for an AR step: drafting pays only below that, and the runtime's own "
+            "per-cycle work comes on top.")
 
 
 def _fit_lines(report: dict[str, Any]) -> list[str]:
@@ -149,6 +169,7 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
         *_fastest_rows(report),
         "",
         *_paragraph(fastest_verdict(report)),
+        *_paragraph(draft_cycle_sentence(report)),
         f"Lossless check (greedy self-spec vs AR): **{report['lossless']['mismatches']} mismatching prompts**"
         if report["lossless"]["checked"] else "Lossless check: not applicable (sampling).",
         "",
