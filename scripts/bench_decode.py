@@ -184,13 +184,13 @@ def main() -> None:
     speeds: dict[tuple, list[float]] = {}
     ratios: dict[tuple, list[float]] = {}
     last: dict[tuple, Any] = {}
-    for _ in range(args.rounds):  # each round decodes every batch of prompts with every row before the next batch,
+    for rnd in range(args.rounds):  # each round decodes every batch of prompts with every row before the next batch,
         for bs in batch_sizes:  # so a slow spell of the machine hits all rows alike (decoding/interleave.py)
             runners = {label: decoder(model, args, bs, kw) for label, kw in rows
                        if not (kw.get("compile") and bs not in compile_batches(args))}
             if bs == 1 and hf is not None:
                 runners.update({label: transformers_runner(hf, model, args, extra) for label, extra in hf_rows.items()})
-            results = interleaved(prompts, runners, batch_size=bs)
+            results = interleaved(prompts, runners, batch_size=bs, start=rnd * -(-len(prompts) // bs))
             stats = {label: GenerationStats.concat([part.stats for part in parts]) for label, parts in results.items()
                      if label not in hf_rows}
             ar = stats["ar"]

@@ -163,8 +163,11 @@ def test_the_next_decode_batch_starts_from_what_the_planner_learnt(tmp_path):
     model = tiny_model(seed=1)
     prompts = random_prompts(2, seed=5)
     model.generate(prompts[:1], mode="self_spec", draft_len="auto", max_new_tokens=20, adapter=False)
-    learnt = planner_memory(model)[(None, "linear", 1)]
+    learnt = planner_memory(model)[(None, "linear", 1, False)]
     assert any(learnt["ratio_samples"].values())
+    model.generate(prompts[:1], mode="self_spec", draft_len="auto", max_new_tokens=20, adapter=False, ngram=2)
+    assert planner_memory(model)[(None, "linear", 1, False)] is learnt  # a lookup call learns apart
+    assert set(planner_memory(model)) == {(None, "linear", 1, False), (None, "linear", 1, True)}
     planner = DraftPlanner(len(learnt["diffusion"]), False, prior=[0.9] * 3, memory=learnt)
     assert planner.diffusion.prior == pytest.approx([min(max(r, 0.05), 0.95) for r in learnt["diffusion"]])
     assert planner.ratio_samples == learnt["ratio_samples"] and planner.observed == learnt["observed"]

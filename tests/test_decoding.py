@@ -331,6 +331,12 @@ def test_interleaved_rounds_run_every_row_on_a_batch_before_the_next_and_rotate_
     assert [label for label, _ in log[::3]] == ["ar", "a", "b"]  # a different row starts each batch
     assert {label: [chunk for _, chunk in res] for label, res in results.items()} == {
         label: [list(b) for b in batches] for label in runners}
+    log.clear()
+    interleaved(list(range(7)), runners, batch_size=3, start=3)  # the next round continues the rotation
+    assert [label for label, _ in log[::3]] == ["ar", "a", "b"]
+    log.clear()
+    interleaved(list(range(4)), runners, batch_size=2, start=2)
+    assert [label for label, _ in log[::3]] == ["b", "ar"]
     with pytest.raises(ValueError, match="batch_size"):
         interleaved([1], runners, batch_size=0)
 

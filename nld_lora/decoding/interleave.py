@@ -4,7 +4,9 @@ after another, before the next batch starts.
 Runs that time whole prompt sets one after another (even in interleaved rounds) let a slow spell of a shared
 machine land on one configuration: the fifth session's report read its two runs at 1.39x and 1.19x AR by the
 median of per-round ratios and the other way round by median tokens/s. Interleaving per decode batch spreads a
-spell over every configuration; the starting configuration rotates from batch to batch, so none always runs first.
+spell over every configuration; the starting configuration rotates from batch to batch, and rounds continue the
+rotation (`start`), so none always runs first: with two batches per round and the order restarting every round, a
+batch-8 bench ran AR first or last in every round and read rows doing AR's very forwards at 1.09-1.15x AR.
 """
 
 from __future__ import annotations
@@ -18,16 +20,17 @@ P = TypeVar("P")
 
 
 def interleaved(prompts: Sequence[P], runners: dict[K, Callable[[list[P]], T]],
-                batch_size: int) -> dict[K, list[T]]:
+                batch_size: int, start: int = 0) -> dict[K, list[T]]:
     """One round: each runner's results on consecutive batches of `batch_size` prompts (label -> one result per
-    batch, in prompt order); every runner decodes a batch before any runner starts the next one."""
+    batch, in prompt order); every runner decodes a batch before any runner starts the next one. Batch i starts
+    with runner (start + i) mod the number of runners; round r of a measurement passes start = r * its batches."""
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size}; expected >= 1")
     labels = list(runners)
     results: dict[K, list[T]] = {label: [] for label in labels}
-    for i, start in enumerate(range(0, len(prompts), batch_size)):
-        chunk = list(prompts[start:start + batch_size])
-        shift = i % len(labels) if labels else 0
+    for i, first in enumerate(range(0, len(prompts), batch_size)):
+        chunk = list(prompts[first:first + batch_size])
+        shift = (start + i) % len(labels) if labels else 0
         for label in labels[shift:] + labels[:shift]:
             results[label].append(runners[label](chunk))
     return results

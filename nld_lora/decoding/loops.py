@@ -177,13 +177,14 @@ def _planner(batch: DecodeBatch, cfg: DecodeSettings, quadratic: bool) -> DraftP
     loaded = batch.model.adapters.get(batch.adapter) if batch.adapter else None
     layout = "quadratic" if quadratic else "linear"
     prior = loaded.meta.per_position if loaded is not None and loaded.meta.draft_layout == layout else None
-    key = _memory_key(batch, layout)
+    key = _memory_key(batch, layout, lookups=cfg.ngram > 0 and cfg.temperature <= 0)
     return DraftPlanner(cfg.draft_len, quadratic, prior, planner_memory(batch.model).get(key), memory_key=key)
 
 
-def _memory_key(batch: DecodeBatch, layout: str) -> tuple:
-    """(adapter, layout, rows bucket): cost ratios differ with the batch size, so batch sizes learn apart."""
-    return batch.adapter, layout, rows_bucket(len(batch))
+def _memory_key(batch: DecodeBatch, layout: str, lookups: bool) -> tuple:
+    """(adapter, layout, rows bucket, prompt lookup on): cost ratios differ with the batch size, and a cycle's
+    observed time with the lookup work in it, so each learns apart."""
+    return batch.adapter, layout, rows_bucket(len(batch)), lookups
 
 
 def _remember(batch: DecodeBatch, planner: DraftPlanner | None) -> None:

@@ -50,9 +50,9 @@ def fastest_modes(model: Any, adapters: dict[str, str | bool], selection: list[s
     timings: dict[str, list[float]] = {label: [] for label in runners}
     ratios: dict[str, list[float]] = {label: [] for label in adapters}
     last: dict[str, GenerationStats] = {}
-    for _ in range(rounds):
+    for rnd in range(rounds):
         round_stats = {label: GenerationStats.concat(parts) for label, parts in
-                       interleaved(timed, runners, batch_size=1).items()}
+                       interleaved(timed, runners, batch_size=1, start=rnd * len(timed)).items()}
         ar = round_stats["ar"].tokens_per_s
         for label, stats in round_stats.items():
             timings[label].append(stats.tokens_per_s)
