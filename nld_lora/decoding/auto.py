@@ -287,9 +287,9 @@ class DraftPlanner:
 
     def finish(self, k: int, lookup: bool = False, steps: int = 1) -> None:
         """Name the cycle that ran since choose(): k = 0 an AR step (`steps` of them: an ar_run, timed per step),
-        else a cycle of diffusion drafts, or of lookup drafts alone (lookup). Its clock stops at the next choose(), so the time learnt is the whole loop iteration,
-        the bookkeeping after its forwards included (stopping at the forwards' tokens left out work that draft
-        cycles do and AR steps do not; issue #22)."""
+        else a cycle of diffusion drafts, or of lookup drafts alone (lookup). Its clock stops at the next choose(),
+        so the time learnt is the whole loop iteration, the bookkeeping after its forwards included (stopping at the
+        forwards' tokens left out work that draft cycles do and AR steps do not; issue #22)."""
         self._pending = ("ar" if k == 0 else "lookup" if lookup else "draft", k, steps)
 
     def _close(self) -> None:
