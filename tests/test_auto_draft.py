@@ -275,9 +275,10 @@ def test_lookup_drafts_on_offer_are_tried_again_after_a_bad_start(monkeypatch):
     assert _run_cycle(planner, 1.0) == (0, False)  # no lookup on offer: the retry counter plays no part
 
 
-def test_ar_steps_that_win_by_a_margin_run_in_doubling_runs_timed_per_step():
-    """Planning every AR step again cost the loop ~2% of a batch-8 AR step (issue #22: auto below AR); once AR wins
-    by AR_RUN_MARGIN the planner hands out runs of AR steps, each step timed at its share of the run."""
+def test_ar_choices_in_a_row_run_in_doubling_runs_timed_per_step():
+    """Planning every AR step again cost the loop ~2% of a batch-8 AR step (issue #22: auto below AR); a choice of
+    AR is a run of AR steps doubling while AR keeps winning, each step timed at its share of the run, and a choice
+    to draft starts the doubling again."""
     import time
 
     import nld_lora.decoding.auto as auto
@@ -292,17 +293,20 @@ def test_ar_steps_that_win_by_a_margin_run_in_doubling_runs_timed_per_step():
     assert runs == [1, 2, 4, auto.AR_RUN_MAX, auto.AR_RUN_MAX, auto.AR_RUN_MAX]
     planner.choose(_Rows(1))
     assert planner.observed[(1, "ar", 0)][-1] == pytest.approx(4.0, rel=0.01)
-    close = _planner_with_costs([0.6] * 4, [1.0, 1.7, 2.2, 2.6, 3.0])  # drafting k=1: 1.6 tokens / 1.7 s, within
-    assert close.choose(_Rows(1)) == (0, False) and close.ar_run() == 1  # the margin: every step is planned
+    planner.ratio_samples["ar"] = [4.0] * auto.TIME_WINDOW  # AR steps at 4 s a token, draft cycles as predicted:
+    planner.ratio_samples["draft"] = [1.0]  # drafting wins now
+    planner.observed.clear()
+    assert planner.choose(_Rows(1))[0] > 0 and planner.ar_run() == 1
 
 
 @pytest.mark.parametrize("mode", ["self_spec", "self_spec_quadratic"])
 def test_runs_of_ar_steps_stay_lossless_and_note_each_step(mode, monkeypatch):
-    """With every AR win starting a run (margin 0), auto decoding still emits AR's tokens, and in linear mode each
-    request's AR forwards equal its noted choices of 0 drafts (the run notes every step, not only its first)."""
+    """With runs of AR steps (up to AR_RUN_MAX = 32 here), auto decoding still emits AR's tokens, and in linear
+    mode each request's AR forwards equal its noted choices of 0 drafts (the run notes every step, not only its
+    first)."""
     import nld_lora.decoding.auto as auto
 
-    monkeypatch.setattr(auto, "AR_RUN_MARGIN", 0.0)
+    monkeypatch.setattr(auto, "AR_RUN_MAX", 32)
     model = tiny_model(seed=1)
     prompts = random_prompts(5, seed=4)
     ar = model.generate(prompts, mode="ar", max_new_tokens=24, batch_size=3)

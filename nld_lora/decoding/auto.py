@@ -13,8 +13,8 @@ time over the last TIME_WINDOW cycles, kept apart for AR steps, diffusion-draft 
 forward and no draft bookkeeping: averaged with the others it made diffusion drafts look cheap); once a choice
 (rows, kind, k) has run MIN_OBSERVED times, the median of its own observed wall times replaces the prediction (the
 one-off width measurements can be off: in a traced batch-1 run AR steps took 0.56x the measured width-1 forward).
-An AR step is timed first and again every AR_REPROBE cycles; once AR wins by AR_RUN_MARGIN the choice is a run of AR
-steps (ar_run: 1, 2, 4, .. AR_RUN_MAX while it keeps winning), planned once; lookup drafts on offer but not verified for
+An AR step is timed first and again every AR_REPROBE cycles; a choice of AR is a run of AR steps (ar_run: 1, 2, 4,
+.. AR_RUN_MAX while AR keeps winning), planned once; lookup drafts on offer but not verified for
 LOOKUP_RETRY cycles are tried again. A batch of several rows ends when its slowest row does (rows that finish
 early leave forwards that cost nearly as much with fewer rows), so the planner prices each cycle for the critical
 row: the one with the fewest committed tokens (ties: the lowest own r_1), at that row's own rates (its counts, the
@@ -43,9 +43,8 @@ AR_REPROBE = 32  # cycles without an AR step after which the planner takes one, 
 LOOKUP_RETRY = 8  # cycles with lookup drafts on offer but none verified, after which the best lookup choice runs:
 # lookup rates learn only from verified lookups, so one unlucky start kept a whole prompt on AR steps (a report run:
 # 256 lookup cycles where the same prompts took 632)
-AR_RUN_MAX = 8  # AR steps one choice may take, once AR won the last choices by AR_RUN_MARGIN: those steps change
-# only AR's own price, so planning each one again changed nothing and cost the loop ~2% of a batch-8 AR step
-AR_RUN_MARGIN = 1.1  # AR's tokens per second over the best drafting choice's, above which a run of AR steps starts
+AR_RUN_MAX = 8  # AR steps one choice may take once AR won the last choices: those steps change only AR's own price,
+# so planning each one again chose the same and cost the loop ~2% of a batch-8 AR step
 MIN_OBSERVED = 2  # cycles of one (rows, kind, k) after which its observed wall time replaces the prediction
 CYCLE_KINDS = ("ar", "draft", "lookup")  # AR steps, diffusion-draft cycles, lookup-only cycles: each its own ratio
 
@@ -147,7 +146,7 @@ class DraftPlanner:
         self.observed: dict[tuple, list[float]] = {key: list(v) for key, v in (memory.get("observed") or {}).items()}
         # (rows, kind, k) -> the last TIME_WINDOW wall seconds of that choice: what it really cost here
         self._since_ar = 0  # cycles since the last AR step
-        self._ar_wins = 0  # choices in a row that AR won by AR_RUN_MARGIN (ar_run)
+        self._ar_wins = 0  # choices in a row that AR won (ar_run)
         self._lookups_skipped = 0  # cycles since lookup drafts were last verified, counting those that offered them
         self._chosen: tuple = (0, (0, False))
         self.memory_key = memory_key
@@ -236,8 +235,7 @@ class DraftPlanner:
             self._ar_wins = 0
             return self._start(costs[0], rows, (0, False))
         ratios = self.ratios()
-        ar_rate = 1.0 / self.seconds(rows, "ar", 0, costs[0], ratios)
-        best, best_rate, predicted, drafting_rate = (0, False), ar_rate, costs[0], 0.0
+        best, best_rate, predicted = (0, False), 1.0 / self.seconds(rows, "ar", 0, costs[0], ratios), costs[0]
         diffusion, lookup = self.row_rates(row)
         lookup = lookup[:lookup_len]
         tokens, survive = 1.0, 1.0
@@ -245,7 +243,6 @@ class DraftPlanner:
             survive *= lookup[k - 1] if k <= lookup_len else r
             tokens += survive
             rate = tokens / self.seconds(rows, "draft", k, costs[k], ratios)
-            drafting_rate = max(drafting_rate, rate)
             if rate > best_rate:
                 best, best_rate, predicted = (k, False), rate, costs[k]
         best_lookup: tuple = (0.0, (0, False), 0.0)  # (rate, choice, predicted)
@@ -255,8 +252,7 @@ class DraftPlanner:
             best_lookup = max(best_lookup, (rate, (k, True), verify))
         if lookup_len and (best_lookup[0] > best_rate or self._lookups_skipped >= LOOKUP_RETRY):
             best, predicted = best_lookup[1], best_lookup[2]
-        drafting_rate = max(drafting_rate, best_lookup[0])
-        self._ar_wins = self._ar_wins + 1 if best == (0, False) and ar_rate >= AR_RUN_MARGIN * drafting_rate else 0
+        self._ar_wins = self._ar_wins + 1 if best == (0, False) else 0
         verified_lookups = best[1] or (best[0] > 0 and lookup_len > 0)  # a diffusion cycle verifies them too
         self._lookups_skipped = 0 if verified_lookups else self._lookups_skipped + (lookup_len > 0)
         if self.quadratic:  # ranked by the steady state; this forward's width also depends on the drafts it verifies
@@ -265,10 +261,10 @@ class DraftPlanner:
         return self._start(predicted, rows, best)
 
     def ar_run(self) -> int:
-        """AR steps to take for the AR step just chosen before choosing again: 1, or after AR won the last choices
-        by AR_RUN_MARGIN, a run doubling with each such win up to AR_RUN_MAX (the loop cuts it short when a row
-        finishes or lookup drafts come on offer). AR steps move only AR's own price, by less than that margin over
-        a run, so planning each of them again would choose the same."""
+        """AR steps to take for the AR step just chosen before choosing again: a run doubling with each choice in a
+        row that AR won, 1, 2, 4, up to AR_RUN_MAX (the loop cuts it short when a row finishes or lookup drafts come
+        on offer). AR steps move only AR's own price, so planning each of them again chose the same but for a
+        narrow call, where either choice costs about the same."""
         return min(AR_RUN_MAX, 1 << (self._ar_wins - 1)) if self._ar_wins else 1
 
     def _start(self, predicted: float, rows: int, choice: tuple[int, bool]) -> tuple[int, bool]:
