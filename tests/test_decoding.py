@@ -5,6 +5,7 @@ import collections
 import pytest
 import torch
 
+from nld_lora.decoding.api import GenerationResult
 from nld_lora.decoding.batch import DecodeBatch
 from nld_lora.decoding.interleave import interleaved
 from nld_lora.decoding.loops import run_diffusion
@@ -355,3 +356,8 @@ def test_stats_of_batch_by_batch_generate_calls_concat_to_one_calls():
     assert joined.wall_s == pytest.approx(sum(p.stats.wall_s for p in parts))
     assert joined.forward_s == pytest.approx(sum(p.stats.forward_s for p in parts))
     assert GenerationStats.concat([parts[0].stats, GenerationStats([], 1.0)]).forward_s is None
+    result = GenerationResult.concat(parts)
+    assert (result.sequences, result.prompt_ids, result.texts) == (whole.sequences, whole.prompt_ids, whole.texts)
+    assert result.stats.new_tokens == whole.stats.new_tokens and result.settings == whole.settings
+    with pytest.raises(ValueError, match="at least one"):
+        GenerationResult.concat([])

@@ -39,6 +39,17 @@ class GenerationResult:
     def finish_reasons(self) -> list[str]:
         return [r.finish_reason for r in self.stats.requests]
 
+    @classmethod
+    def concat(cls, parts: list[GenerationResult]) -> GenerationResult:
+        """The results of generate calls on consecutive prompt chunks as one call's (settings: the first part's;
+        texts only when every part has them)."""
+        if not parts:
+            raise ValueError("concat needs at least one GenerationResult")
+        texts = None if any(p.texts is None for p in parts) else [t for p in parts for t in p.texts]
+        return cls([s for p in parts for s in p.sequences], texts,
+                   GenerationStats.concat([p.stats for p in parts]), [i for p in parts for i in p.prompt_ids],
+                   parts[0].settings)
+
 
 def normalize_prompts(model, prompts_or_ids: Any, add_special_tokens: bool = True) -> list[list[int]]:
     """Strings (tokenized), one id list, a list of id lists, or a 1D/2D tensor -> list of id lists."""
