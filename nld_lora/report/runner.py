@@ -160,7 +160,7 @@ def measure_runs(model: Any, plans: dict[str, dict[str, Any]], texts: list[str],
         return run
 
     order = list(range(len(texts)))
-    with tqdm(total=len(plans) * len(texts), desc="report runs (interleaved)", unit="prompt",
+    with tqdm(total=len(plans) * (len(texts) + len(order[: cfg.speed_prompts])), desc="report runs (interleaved)", unit="prompt",
               disable=not common["progress"]) as bar:
         parts = interleaved(order, {label: runner(plan, cfg.batch_size, bar) for label, plan in plans.items()},
                             batch_size=cfg.batch_size)
