@@ -151,8 +151,6 @@ def test_planner_on_a_real_batch_measures_costs_and_picks_a_length():
     costs = forward_costs(model)
     widths = {key[-1] for key in costs if key[2] == 4}  # 3 rows: the power-of-two bucket of 4
     assert {1, 2, 4} <= widths and all(t > 0 for t in costs.values())
-    bucket = sorted((key[-1], t) for key, t in costs.items() if key[2] == 4)
-    assert all(a[1] <= b[1] for a, b in zip(bucket, bucket[1:]))  # a wider forward never priced below a narrower
     assert sum(s.total_forwards for s in batch.stats) == 3  # only the prefills were counted
 
 

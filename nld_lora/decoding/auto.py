@@ -63,17 +63,14 @@ def forward_seconds(batch, width: int) -> float:
 
 def measure_forward(batch, width: int) -> float:
     """Median wall time of a verify-shaped forward of `width` tokens, logits included (not counted, not kept: the
-    next forward overwrites its cache slots), never below the next narrower power of two's (measured first): a
-    wider forward reading cheaper is noise, and priced so it made the planner prefer long drafts (a report's
-    table read width 4 at 8.82 ms, width 8 at 5.98 ms). Measured once per process and (device, compiled, rows
-    bucket, width)."""
+    next forward overwrites its cache slots); measured once per process and (device, compiled, rows bucket, width).
+    Each width stands alone: floored at the narrower widths' times, one slow spell at width 4 priced every wider
+    forward at 8.3 ms and the bench's lookup rows fell from about 1.5x to 1.08x AR (docs/benchmarks.md)."""
     model = batch.model
     costs = forward_costs(model)
     rows = rows_bucket(len(batch))
     key = (str(model.device), model.encoder._compiled_call_impl is not None, rows, width)
     if key not in costs:
-        narrower = measure_forward(batch, (1 << (width.bit_length() - 1)) if width & (width - 1) else width // 2) \
-            if width > 1 else 0.0
         tokens = torch.full((len(batch), width), model.mask_token_id, device=model.device)
         times = []
         for rep in range(TIMING_REPEATS + 1):
@@ -85,7 +82,7 @@ def measure_forward(batch, width: int) -> float:
             _sync(model.device)
             if rep:  # the first one warms up
                 times.append(time.perf_counter() - t0)
-        costs[key] = max(median(times), narrower)
+        costs[key] = median(times)
     return costs[key]
 
 
