@@ -190,7 +190,7 @@ def main() -> None:
                        if not (kw.get("compile") and bs not in compile_batches(args))}
             if bs == 1 and hf is not None:
                 runners.update({label: transformers_runner(hf, model, args, extra) for label, extra in hf_rows.items()})
-            results = interleaved(prompts, runners, batch_size=bs, start=rnd * -(-len(prompts) // bs))
+            results = interleaved(prompts, runners, batch_size=bs, start=rnd * len(range(0, len(prompts), bs)))
             stats = {label: GenerationStats.concat([part.stats for part in parts]) for label, parts in results.items()
                      if label not in hf_rows}
             ar = stats["ar"]

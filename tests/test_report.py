@@ -97,7 +97,7 @@ def test_report_files_exist_parse_and_agree(tmp_path):
     assert ("fastest lossless mode is faster" if faster else "Measured reason") in md
     assert faster or f"lookup cycles {fastest['lookup_cycles']} against {before_fastest['lookup_cycles']}" in md
     cycle = on_disk["draft_cycle_batch1"]["after"]
-    assert cycle is None or f"{cycle['ms_per_token']:.2f} ms per token ({cycle['draft_len']} drafts" in md
+    assert cycle is not None and f"{cycle['ms_per_token']:.2f} ms per token ({cycle['draft_len']} drafts" in md
     model.detach_adapter()  # (the fastest mode's own figures depend on measured timings: only its shape is checked)
     for name in on_disk["plots"].values():
         data = (tmp_path / "rep" / name).read_bytes()

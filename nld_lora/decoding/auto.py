@@ -112,8 +112,12 @@ class _Rates:
 
     def values(self, prior: list[float] | None = None) -> list[float]:
         """Rates from these counts and `prior` (default: this one's own) worth PRIOR_WEIGHT cycles."""
-        return [(a + PRIOR_WEIGHT * p) / (t + PRIOR_WEIGHT) for a, t, p in zip(self.accepts, self.attempts,
-                                                                                 prior or self.prior)]
+        return [self.value(j, p) for j, p in enumerate(prior or self.prior)]
+
+    def value(self, j: int, prior: float | None = None) -> float:
+        """The rate of draft position j + 1 (values()'s j-th, without building the others)."""
+        p = self.prior[j] if prior is None else prior
+        return (self.accepts[j] + PRIOR_WEIGHT * p) / (self.attempts[j] + PRIOR_WEIGHT)
 
     def record_span(self, n_accepted: int, lo: int, hi: int) -> None:
         """One row's verdict on draft positions lo+1..hi (0-based lo..hi-1) of a cycle that accepted n_accepted
@@ -207,13 +211,8 @@ class DraftPlanner:
         tied = [rid for rid, n in zip(rows, committed) if n == least]
         if len(tied) == 1:
             return tied[0]
-        pooled = self.diffusion
-        p = (pooled.accepts[0] + PRIOR_WEIGHT * pooled.prior[0]) / (pooled.attempts[0] + PRIOR_WEIGHT)
-
-        def own_r1(rid: int) -> float:
-            counts = self._own(rid)[0]
-            return (counts.accepts[0] + PRIOR_WEIGHT * p) / (counts.attempts[0] + PRIOR_WEIGHT)
-        return min(tied, key=own_r1)
+        pooled_r1 = self.diffusion.value(0)
+        return min(tied, key=lambda rid: self._own(rid)[0].value(0, pooled_r1))
 
     def cycle_seconds(self, batch, k: int) -> float:
         if k == 0:

@@ -153,19 +153,20 @@ def measure_runs(model: Any, plans: dict[str, dict[str, Any]], texts: list[str],
 
     def runner(plan: dict[str, Any], batch_size: int, bar: tqdm):
         def run(chunk: list[int]) -> Any:
+            chunk_settings = settings.replace(seed=settings.seed + chunk[0])
             res = model.generate([texts[i] for i in chunk], batch_size=batch_size, **plan,
-                                 **{**common, "progress": False, "settings": settings.replace(seed=settings.seed + chunk[0])})
+                                 **{**common, "progress": False, "settings": chunk_settings})
             bar.update(len(chunk))
             return res
         return run
 
     order = list(range(len(texts)))
-    with tqdm(total=len(plans) * (len(texts) + len(order[: cfg.speed_prompts])), desc="report runs (interleaved)", unit="prompt",
+    speed_order = order[: cfg.speed_prompts]
+    with tqdm(total=len(plans) * (len(order) + len(speed_order)), desc="report runs (interleaved)", unit="prompt",
               disable=not common["progress"]) as bar:
         parts = interleaved(order, {label: runner(plan, cfg.batch_size, bar) for label, plan in plans.items()},
                             batch_size=cfg.batch_size)
-        speed = interleaved(order[: cfg.speed_prompts], {label: runner(plan, 1, bar) for label, plan in plans.items()},
-                            batch_size=1)
+        speed = interleaved(speed_order, {label: runner(plan, 1, bar) for label, plan in plans.items()}, batch_size=1)
     runs: dict[str, dict[str, Any]] = {}
     results = {label: GenerationResult.concat(p) for label, p in parts.items()}
     for label, plan in plans.items():

@@ -91,17 +91,16 @@ def draft_cycle_cost(position_rates: list[float | None], forward_ms_by_width: di
         raise ValueError(f"forward times must include width 1; got widths {widths}")
 
     def ms(width: int) -> float:
-        hi = next((w for w in widths if w >= width), widths[-1])
-        lo = max(w for w in widths if w <= min(width, hi))
+        lo = max(w for w in widths if w <= width)
+        hi = next((w for w in widths if w >= width), lo)  # past the widest measured width: its time
         t_lo, t_hi = forward_ms_by_width[str(lo)], forward_ms_by_width[str(hi)]
         return t_lo if hi == lo else t_lo + (t_hi - t_lo) * (width - lo) / (hi - lo)
 
     reached = next((i for i, r in enumerate(position_rates) if r is None), len(position_rates))
     known = [float(r) for r in position_rates[:reached]]
-    cycles = [(2 * ms(k + 1) / expected_tokens(known, k), k) for k in range(1, min(reached, widths[-1] - 1) + 1)]
+    cycles = [(2 * ms(k + 1), expected_tokens(known, k), k) for k in range(1, min(reached, widths[-1] - 1) + 1)]
     if not cycles:
         return None
-    per_token, k = min(cycles)
-    return {"draft_len": k, "tokens_per_cycle": round(expected_tokens(known, k), 3),
-            "ms_per_cycle": round(2 * ms(k + 1), 3), "ms_per_token": round(per_token, 3),
-            "ar_ms_per_token": round(ms(1), 3)}
+    cycle, tokens, k = min(cycles, key=lambda c: c[0] / c[1])
+    return {"draft_len": k, "tokens_per_cycle": round(tokens, 3), "ms_per_cycle": round(cycle, 3),
+            "ms_per_token": round(cycle / tokens, 3), "ar_ms_per_token": round(ms(1), 3)}
