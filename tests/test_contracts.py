@@ -185,8 +185,8 @@ def test_inference_twins_keep_lora_biases(tmp_path):
         merged = model(ids, attention_mask=mask, position_ids=pos, encoder=pathway_encoder(model, name, True))[0]
         torch.testing.assert_close(merged, on, atol=1e-5, rtol=1e-4)
         assert not torch.allclose(merged, off, atol=1e-3)
-        for gate_value, expected in ((True, on), (False, off)):
-            with lora_token_gate(model, name, torch.full((1, 6), gate_value)) as twin:
+        for start, expected in ((0, on), (6, off)):
+            with lora_token_gate(model, name, start) as twin:
                 assert twin is not None  # the gated twin, not PEFT's hooks
                 gated = model(ids, attention_mask=mask, position_ids=pos, encoder=twin)[0]
             torch.testing.assert_close(gated, expected, atol=1e-5, rtol=1e-4)

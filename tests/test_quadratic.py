@@ -46,14 +46,12 @@ def test_one_quadratic_forward_equals_separate_verify_and_draft_forwards(tmp_pat
     mask[0, 0, n:, :n] = True
     mask[0, 0, n:, n:] = quadratic_pattern(s, m)
     positions = torch.cat([torch.arange(n), n + quadratic_offsets(s, m)])[None]
-    gate = torch.zeros(1, n + q, dtype=torch.bool)
-    gate[0, n + s:] = True
     decode_state(model).twins = False  # first PEFT's own modules with gate hooks (the reference path)
-    with lora_token_gate(model, name, gate) as encoder:
+    with lora_token_gate(model, name, n + s) as encoder:
         assert encoder is None
         logits = model(ids, attention_mask=mask, position_ids=positions)[0]
     decode_state(model).twins = True  # then the gated twin
-    with lora_token_gate(model, name, gate) as encoder:
+    with lora_token_gate(model, name, n + s) as encoder:
         assert encoder is not None
         twin_logits = model(ids, attention_mask=mask, position_ids=positions, encoder=encoder)[0]
     torch.testing.assert_close(twin_logits, logits, atol=1e-5, rtol=0)

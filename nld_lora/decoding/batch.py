@@ -37,20 +37,24 @@ class BlockLayout:
 
     pattern: torch.Tensor  # (q, q) bool: new token i sees new token j
     offsets: torch.Tensor  # (q,) position of each new token past the row's length
-    drafting: torch.Tensor  # (q,) bool: on the drafting pathway (a draft_only adapter is on for these tokens)
-    all_drafting: bool
-    any_drafting: bool
+    draft_start: int  # tokens from this index on are on the drafting pathway (a draft_only adapter is on for them)
+
+    @property
+    def all_drafting(self) -> bool:
+        return self.draft_start == 0
+
+    @property
+    def any_drafting(self) -> bool:
+        return self.draft_start < len(self.offsets)
 
 
 def make_layout(kind: str, q: int, masks_per_row: int, device: torch.device) -> BlockLayout:
     if kind == "quadratic":
-        rows = q // (1 + masks_per_row)
-        drafting = torch.arange(q, device=device) >= rows
+        rows = q // (1 + masks_per_row)  # the verify rows come first, their masks after them
         return BlockLayout(quadratic_pattern(rows, masks_per_row, device),
-                           quadratic_offsets(rows, masks_per_row, device), drafting, False, masks_per_row > 0)
-    drafts = kind == "bidirectional"
+                           quadratic_offsets(rows, masks_per_row, device), rows)
     return BlockLayout(block_pattern(kind, q, device), torch.arange(q, device=device),
-                       torch.full((q,), drafts, device=device), drafts, drafts)
+                       0 if kind == "bidirectional" else q)
 
 
 class DecodeBatch:
@@ -82,12 +86,12 @@ class DecodeBatch:
             self._layouts[key] = make_layout(key[0], q, masks_per_row, self.model.device)
         return self._layouts[key]
 
-    def _pathway(self, layout: BlockLayout, rows: int):
+    def _pathway(self, layout: BlockLayout):
         """Context manager yielding the backbone to run for this layout (None: the model's own, PEFT switched as
         needed): a twin without PEFT wrappers where the adapter is wholly on or off, a gated twin (or PEFT with a
         per-token gate) where only some tokens draft."""
         if self.adapter is not None and self.lora_mode != "both" and layout.any_drafting and not layout.all_drafting:
-            return lora_token_gate(self.model, self.adapter, layout.drafting[None].expand(rows, -1))
+            return lora_token_gate(self.model, self.adapter, layout.draft_start)
         on = self.lora_mode == "both" or layout.all_drafting
         encoder = pathway_encoder(self.model, self.adapter, on)
         return nullcontext(encoder) if encoder is not None else self.model.adapter_enabled(self.adapter, on)
@@ -130,7 +134,7 @@ class DecodeBatch:
         mask = ragged_mask(lengths, self.cache.window, layout.pattern)
         positions = lengths[:, None] + layout.offsets
         t0 = self._clock()
-        with self._pathway(layout, len(self)) as encoder:
+        with self._pathway(layout) as encoder:
             logits, _ = self.model(tokens, attention_mask=mask, position_ids=positions, cache=self.cache,
                                    logits_index=logits_index, encoder=encoder, eager=eager)
         if self.profile:

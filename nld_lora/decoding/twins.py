@@ -32,14 +32,20 @@ from nld_lora.model.pathways import (
 
 
 class TokenGate:
-    """Forward pre-hook on an adapter's LoRA A matrices: their input times the current per-token gate (None: no
-    gate). Installed once per adapter, so compiled forwards see the same hooks every call."""
+    """Where the current forward's drafting tokens start: tokens at index >= start run with the adapter on (None:
+    no gate, every token). The gated twin's layers read it; as a forward pre-hook on PEFT's LoRA A matrices it
+    zeroes their input before start. Installed once per adapter, so compiled forwards see the same hooks every
+    call."""
 
     def __init__(self) -> None:
-        self.gate: torch.Tensor | None = None
+        self.start: int | None = None
 
     def __call__(self, _module: nn.Module, args: tuple) -> tuple | None:
-        return None if self.gate is None else (args[0] * self.gate.to(args[0].dtype),)
+        if self.start is None:
+            return None
+        x = args[0]
+        drafting = torch.arange(x.shape[-2], device=x.device) >= self.start
+        return (x * drafting[:, None].to(x.dtype),)
 
 
 @dataclass
@@ -146,13 +152,13 @@ def _install_gate_hooks(model, adapter: str, hook: TokenGate) -> None:
 
 
 @contextmanager
-def lora_token_gate(model, adapter: str, gate: torch.Tensor) -> Iterator[Any]:
-    """Run the enclosed forwards with adapter `adapter` on for the tokens where gate (batch, q) is True and off for
-    the others; yields the backbone twin to run (model/pathways.py GatedLoRALinear), or None to run the PEFT model,
-    whose LoRA A matrices then see their input times the gate. Either way a gated-off token's delta is exactly 0
-    and its output equals the base model's bit for bit."""
+def lora_token_gate(model, adapter: str, start: int) -> Iterator[Any]:
+    """Run the enclosed forwards with adapter `adapter` on for their tokens at index >= start (the drafting ones)
+    and off for the others; yields the backbone twin to run (model/pathways.py GatedLoRALinear), or None to run the
+    PEFT model, whose LoRA A matrices then see a zero input before start. Either way a gated-off token's delta is
+    exactly 0 and its output equals the base model's bit for bit."""
     encoder, hook = gated_encoder(model, adapter)
-    hook.gate = gate[..., None]
+    hook.start = start
     try:
         if encoder is not None:
             yield encoder
@@ -161,4 +167,4 @@ def lora_token_gate(model, adapter: str, gate: torch.Tensor) -> Iterator[Any]:
             with lora_enabled(model, adapter, True):
                 yield None
     finally:
-        hook.gate = None
+        hook.start = None

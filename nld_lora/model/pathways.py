@@ -7,8 +7,9 @@ on a small or launch-bound model that doubles the cost of an AR or verify forwar
 - a merged twin per adapter: the base twin with each targeted Linear replaced by one holding W + scaling * B @ A,
   for forwards with the adapter on (drafts), at the base model's cost. It copies the targeted weights only; token
   embeddings the adapter retrains (PEFT's trainable tokens, e.g. the mask token) read its rows;
-- a gated twin per adapter: targeted Linears compute base(x) + scaling * B A (x * gate), for forwards whose tokens
-  are partly drafts (single-forward self-speculation); it shares every weight.
+- a gated twin per adapter: targeted Linears compute base(x) and add scaling * B A x on the drafting tokens only
+  (those from a start index on), for forwards whose tokens are partly drafts (single-forward self-speculation); it
+  shares the base weights and copies the adapter's small A/B.
 Adapters being trained and quantized bases keep using PEFT.
 """
 
@@ -112,32 +113,32 @@ def merged_copy(base_twin: nn.Module, wrapped: nn.Module, adapter: str) -> nn.Mo
 
 
 class GatedLoRALinear(nn.Module):
-    """base(x) + scaling * (B @ A @ (x * gate) + b * gate): the LoRA delta (with its lora_B bias b, if the adapter
-    has one) only on the tokens the gate holder marks (a TokenGate whose .gate is (batch, q, 1) or None = every
-    token), without PEFT's per-call bookkeeping."""
+    """base(x), plus scaling * (B @ A @ x + b) on the tokens from index holder.start on (a TokenGate; None: every
+    token), where b is the adapter's lora_B bias if it has one. The delta runs on those tokens only and is added in
+    place, so the tokens before start are the base layer's output bit for bit, at the cost of two small matmuls."""
 
     def __init__(self, base: nn.Linear, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float, holder,
                  lora_bias: torch.Tensor | None = None):
         super().__init__()
+        dtype = base.weight.dtype
         self.base = base
-        self.lora_a = lora_a
-        self.lora_b = lora_b
-        self.lora_bias = lora_bias
-        self.scaling = scaling
+        self.lora_a = lora_a.detach().to(dtype)
+        self.lora_b = (lora_b.detach() * scaling).to(dtype)  # scaling folded in once, not per call
+        self.lora_bias = None if lora_bias is None else (lora_bias.detach() * scaling).to(dtype)
         self.holder = holder
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate = self.holder.gate
-        low = nn.functional.linear(x if gate is None else x * gate.to(x.dtype), self.lora_a.to(x.dtype))
-        delta = nn.functional.linear(low, self.lora_b.to(x.dtype))
-        if self.lora_bias is not None:
-            delta = delta + (self.lora_bias.to(x.dtype) if gate is None else self.lora_bias.to(x.dtype) * gate.to(x.dtype))
-        return self.base(x) + delta * self.scaling
+        out = nn.functional.linear(x, self.base.weight, self.base.bias)
+        start = self.holder.start or 0
+        if start < x.shape[-2]:
+            low = nn.functional.linear(x[..., start:, :], self.lora_a)
+            out[..., start:, :] += nn.functional.linear(low, self.lora_b, self.lora_bias)
+        return out
 
 
 def gated_copy(base_twin: nn.Module, wrapped: nn.Module, adapter: str, holder) -> nn.Module | None:
-    """base_twin with each Linear the adapter targets replaced by a GatedLoRALinear sharing its weights and the
-    adapter's A/B (see _twin_with)."""
+    """base_twin with each Linear the adapter targets replaced by a GatedLoRALinear sharing its base weights (see
+    _twin_with)."""
     return _twin_with(base_twin, wrapped, adapter, lambda base, layer: GatedLoRALinear(
         base, layer.lora_A[adapter].weight, layer.lora_B[adapter].weight, float(layer.scaling[adapter]), holder,
         layer.lora_B[adapter].bias))
