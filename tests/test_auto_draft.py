@@ -316,3 +316,36 @@ def test_runs_of_ar_steps_stay_lossless_and_note_each_step(mode, monkeypatch):
         if mode == "self_spec":
             for request in res.stats.requests:
                 assert request.forwards["ar"] == request.draft_len_choices.count(0) > 0
+
+
+def test_an_ar_run_ended_by_lookups_hands_them_on(monkeypatch):
+    """When a run of AR steps stops because every row found a lookup draft, the next cycle weighs those drafts
+    without looking them up again: no two lookups in a row see the same committed tokens. Forward costs are set so
+    drafting never pays, so AR runs are long and lookups (repeating prompts) end them."""
+    import nld_lora.decoding.auto as auto
+    import nld_lora.decoding.loops as loops
+
+    monkeypatch.setattr(auto, "AR_RUN_MAX", 32)
+    model = tiny_model(seed=1)
+    costs = forward_costs(model)
+    for width in (1, 2, 4, 8, 16, 32):
+        costs[(str(model.device), False, 1, width)] = 1e-4 if width == 1 else 1.0
+    seen, original, breaks = [], loops._lookup_drafts, []
+
+    def spy(batch, out, cfg, k):
+        seen.append((tuple(batch.rows), tuple(len(out.tokens[rid]) for rid in batch.rows)))
+        return original(batch, out, cfg, k)
+
+    def counted_run(*args, **kw):
+        seeds, found = original_run(*args, **kw)
+        breaks.append(found is not None)
+        return seeds, found
+
+    original_run = loops._ar_run
+    monkeypatch.setattr(loops, "_lookup_drafts", spy)
+    monkeypatch.setattr(loops, "_ar_run", counted_run)
+    prompts = [p * 4 for p in random_prompts(3, seed=5)]
+    res = model.generate(prompts, mode="self_spec", max_new_tokens=32, batch_size=1, draft_len="auto", ngram=2)
+    assert res.sequences == model.generate(prompts, mode="ar", max_new_tokens=32, batch_size=1).sequences
+    assert any(breaks)  # some runs did end on found lookups
+    assert all(a != b for a, b in zip(seen, seen[1:]))

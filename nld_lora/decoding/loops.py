@@ -201,19 +201,24 @@ def _ar_step(batch: DecodeBatch, out: Outputs, cfg: DecodeSettings, gen: torch.G
 
 
 def _ar_run(batch: DecodeBatch, out: Outputs, cfg: DecodeSettings, gen: torch.Generator, seeds: torch.Tensor,
-            planner: DraftPlanner, lookups: bool) -> torch.Tensor:
+            planner: DraftPlanner, lookups: bool) -> tuple[torch.Tensor, list[list[int]] | None]:
     """The AR step the planner chose, or its run of them (DraftPlanner.ar_run), each noted as a choice of 0 drafts;
-    the run ends early when a row finishes or, with lookups, every row finds a lookup draft (a choice to weigh)."""
-    rows, steps = len(batch), 0
+    the run ends early when a row finishes or, with lookups, every row finds a lookup draft (a choice to weigh).
+    Returns the seeds and, when the run ended on found lookups, those drafts (the next cycle's, not looked up
+    again), else None."""
+    rows, steps, found = len(batch), 0, None
     for _ in range(planner.ar_run()):
         if steps:
-            if len(batch) != rows or lookups and _all_found(_lookup_drafts(batch, out, cfg, cfg.draft_len)):
+            if len(batch) != rows:
+                break
+            if lookups and _all_found(drafts := _lookup_drafts(batch, out, cfg, cfg.draft_len)):
+                found = drafts
                 break
             _note_choice(batch, out, 0)
         seeds = _ar_step(batch, out, cfg, gen, seeds)
         steps += 1
     planner.finish(0, steps=steps)
-    return seeds
+    return seeds, found
 
 
 def _all_found(lookups: list[list[int]] | None) -> bool:
@@ -234,10 +239,10 @@ def run_self_spec(batch: DecodeBatch, out: Outputs, cfg: DecodeSettings, gen: to
     seeds = _prefill(batch, out, cfg, gen)
     mask_id = batch.model.mask_token_id
     planner = _planner(batch, cfg, quadratic=False)
-    cycle = 0
+    cycle, found = 0, None
     while len(batch):
         n_rows = len(batch)
-        lookups = _lookup_drafts(batch, out, cfg, cfg.draft_len)
+        lookups, found = found or _lookup_drafts(batch, out, cfg, cfg.draft_len), None
         all_found = _all_found(lookups)
         longest = max(map(len, lookups)) if all_found else 0
         if planner:
@@ -253,7 +258,7 @@ def run_self_spec(batch: DecodeBatch, out: Outputs, cfg: DecodeSettings, gen: to
             drafts = _merge_drafts([found[:k] for found in lookups], None, k, mask_id, seeds.device)  # no draft
             # forward; the planner may cut the lookups short
         elif k == 0:
-            seeds = _ar_run(batch, out, cfg, gen, seeds, planner, lookups=lookups is not None)
+            seeds, found = _ar_run(batch, out, cfg, gen, seeds, planner, lookups=lookups is not None)
             continue
         else:
             block = torch.full((n_rows, k + 1), mask_id, dtype=torch.long, device=seeds.device)
@@ -301,7 +306,7 @@ def run_self_spec_quadratic(batch: DecodeBatch, out: Outputs, cfg: DecodeSetting
         if planner:
             _note_choice(batch, out, next_len)
             if not n_drafts and not next_len:  # nothing to verify, nothing to draft: plain AR steps at AR's cost
-                seeds = _ar_run(batch, out, cfg, gen, seeds, planner, lookups=False)
+                seeds, _ = _ar_run(batch, out, cfg, gen, seeds, planner, lookups=False)
                 drafts = torch.empty(len(batch), 0, dtype=torch.long, device=seeds.device)
                 continue
         masks_per_row = next_len + 1 if next_len else 0
