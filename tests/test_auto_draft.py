@@ -349,3 +349,10 @@ def test_an_ar_run_ended_by_lookups_hands_them_on(monkeypatch):
     assert res.sequences == model.generate(prompts, mode="ar", max_new_tokens=32, batch_size=1).sequences
     assert any(breaks)  # some runs did end on found lookups
     assert all(a != b for a, b in zip(seen, seen[1:]))
+
+
+def test_between_widths_interpolates_measured_widths_and_holds_past_the_widest():
+    from nld_lora.decoding.auto import between_widths
+
+    times = {1: 1.0, 2: 1.5, 4: 3.5}
+    assert [between_widths(times, w) for w in (1, 2, 3, 4, 9)] == [1.0, 1.5, 2.5, 3.5, 3.5]

@@ -54,11 +54,19 @@ def forward_seconds(batch, width: int) -> float:
     ... (measure_forward; the upper point capped at the widest forward the batch's cache has room for), per
     power-of-two bucket of batch rows, eager or compiled."""
     low = 1 << (width.bit_length() - 1)
-    t_low = measure_forward(batch, low)
     if low == width:
-        return t_low
+        return measure_forward(batch, low)
     high = min(2 * low, batch.cache.capacity - max(batch.lengths))
-    return t_low + (measure_forward(batch, high) - t_low) * (width - low) / (high - low)
+    return between_widths({low: measure_forward(batch, low), high: measure_forward(batch, high)}, width)
+
+
+def between_widths(times: dict[int, float], width: int) -> float:
+    """A forward's time at `width` from times measured at other widths (width -> time, the narrowest at or below
+    `width`): linear between the measured widths around it; past the widest, that one's time. The planner and the
+    report's price line (report/speed.py) both price widths this way."""
+    lo = max(w for w in times if w <= width)
+    hi = min((w for w in times if w >= width), default=lo)
+    return times[lo] if hi == lo else times[lo] + (times[hi] - times[lo]) * (width - lo) / (hi - lo)
 
 
 def measure_forward(batch, width: int) -> float:

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from nld_lora.acceptance import expected_tokens
+from nld_lora.decoding.auto import between_widths
 from nld_lora.decoding.interleave import interleaved
 from nld_lora.decoding.stats import GenerationStats
 
@@ -86,21 +87,15 @@ def draft_cycle_cost(position_rates: list[float | None], forward_ms_by_width: di
     verify forward of width k + 1. Returns the cheapest k, its tokens per cycle and ms per token, next to an AR
     step's ms per token (one width-1 forward): the plain reason a planner does or does not draft here. Forwards
     only, before the runtime's own per-cycle overhead; None without a measured r_1."""
-    widths = sorted(int(w) for w in forward_ms_by_width)
+    times = {int(w): t for w, t in forward_ms_by_width.items()}
+    widths = sorted(times)
     if not widths or widths[0] != 1:
         raise ValueError(f"forward times must include width 1; got widths {widths}")
-
-    def ms(width: int) -> float:
-        lo = max(w for w in widths if w <= width)
-        hi = next((w for w in widths if w >= width), lo)  # past the widest measured width: its time
-        t_lo, t_hi = forward_ms_by_width[str(lo)], forward_ms_by_width[str(hi)]
-        return t_lo if hi == lo else t_lo + (t_hi - t_lo) * (width - lo) / (hi - lo)
-
     reached = next((i for i, r in enumerate(position_rates) if r is None), len(position_rates))
     known = [float(r) for r in position_rates[:reached]]
-    cycles = [(2 * ms(k + 1), expected_tokens(known, k), k) for k in range(1, min(reached, widths[-1] - 1) + 1)]
+    cycles = [(2 * between_widths(times, k + 1), expected_tokens(known, k), k) for k in range(1, min(reached, widths[-1] - 1) + 1)]
     if not cycles:
         return None
     cycle, tokens, k = min(cycles, key=lambda c: c[0] / c[1])
     return {"draft_len": k, "tokens_per_cycle": round(tokens, 3), "ms_per_cycle": round(cycle, 3),
-            "ms_per_token": round(cycle / tokens, 3), "ar_ms_per_token": round(ms(1), 3)}
+            "ms_per_token": round(cycle / tokens, 3), "ar_ms_per_token": round(times[1], 3)}
