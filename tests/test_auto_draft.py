@@ -356,3 +356,27 @@ def test_between_widths_interpolates_measured_widths_and_holds_past_the_widest()
 
     times = {1: 1.0, 2: 1.5, 4: 3.5}
     assert [between_widths(times, w) for w in (1, 2, 3, 4, 9)] == [1.0, 1.5, 2.5, 3.5, 3.5]
+
+
+def test_forward_widths_are_measured_together_in_rounds(monkeypatch):
+    """The first price of a width measures it and every power of two below it in rounds of one forward per width
+    (a slow spell then moves them alike); widths already measured are not measured again."""
+    import nld_lora.decoding.auto as auto
+    from nld_lora.decoding.batch import DecodeBatch
+    from nld_lora.decoding.stats import RequestStats
+
+    model = tiny_model(seed=2)
+    batch = DecodeBatch(model, [[5, 6, 7]], [0], [RequestStats()], capacity=64)
+    batch.prefill()
+    widths, forward = [], batch.forward
+    monkeypatch.setattr(batch, "forward", lambda tokens, kind, **kw: widths.append(tokens.shape[1]) or
+                        forward(tokens, kind, **kw))
+    first = auto.forward_seconds(batch, 16)
+    assert widths == [1, 2, 4, 8, 16] * (auto.TIMING_REPEATS + 1)
+    assert auto.forward_seconds(batch, 16) == first
+    widths.clear()
+    between = auto.forward_seconds(batch, 3)
+    assert widths == []
+    costs = forward_costs(model)
+    two, four = (costs[("cpu", False, 1, w)] for w in (2, 4))
+    assert between == pytest.approx((two + four) / 2)

@@ -6,7 +6,7 @@ width k+1 (linear) or one forward of width (k+1)(k+2) (single-forward). k = 0 is
 width 1, one token). The planner takes the k with the most tokens per second. Rates start from a prior (the
 adapter's evaluated per-position rates when it has them, else PRIOR_RATE) worth PRIOR_WEIGHT cycles and are
 updated with every verified cycle of the call. Forward times are measured once per process at widths 1, 2, 4, 8, ...
-(interpolated between) and per power-of-two bucket of batch rows, eager and compiled apart;
+(interleaved, interpolated between) and per power-of-two bucket of batch rows, eager and compiled apart;
 the runtime's own per-cycle cost (verification, bookkeeping) is learnt from the wall time of the cycles run (each
 timed from its choice to the next, so all of a loop iteration counts) as the median ratio of measured to predicted
 time over the last TIME_WINDOW cycles, kept apart for AR steps, diffusion-draft cycles and lookup-only cycles (one
@@ -51,13 +51,13 @@ CYCLE_KINDS = ("ar", "draft", "lookup")  # AR steps, diffusion-draft cycles, loo
 
 def forward_seconds(batch, width: int) -> float:
     """Predicted wall time of a forward of `width` tokens on this batch: linear between measured widths 1, 2, 4, 8,
-    ... (measure_forward; the upper point capped at the widest forward the batch's cache has room for), per
-    power-of-two bucket of batch rows, eager or compiled."""
+    ... (measure_forwards; the upper point capped at the widest forward the batch's cache has room for), per
+    power-of-two bucket of batch rows, eager or compiled. The powers of two below `width` are measured with it."""
     low = 1 << (width.bit_length() - 1)
-    if low == width:
-        return measure_forward(batch, low)
-    high = min(2 * low, batch.cache.capacity - max(batch.lengths))
-    return between_widths({low: measure_forward(batch, low), high: measure_forward(batch, high)}, width)
+    points = [1 << i for i in range(low.bit_length())]
+    if low != width:
+        points.append(min(2 * low, batch.cache.capacity - max(batch.lengths)))
+    return between_widths(measure_forwards(batch, points), width)
 
 
 def between_widths(times: dict[int, float], width: int) -> float:
@@ -69,29 +69,34 @@ def between_widths(times: dict[int, float], width: int) -> float:
     return times[lo] if hi == lo else times[lo] + (times[hi] - times[lo]) * (width - lo) / (hi - lo)
 
 
-def measure_forward(batch, width: int) -> float:
-    """Median wall time of a verify-shaped forward of `width` tokens, logits included (not counted, not kept: the
-    next forward overwrites its cache slots); measured once per process and (device, compiled, rows bucket, width).
-    Each width stands alone: floored at the narrower widths' times, one slow spell at width 4 priced every wider
-    forward at 8.3 ms and the bench's lookup rows fell from about 1.5x to 1.08x AR (docs/benchmarks.md)."""
+def measure_forwards(batch, widths: list[int]) -> dict[int, float]:
+    """Median wall time of a verify-shaped forward at each of `widths` tokens, logits included (not counted, not
+    kept: the next forward overwrites its cache slots); measured once per process and (device, compiled, rows
+    bucket, width). The widths not measured yet are measured together in TIMING_REPEATS rounds of one forward each
+    (after a warm-up round), so a slow spell of the machine moves every width's price alike: measured one width after
+    the other on one batch-1 batch, a table read width 8 at 1.45x width 1 where 30 interleaved rounds on the same
+    batch read 1.06x (docs/benchmarks.md, ninth session). Each width stands alone: floored at the narrower widths' times, one slow spell at width 4 priced
+    every wider forward at 8.3 ms and the bench's lookup rows fell from about 1.5x to 1.08x AR
+    (docs/benchmarks.md)."""
     model = batch.model
     costs = forward_costs(model)
-    rows = rows_bucket(len(batch))
-    key = (str(model.device), model.encoder._compiled_call_impl is not None, rows, width)
-    if key not in costs:
-        tokens = torch.full((len(batch), width), model.mask_token_id, device=model.device)
-        times = []
-        for rep in range(TIMING_REPEATS + 1):
+    prefix = (str(model.device), model.encoder._compiled_call_impl is not None, rows_bucket(len(batch)))
+    missing = sorted({w for w in widths if prefix + (w,) not in costs})
+    times: dict[int, list[float]] = {w: [] for w in missing}
+    for rep in range(TIMING_REPEATS + 1 if missing else 0):
+        for width in missing:
+            tokens = torch.full((len(batch), width), model.mask_token_id, device=model.device)
             _sync(model.device)
             t0 = time.perf_counter()
             batch.forward(tokens, "verify", counted=[False] * len(batch))  # logits at every position, as a
             # verify (and a draft but one) computes them: with the first position's only, a width-16 forward on the
             # embedded model measured 1.25x a width-1 one where the decode's real ones took 1.52x
             _sync(model.device)
-            if rep:  # the first one warms up
-                times.append(time.perf_counter() - t0)
-        costs[key] = median(times)
-    return costs[key]
+            if rep:  # the first round warms up
+                times[width].append(time.perf_counter() - t0)
+    for width in missing:
+        costs[prefix + (width,)] = median(times[width])
+    return {w: costs[prefix + (w,)] for w in widths}
 
 
 def rows_bucket(rows: int) -> int:
@@ -235,8 +240,8 @@ class DraftPlanner:
         row found one, else 0. verifying (single-forward mode): the drafts this cycle's forward verifies, which set
         its real width. Closes the previous cycle's clock (finish) and starts this one's."""
         self._close()
-        if len(batch) not in self._costs:
-            self._costs[len(batch)] = [self.cycle_seconds(batch, k) for k in range(self.max_len + 1)]
+        if len(batch) not in self._costs:  # widest first: its measurement takes every narrower width along
+            self._costs[len(batch)] = [self.cycle_seconds(batch, k) for k in range(self.max_len, -1, -1)][::-1]
         costs, rows = self._costs[len(batch)], len(batch)
         if not self.ratio_samples["ar"] or self._since_ar >= AR_REPROBE:  # time an AR step first (and again
             # every AR_REPROBE cycles): the one-off width measurements misjudge it
