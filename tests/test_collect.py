@@ -94,9 +94,10 @@ def test_kill_9_then_resume_gives_every_prompt_once(tmp_path):
                 "shard_size=2", "batch_size=2", "max_new_tokens=32")
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
-    deadline = time.time() + 120
-    while time.time() < deadline and len(list((out / SHARD_DIR).glob("*.parquet"))) < 2:
+    deadline = time.time() + 600  # a loaded machine (a training run beside it) can take minutes to import torch
+    while time.time() < deadline and proc.poll() is None and len(list((out / SHARD_DIR).glob("*.parquet"))) < 2:
         time.sleep(0.02)
+    assert proc.poll() is None, "the collection finished before it could be killed"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     partial = len(load_collected(out))
