@@ -1,6 +1,7 @@
 """draft_len="auto": the planner's rule, and that adaptive decoding stays lossless and reports its choices."""
 
 import pytest
+import torch
 
 from nld_lora.acceptance import expected_tokens
 from nld_lora.decoding.auto import DraftPlanner
@@ -380,3 +381,26 @@ def test_forward_widths_are_measured_together_in_rounds(monkeypatch):
     costs = forward_costs(model)
     two, four = (costs[("cpu", False, 1, w)] for w in (2, 4))
     assert between == pytest.approx((two + four) / 2)
+
+
+@pytest.mark.parametrize("mode", ["self_spec", "self_spec_quadratic"])
+def test_the_twins_are_built_before_the_planner_times_a_cycle(mode, tmp_path, monkeypatch):
+    """A twin built inside the first draft cycle is timed as that cycle (51 ms where 10 were predicted, and the
+    planner never drafted again): the runtime builds the ones it will run before the planner starts."""
+    import nld_lora.decoding.loops as loops
+    from nld_lora.decoding.twins import decode_state
+
+    model = tiny_model(seed=1)
+    adapter = model.attach_adapter(make_adapter(model, tmp_path / "lora"))
+    seen = []
+
+    class Watched(DraftPlanner):
+        def __init__(self, *args, **kwargs):
+            state = decode_state(model)
+            seen.append((isinstance(state.merged.get(adapter), torch.nn.Module),
+                         isinstance(state.gated.get(adapter), torch.nn.Module)))
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(loops, "DraftPlanner", Watched)
+    model.generate(random_prompts(1, seed=3), mode=mode, draft_len="auto", max_new_tokens=8, adapter=adapter)
+    assert seen == [(True, mode == "self_spec_quadratic")]
