@@ -1,5 +1,7 @@
 """draft_len="auto": the planner's rule, and that adaptive decoding stays lossless and reports its choices."""
 
+import time
+
 import pytest
 import torch
 
@@ -404,3 +406,26 @@ def test_the_twins_are_built_before_the_planner_times_a_cycle(mode, tmp_path, mo
     monkeypatch.setattr(loops, "DraftPlanner", Watched)
     model.generate(random_prompts(1, seed=3), mode=mode, draft_len="auto", max_new_tokens=8, adapter=adapter)
     assert seen == [(True, mode == "self_spec_quadratic")]
+
+
+def test_a_draft_price_set_by_one_slow_cycle_is_timed_again():
+    """One diffusion cycle that ran 5x its prediction priced drafting out, and with no diffusion cycle after it
+    nothing corrected the price: after DRAFT_REPROBE AR steps the best diffusion choice runs once more."""
+    import nld_lora.decoding.auto as auto
+
+    planner = _planner_with_costs([0.95] * 4, [1.0, 1.1, 1.1, 1.1, 1.1])
+    planner.ratio_samples["draft"] = [5.6]  # the slow first cycle
+    choices, steps = [], 0
+    while steps < auto.DRAFT_REPROBE + auto.AR_RUN_MAX:
+        k, _ = planner.choose(_Rows(1))
+        runs = planner.ar_run() if k == 0 else 1
+        planner._started = time.perf_counter() - (1.0 * runs if k == 0 else 1.1)
+        planner.finish(k, steps=runs)
+        choices.append(k)
+        steps += runs
+        if k:
+            break
+    assert choices[-1] == 4 and steps >= auto.DRAFT_REPROBE and set(choices[:-1]) == {0}
+    for _ in range(3):  # drafting timed as predicted again: it wins on its own
+        planner.ratio_samples["draft"].append(1.0)
+    assert planner.choose(_Rows(1))[0] == 4

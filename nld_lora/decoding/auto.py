@@ -13,7 +13,8 @@ time over the last TIME_WINDOW cycles, kept apart for AR steps, diffusion-draft 
 forward and no draft bookkeeping: averaged with the others it made diffusion drafts look cheap); once a choice
 (rows, kind, k) has run MIN_OBSERVED times, the median of its own observed wall times replaces the prediction (the
 one-off width measurements can be off: in a traced batch-1 run AR steps took 0.56x the measured width-1 forward).
-An AR step is timed first and again every AR_REPROBE cycles; a choice of AR is a run of AR steps (ar_run: 1, 2, 4,
+An AR step is timed first and again every AR_REPROBE cycles, the best diffusion choice once after
+DRAFT_REPROBE steps without one; a choice of AR is a run of AR steps (ar_run: 1, 2, 4,
 .. AR_RUN_MAX while AR keeps winning), planned once; lookup drafts on offer but not verified for
 LOOKUP_RETRY cycles are tried again. A batch of several rows ends when its slowest row does (rows that finish
 early leave forwards that cost nearly as much with fewer rows), so the planner prices each cycle for the critical
@@ -45,6 +46,10 @@ LOOKUP_RETRY = 8  # cycles with lookup drafts on offer but none verified, after 
 # 256 lookup cycles where the same prompts took 632)
 AR_RUN_MAX = 8  # AR steps one choice may take once AR won the last choices: those steps change only AR's own price,
 # so planning each one again chose the same and cost the loop ~2% of a batch-8 AR step
+DRAFT_REPROBE = 128  # AR steps (or lookup cycles) without a diffusion cycle after which the best diffusion choice
+# runs once: a price set by one slow cycle (the first draft cycle of a process once took 5x its prediction) was never
+# corrected when drafting was not chosen again. Where drafting loses, one cycle in 128 costs about 0.8% at batch 8
+# (this CPU's width table: a 7-draft cycle 24.9 ms against 2.8 AR steps of 6.5 ms)
 MIN_OBSERVED = 2  # cycles of one (rows, kind, k) after which its observed wall time replaces the prediction
 CYCLE_KINDS = ("ar", "draft", "lookup")  # AR steps, diffusion-draft cycles, lookup-only cycles: each its own ratio
 
@@ -165,6 +170,7 @@ class DraftPlanner:
         self.observed: dict[tuple, list[float]] = {key: list(v) for key, v in (memory.get("observed") or {}).items()}
         # (rows, kind, k) -> the last TIME_WINDOW wall seconds of that choice: what it really cost here
         self._since_ar = 0  # cycles since the last AR step
+        self._since_draft = 0  # AR steps and lookup cycles since the last diffusion cycle
         self._ar_wins = 0  # choices in a row that AR won (ar_run)
         self._lookups_skipped = 0  # cycles since lookup drafts were last verified, counting those that offered them
         self._chosen: tuple = (0, (0, False))
@@ -253,12 +259,15 @@ class DraftPlanner:
         diffusion, lookup = self.row_rates(row)
         lookup = lookup[:lookup_len]
         tokens, survive = 1.0, 1.0
+        best_draft: tuple = (0.0, (0, False), 0.0)  # (rate, choice, predicted) of the best diffusion choice
         for k, r in enumerate(diffusion, start=1):
             survive *= lookup[k - 1] if k <= lookup_len else r
             tokens += survive
             rate = tokens / self.seconds(rows, "draft", k, costs[k], ratios)
-            if rate > best_rate:
-                best, best_rate, predicted = (k, False), rate, costs[k]
+            if rate > best_draft[0]:
+                best_draft = (rate, (k, False), costs[k])
+        if best_draft[0] > best_rate or (self._since_draft >= DRAFT_REPROBE and self.max_len):
+            best, best_rate, predicted = best_draft[1], best_draft[0], best_draft[2]
         best_lookup: tuple = (0.0, (0, False), 0.0)  # (rate, choice, predicted)
         for k in range(1, lookup_len + 1):  # lookup drafts cut to k: a narrower verify, for fewer expected tokens
             verify = forward_seconds(batch, k + 1)
@@ -310,6 +319,7 @@ class DraftPlanner:
         self._pending = None
         elapsed = (time.perf_counter() - self._started) / steps
         self._since_ar = 0 if kind == "ar" else self._since_ar + 1
+        self._since_draft = 0 if kind == "draft" else self._since_draft + steps
         self.ratio_samples[kind] = (self.ratio_samples[kind] + [elapsed / self._predicted])[-TIME_WINDOW:]
         key = (self._chosen[0], kind, k)
         self.observed[key] = (self.observed.get(key, []) + [elapsed])[-TIME_WINDOW:]
