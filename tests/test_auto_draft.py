@@ -387,7 +387,7 @@ def test_forward_widths_are_measured_together_in_rounds(monkeypatch):
 
 @pytest.mark.parametrize("mode", ["self_spec", "self_spec_quadratic"])
 def test_the_twins_are_built_before_the_planner_times_a_cycle(mode, tmp_path, monkeypatch):
-    """A twin built inside the first draft cycle is timed as that cycle (51 ms where 10 were predicted, and the
+    """A twin built inside the first draft cycle is timed as that cycle (51 ms where 9 were predicted, and the
     planner never drafted again): the runtime builds the ones it will run before the planner starts."""
     import nld_lora.decoding.loops as loops
     from nld_lora.decoding.twins import decode_state
