@@ -429,3 +429,38 @@ def test_a_draft_price_set_by_one_slow_cycle_is_timed_again():
     for _ in range(3):  # drafting timed as predicted again: it wins on its own
         planner.ratio_samples["draft"].append(1.0)
     assert planner.choose(_Rows(1))[0] == 4
+
+
+def _ar_steps_until_a_draft(planner: DraftPlanner, limit: int) -> tuple[int, bool]:
+    """Run the planner's choices (AR steps timed as predicted) for up to `limit` steps: (steps, drafted)."""
+    steps = 0
+    while steps < limit:
+        k, _ = planner.choose(_Rows(1))
+        if k:
+            return steps, True
+        runs = min(planner.ar_run(), limit - steps)
+        planner._started = time.perf_counter() - 1.0 * runs
+        planner.finish(0, steps=runs)
+        steps += runs
+    planner.choose(_Rows(1))  # closes the last run's clock, as the next cycle would
+    return steps, False
+
+
+def test_the_draft_reprobe_counts_on_across_decode_batches():
+    """Decode batches of a few dozen steps each restarted the count, so DRAFT_REPROBE never fired in a run of short
+    generations: a planner built from another's memory goes on counting from where that one stopped."""
+    import nld_lora.decoding.auto as auto
+
+    first = _planner_with_costs([0.95] * 4, [1.0, 1.1, 1.1, 1.1, 1.1])
+    first.ratio_samples["draft"] = [5.6]  # drafting priced out by one slow cycle
+    half = auto.DRAFT_REPROBE // 2
+    assert _ar_steps_until_a_draft(first, half) == (half, False)
+    learnt = first.remember()
+    assert learnt["since_draft"] == half
+    second = DraftPlanner(4, False, prior=[0.95] * 4, memory=learnt)
+    second._costs[1] = [1.0, 1.1, 1.1, 1.1, 1.1]
+    steps, drafted = _ar_steps_until_a_draft(second, auto.DRAFT_REPROBE)
+    assert drafted and half <= steps <= half + auto.AR_RUN_MAX
+    fresh = DraftPlanner(4, False, prior=[0.95] * 4, memory={**learnt, "since_draft": 0})
+    fresh._costs[1] = [1.0, 1.1, 1.1, 1.1, 1.1]
+    assert _ar_steps_until_a_draft(fresh, half) == (half, False)  # without the carried count: no re-probe yet

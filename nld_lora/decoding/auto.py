@@ -14,7 +14,7 @@ forward and no draft bookkeeping: averaged with the others it made diffusion dra
 (rows, kind, k) has run MIN_OBSERVED times, the median of its own observed wall times replaces the prediction (the
 one-off width measurements can be off: in a traced batch-1 run AR steps took 0.56x the measured width-1 forward).
 An AR step is timed first and again every AR_REPROBE cycles, the best diffusion choice once after
-DRAFT_REPROBE steps without one; a choice of AR is a run of AR steps (ar_run: 1, 2, 4,
+DRAFT_REPROBE steps without one (counted across decode batches); a choice of AR is a run of AR steps (ar_run: 1, 2, 4,
 .. AR_RUN_MAX while AR keeps winning), planned once; lookup drafts on offer but not verified for
 LOOKUP_RETRY cycles are tried again. A batch of several rows ends when its slowest row does (rows that finish
 early leave forwards that cost nearly as much with fewer rows), so the planner prices each cycle for the critical
@@ -170,7 +170,8 @@ class DraftPlanner:
         self.observed: dict[tuple, list[float]] = {key: list(v) for key, v in (memory.get("observed") or {}).items()}
         # (rows, kind, k) -> the last TIME_WINDOW wall seconds of that choice: what it really cost here
         self._since_ar = 0  # cycles since the last AR step
-        self._since_draft = 0  # AR steps and lookup cycles since the last diffusion cycle
+        self._since_draft = memory.get("since_draft", 0)  # AR steps and lookup cycles since the last diffusion
+        # cycle, counted on across decode batches: a batch of a few dozen steps never reached DRAFT_REPROBE alone
         self._ar_wins = 0  # choices in a row that AR won (ar_run)
         self._lookups_skipped = 0  # cycles since lookup drafts were last verified, counting those that offered them
         self._chosen: tuple = (0, (0, False))
@@ -187,11 +188,12 @@ class DraftPlanner:
     def remember(self) -> dict:
         """What this planner learnt, for the next decode batch of the same adapter and layout: the diffusion rates
         become its prior (worth PRIOR_WEIGHT cycles again, so each batch still adapts to its own prompts) and the
-        costs carry over. Lookup rates are not carried: they are as good as each prompt repeats itself, and a
+        costs carry over, and so does the count of steps since the last diffusion cycle (DRAFT_REPROBE). Lookup rates
+        are not carried: they are as good as each prompt repeats itself, and a
         pessimistic carried estimate is never corrected once lookups stop being chosen. Without it every batch of a batch-1 run started from the adapter's evaluated rates, which the
         deployed loop does not reach (issue #22)."""
         return {"diffusion": self.diffusion.values(), "ratio_samples": {kind: list(v) for kind, v in self.ratio_samples.items()},
-                "observed": {key: list(v) for key, v in self.observed.items()}}
+                "observed": {key: list(v) for key, v in self.observed.items()}, "since_draft": self._since_draft}
 
     @property
     def time_ratio(self) -> dict[str, float | None]:

@@ -17,7 +17,7 @@ import torch
 from nld_lora.decoding.lookup import NgramIndex
 from nld_lora.decoding.ragged_cache import RaggedCache
 from nld_lora.decoding.stats import RequestStats
-from nld_lora.decoding.twins import lora_token_gate, pathway_encoder
+from nld_lora.decoding.twins import build_twins, lora_token_gate, pathway_encoder
 from nld_lora.model.masks import block_pattern, quadratic_offsets, quadratic_pattern, ragged_mask
 
 FORWARD_KINDS = {  # kind -> block layout (see BlockLayout); each kind is also its own stats counter
@@ -86,11 +86,22 @@ class DecodeBatch:
             self._layouts[key] = make_layout(key[0], q, masks_per_row, self.model.device)
         return self._layouts[key]
 
+    def gated(self, layout: BlockLayout) -> bool:
+        """Whether a forward of this layout runs the adapter on some of its tokens only (a per-token gate)."""
+        return (self.adapter is not None and self.lora_mode != "both" and layout.any_drafting
+                and not layout.all_drafting)
+
+    def build_twins(self, quadratic: bool) -> None:
+        """Build the twins this batch's forwards will run (single-forward ones: the gated twin too) before any of
+        them is timed (twins.build_twins)."""
+        gated = quadratic and self.gated(self.layout("verify_draft", 2, masks_per_row=1))
+        build_twins(self.model, self.adapter, gated=gated)
+
     def _pathway(self, layout: BlockLayout):
         """Context manager yielding the backbone to run for this layout (None: the model's own, PEFT switched as
         needed): a twin without PEFT wrappers where the adapter is wholly on or off, a gated twin (or PEFT with a
         per-token gate) where only some tokens draft."""
-        if self.adapter is not None and self.lora_mode != "both" and layout.any_drafting and not layout.all_drafting:
+        if self.gated(layout):
             return lora_token_gate(self.model, self.adapter, layout.draft_start)
         on = self.lora_mode == "both" or layout.all_drafting
         encoder = pathway_encoder(self.model, self.adapter, on)

@@ -10,7 +10,7 @@ from nld_lora.decoding.lookup import NgramIndex
 from nld_lora.decoding.outputs import Outputs
 from nld_lora.decoding.sampling import filter_logits, select_tokens, select_with_confidence
 from nld_lora.decoding.settings import DecodeSettings
-from nld_lora.decoding.twins import build_twins, planner_memory
+from nld_lora.decoding.twins import planner_memory
 from nld_lora.kernels import verify_greedy, verify_sampled
 from nld_lora.kernels.rng import mix32
 
@@ -178,7 +178,7 @@ def _planner(batch: DecodeBatch, cfg: DecodeSettings, quadratic: bool) -> DraftP
     layout = "quadratic" if quadratic else "linear"
     prior = loaded.meta.per_position if loaded is not None and loaded.meta.draft_layout == layout else None
     key = _memory_key(batch, layout, lookups=cfg.ngram > 0 and cfg.temperature <= 0)
-    build_twins(batch.model, batch.adapter, gated=quadratic and batch.lora_mode != "both")  # before any cycle is timed
+    batch.build_twins(quadratic)  # before any cycle is timed
     return DraftPlanner(cfg.draft_len, quadratic, prior, planner_memory(batch.model).get(key), memory_key=key)
 
 
