@@ -27,15 +27,34 @@ def test_twins_reproduce_peft_with_the_adapter_off_and_on(tmp_path):
 
 
 @pytest.mark.slow
-def test_compiled_decoding_is_lossless_and_leaves_the_model_eager(tmp_path):
+def test_compiled_decoding_is_lossless_and_leaves_the_model_eager(tmp_path, monkeypatch):
+    """Every backbone a compiled decode runs is compiled, twins built inside the call too (the merged twin of a first
+    drafting call ran eager), and all of them are eager again afterwards."""
+    import nld_lora.decoding.loops as loops
+    from nld_lora.decoding.auto import DraftPlanner
+    from nld_lora.decoding.twins import decode_encoders, decode_state
+
     model = tiny_model(seed=1)
-    model.attach_adapter(make_adapter(model, tmp_path / "lora"))
+    adapter = model.attach_adapter(make_adapter(model, tmp_path / "lora"))
     prompts = random_prompts(3, seed=4)
     ar = model.generate(prompts, mode="ar", max_new_tokens=12, batch_size=1)
+    compiled_twins = []
+
+    class Watched(DraftPlanner):
+        def __init__(self, *args, **kwargs):
+            state = decode_state(model)
+            compiled_twins.append([t._compiled_call_impl is not None for t in (state.merged[adapter],
+                                                                                state.gated[adapter])])
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(loops, "DraftPlanner", Watched)
+    res = model.generate(prompts[:1], mode="self_spec_quadratic", max_new_tokens=12, compile=True,
+                         draft_len="auto", adapter=adapter)  # builds the merged and the gated twin
+    assert compiled_twins == [[True, True]] and res.sequences == ar.sequences[:1]
     for mode in ("ar", "self_spec", "self_spec_quadratic"):
         res = model.generate(prompts, mode=mode, max_new_tokens=12, batch_size=1, compile=True, draft_len=2)
         assert res.sequences == ar.sequences, mode
-    assert model.encoder._compiled_call_impl is None
+    assert all(e._compiled_call_impl is None for e in decode_encoders(model))
 
 
 def test_static_shape_cache_is_lossless(tmp_path):

@@ -16,7 +16,7 @@ from nld_lora.decoding.loops import run_ar, run_diffusion, run_self_spec, run_se
 from nld_lora.decoding.outputs import Outputs
 from nld_lora.decoding.settings import DecodeSettings, resolve_draft_len
 from nld_lora.decoding.stats import GenerationStats
-from nld_lora.decoding.twins import decode_encoders
+from nld_lora.decoding.twins import compile_module, decode_encoders, decode_state
 from nld_lora.model.adapters import LoadedAdapter, check_lora_mode
 
 MODES = ("ar", "diffusion", "self_spec", "self_spec_quadratic")
@@ -198,15 +198,14 @@ def compiled_backbone(model, compile: bool | str) -> Iterator[None]:
     if not compile:
         yield
         return
-    encoders = decode_encoders(model)
-    previous = [e._compiled_call_impl for e in encoders]
-    for e in encoders:
-        if compile == "reduce-overhead":
-            e.compile(mode="reduce-overhead")
-        else:
-            e.compile(dynamic=True)
+    previous = {id(e): e._compiled_call_impl for e in decode_encoders(model)}
+    for e in decode_encoders(model):
+        compile_module(e, compile)
+    state = decode_state(model)
+    state.compile_mode = compile  # twins built during the call are compiled as they are built
     try:
         yield
     finally:
-        for e, p in zip(encoders, previous):
-            e._compiled_call_impl = p
+        state.compile_mode = False
+        for e in decode_encoders(model):
+            e._compiled_call_impl = previous.get(id(e))

@@ -60,6 +60,8 @@ class DecodeState:
     gated: dict[str, nn.Module | bool] = field(default_factory=dict)
     gates: dict[str, TokenGate] = field(default_factory=dict)
     gate_hooked: set[str] = field(default_factory=set)
+    compile_mode: bool | str = False  # the torch.compile mode of the decode in progress: twins built during it
+    # are compiled as they are built (api.compiled_backbone)
     forward_costs: dict[tuple, float] = field(default_factory=dict)  # (device, compiled, rows bucket, width) -> s
     planner_memory: dict[tuple, dict] = field(default_factory=dict)  # (adapter, layout, rows) -> what the last
     # draft_len="auto" planner learnt (rates, cost ratios): the next decode batch starts from it
@@ -89,6 +91,22 @@ def forward_costs(model) -> dict[tuple, float]:
     return decode_state(model).forward_costs
 
 
+def compile_module(module: nn.Module, mode: bool | str) -> None:
+    """torch.compile a backbone tree in place for decoding: dynamic shapes, or CUDA graphs with "reduce-overhead"."""
+    if mode == "reduce-overhead":
+        module.compile(mode="reduce-overhead")
+    else:
+        module.compile(dynamic=True)
+
+
+def _adopt(state: DecodeState, twin: nn.Module | bool) -> nn.Module | bool:
+    """A twin just built, compiled when a compiled decode is in progress (else its first call ran eager: drafts were
+    built inside the first cycle that needs them, after the call had compiled the backbones it found)."""
+    if state.compile_mode and isinstance(twin, nn.Module):
+        compile_module(twin, state.compile_mode)
+    return twin
+
+
 def _twins_allowed(model, state: DecodeState) -> bool:
     return state.twins and peft_of(model) is not None and not any(a.trainable for a in model.adapters.values())
 
@@ -105,7 +123,7 @@ def base_twin(model) -> nn.Module | None:
                 set_submodule(twin, path, layer.get_base_layer())
         for path, wrapper in token_layers(model.encoder):  # retrained token rows: the original embedding
             set_submodule(twin, path, wrapper.token_adapter.base_layer)
-        state.base = twin
+        state.base = _adopt(state, twin)
     return state.base
 
 
@@ -119,7 +137,7 @@ def pathway_encoder(model, adapter: str | None, on: bool) -> nn.Module | None:
         return base
     state = decode_state(model)
     if adapter not in state.merged:
-        state.merged[adapter] = merged_copy(base, model.encoder, adapter) or False
+        state.merged[adapter] = _adopt(state, merged_copy(base, model.encoder, adapter) or False)
     return state.merged[adapter] or None
 
 
@@ -129,7 +147,7 @@ def gated_encoder(model, adapter: str) -> tuple[nn.Module | None, TokenGate]:
     gate = state.gates.setdefault(adapter, TokenGate())
     base = base_twin(model)
     if base is not None and adapter not in state.gated:
-        state.gated[adapter] = gated_copy(base, model.encoder, adapter, gate) or False
+        state.gated[adapter] = _adopt(state, gated_copy(base, model.encoder, adapter, gate) or False)
     return (state.gated.get(adapter) or None), gate
 
 
