@@ -121,6 +121,44 @@ def test_merged_lookup_and_diffusion_cycles_are_priced_and_recorded_by_span(monk
     assert planner.lookup.attempts[:3] == [3, 1, 0] and planner.lookup.accepts[:2] == [2, 1]
 
 
+def test_a_poor_lookup_gives_way_to_diffusion_drafts_alone(monkeypatch):
+    """A merged cycle prices its first positions at the lookup rates: with a poor lookup (a 1-gram match) on offer
+    every cycle, diffusion drafts that would have paid were never chosen alone. The planner weighs both and says
+    which (merge_cut: 0 diffusion alone, None the lookup first)."""
+    import nld_lora.decoding.auto as auto
+
+    monkeypatch.setattr(auto, "forward_seconds", lambda batch, width: 1.0)
+    planner = DraftPlanner(4, quadratic=False, prior=[0.9] * 4)
+    planner.ratio_samples["ar"] = [1.0]
+    planner._costs[1] = [1.0, 2.0, 2.0, 2.0, 2.0]
+    planner.lookup = auto._Rates([0.05] * 4)  # lookups rarely accepted
+    assert planner.choose(_Rows(1), lookup_len=3) == (4, False) and planner.merge_cut == 0
+    planner.lookup = auto._Rates([0.95] * 4)  # lookups better than the diffusion drafts: lookup first
+    planner.diffusion = auto._Rates([0.5] * 4)
+    planner._pending = None
+    planner._verify_costs[1] = [5.0] * 5  # a lookup-only verify priced out
+    assert planner.choose(_Rows(1), lookup_len=2) == (4, False) and planner.merge_cut is None
+
+
+def test_diffusion_drafts_alone_with_lookups_on_offer_stay_lossless(monkeypatch):
+    """The loop drafts without the lookup tokens when the planner says so, and counts no lookup cycle."""
+    import nld_lora.decoding.loops as loops
+
+    class DiffusionAlone(DraftPlanner):
+        def choose(self, batch, lookup_len=0, verifying=0, row=None):
+            super().choose(batch, lookup_len, verifying, row)
+            self.merge_cut = 0
+            return self._start(1.0, len(batch), (2, False))
+
+    monkeypatch.setattr(loops, "DraftPlanner", DiffusionAlone)
+    model = tiny_model(seed=1)
+    prompts = random_prompts(3, seed=5)
+    ar = model.generate(prompts, mode="ar", max_new_tokens=16, batch_size=3)
+    res = model.generate(prompts, mode="self_spec", max_new_tokens=16, batch_size=3, draft_len="auto", ngram=2)
+    assert res.sequences == ar.sequences
+    assert res.stats.lookup_cycles == 0 and res.stats.forwards["draft"] > 0
+
+
 @pytest.mark.parametrize("mode", ["self_spec", "self_spec_quadratic"])
 def test_auto_draft_len_is_lossless_and_reports_its_choices(mode, tmp_path):
     model = tiny_model(seed=1)
@@ -464,3 +502,18 @@ def test_the_draft_reprobe_counts_on_across_decode_batches():
     fresh = DraftPlanner(4, False, prior=[0.95] * 4, memory={**learnt, "since_draft": 0})
     fresh._costs[1] = [1.0, 1.1, 1.1, 1.1, 1.1]
     assert _ar_steps_until_a_draft(fresh, half) == (half, False)  # without the carried count: no re-probe yet
+
+
+def test_the_draft_reprobe_runs_while_lookups_are_on_offer(monkeypatch):
+    """At batch 1 a 1-gram lookup is on offer nearly every cycle, and a lookup choice put the re-probe off every time
+    (a report run drafted not once): when it is due, the diffusion cycle (over lookup + diffusion tail) runs."""
+    import nld_lora.decoding.auto as auto
+
+    monkeypatch.setattr(auto, "forward_seconds", lambda batch, width: 1.0 + 0.1 * width)
+    planner = DraftPlanner(4, quadratic=False, prior=[0.95] * 4)
+    planner.ratio_samples.update(ar=[1.0], lookup=[1.0], draft=[5.6])  # drafting priced out by one slow cycle
+    for _ in range(40):
+        planner.record([3], drafted=3, lookup=True)  # lookups pay
+    choices = [_run_cycle(planner, 1.3, lookup_len=3) for _ in range(auto.DRAFT_REPROBE + 1)]
+    assert [i for i, (k, lookup) in enumerate(choices) if k and not lookup] == [auto.DRAFT_REPROBE]
+    assert sum(lookup for _, lookup in choices) > 0.9 * auto.DRAFT_REPROBE

@@ -1,5 +1,7 @@
 """Inference twins of the backbone (model/pathways.py) and the compiled decode path."""
 
+import logging
+
 import pytest
 import torch
 
@@ -51,10 +53,27 @@ def test_compiled_decoding_is_lossless_and_leaves_the_model_eager(tmp_path, monk
     res = model.generate(prompts[:1], mode="self_spec_quadratic", max_new_tokens=12, compile=True,
                          draft_len="auto", adapter=adapter)  # builds the merged and the gated twin
     assert compiled_twins == [[True, True]] and res.sequences == ar.sequences[:1]
-    for mode in ("ar", "self_spec", "self_spec_quadratic"):
-        res = model.generate(prompts, mode=mode, max_new_tokens=12, batch_size=1, compile=True, draft_len=2)
-        assert res.sequences == ar.sequences, mode
+    limit_hits = _DynamoWarnings()
+    logging.getLogger("torch._dynamo.convert_frame").addHandler(limit_hits)
+    try:
+        for mode in ("ar", "self_spec", "self_spec_quadratic"):
+            for batch_size in (1, 3):  # a batch of 1 and of several rows: graphs apart (size-1 specialisation)
+                res = model.generate(prompts, mode=mode, max_new_tokens=12, batch_size=batch_size, compile=True,
+                                     draft_len=2)
+                assert res.sequences == ar.sequences, mode
+    finally:
+        logging.getLogger("torch._dynamo.convert_frame").removeHandler(limit_hits)
+    assert not [m for m in limit_hits.messages if "recompile_limit" in m]  # past it, dynamo ran the rest eager
     assert all(e._compiled_call_impl is None for e in decode_encoders(model))
+
+
+class _DynamoWarnings(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
 
 
 def test_static_shape_cache_is_lossless(tmp_path):

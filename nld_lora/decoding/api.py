@@ -190,6 +190,9 @@ def generate(
     return GenerationResult(out.tokens, texts, stats, prompts, cfg)
 
 
+RECOMPILE_LIMIT = 64  # compiled graphs per forward code object a compiled decode allows (api.compiled_backbone)
+
+
 @contextmanager
 def compiled_backbone(model, compile: bool | str) -> Iterator[None]:
     """Within the block the backbone runs through torch.compile (nn.Module.compile; dynamic shapes, or CUDA graphs
@@ -198,6 +201,9 @@ def compiled_backbone(model, compile: bool | str) -> Iterator[None]:
     if not compile:
         yield
         return
+    # every backbone tree runs the same forward code, so dynamo's per-code recompile limit (8) counts the graphs of
+    # all of them (widths 1 and > 1, prefill, per tree): past it the rest ran eager
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     previous = {id(e): e._compiled_call_impl for e in decode_encoders(model)}
     for e in decode_encoders(model):
         compile_module(e, compile)

@@ -151,7 +151,8 @@ class DraftPlanner:
     found one, the prompt-lookup drafts cut to k tokens (their own rates, prior PRIOR_RATE; cost: one verify forward
     of width k + 1). Where rows have lookup drafts, a diffusion cycle verifies lookup + diffusion tail (the loop
     merges them), so its expected tokens use the lookup rates over the lookup's span and the diffusion rates past
-    it, and its verdicts are recorded the same way."""
+    it, and its verdicts are recorded the same way; it is weighed against diffusion drafts alone (merge_cut 0),
+    which win where the lookup on offer is poor."""
 
     def __init__(self, max_len: int, quadratic: bool, prior: list[float] | None = None,
                  memory: dict | None = None, memory_key: tuple = ()):
@@ -175,11 +176,16 @@ class DraftPlanner:
         self._ar_wins = 0  # choices in a row that AR won (ar_run)
         self._lookups_skipped = 0  # cycles since lookup drafts were last verified, counting those that offered them
         self._chosen: tuple = (0, (0, False))
+        self.merge_cut: int | None = None  # the last diffusion choice's lookup tokens: None, the rows' lookups (the
+        # diffusion drafts past them); 0, none (a poor 1-gram match priced the merged cycle below diffusion alone)
         self.memory_key = memory_key
         self._started = self._predicted = 0.0
         self._pending: tuple[str, int, int] | None = None  # (kind, k, AR steps) of the cycle finish() named, not
         # yet timed
         self._costs: dict[int, list[float]] = {}  # batch rows -> predicted seconds per cycle for k = 0..max_len
+        self._verify_costs: dict[int, list[float]] = {}  # batch rows -> predicted seconds of a lookup-only cycle's
+        # verify forward (width k + 1) for k = 0..max_len: priced once, as _costs (a profile of a batch-1 lookup run
+        # found the planner pricing them anew, about 8 width lookups per choice, 4% of the run)
 
     def rates(self) -> list[float]:
         """The diffusion drafts' per-position rates as currently estimated."""
@@ -260,22 +266,30 @@ class DraftPlanner:
         best, best_rate, predicted = (0, False), 1.0 / self.seconds(rows, "ar", 0, costs[0], ratios), costs[0]
         diffusion, lookup = self.row_rates(row)
         lookup = lookup[:lookup_len]
-        tokens, survive = 1.0, 1.0
-        best_draft: tuple = (0.0, (0, False), 0.0)  # (rate, choice, predicted) of the best diffusion choice
-        for k, r in enumerate(diffusion, start=1):
-            survive *= lookup[k - 1] if k <= lookup_len else r
-            tokens += survive
-            rate = tokens / self.seconds(rows, "draft", k, costs[k], ratios)
-            if rate > best_draft[0]:
-                best_draft = (rate, (k, False), costs[k])
-        if best_draft[0] > best_rate or (self._since_draft >= DRAFT_REPROBE and self.max_len):
+        best_draft: tuple = (0.0, (0, False), 0.0, None)  # (rate, choice, predicted, merge_cut) of the best
+        # diffusion choice: over lookup + diffusion tail (cut None), or diffusion drafts alone (cut 0)
+        for cut in (None, 0) if lookup_len else (None,):
+            span = lookup_len if cut is None else 0
+            tokens, survive = 1.0, 1.0
+            for k, r in enumerate(diffusion, start=1):
+                survive *= lookup[k - 1] if k <= span else r
+                tokens += survive
+                rate = tokens / self.seconds(rows, "draft", k, costs[k], ratios)
+                if rate > best_draft[0]:
+                    best_draft = (rate, (k, False), costs[k], cut)
+        reprobe = self._since_draft >= DRAFT_REPROBE and self.max_len > 0  # lookups on offer do not put it off:
+        # at batch 1 a 1-gram match is on offer nearly every cycle, and a report run then drafted not once
+        if best_draft[0] > best_rate or reprobe:
             best, best_rate, predicted = best_draft[1], best_draft[0], best_draft[2]
+        self.merge_cut = best_draft[3] if best == best_draft[1] else None
         best_lookup: tuple = (0.0, (0, False), 0.0)  # (rate, choice, predicted)
+        if lookup_len and rows not in self._verify_costs:
+            self._verify_costs[rows] = [forward_seconds(batch, k + 1) for k in range(self.max_len, -1, -1)][::-1]
         for k in range(1, lookup_len + 1):  # lookup drafts cut to k: a narrower verify, for fewer expected tokens
-            verify = forward_seconds(batch, k + 1)
+            verify = self._verify_costs[rows][k]
             rate = expected_tokens(lookup, k) / self.seconds(rows, "lookup", k, verify, ratios)
             best_lookup = max(best_lookup, (rate, (k, True), verify))
-        if lookup_len and (best_lookup[0] > best_rate or self._lookups_skipped >= LOOKUP_RETRY):
+        if lookup_len and not reprobe and (best_lookup[0] > best_rate or self._lookups_skipped >= LOOKUP_RETRY):
             best, predicted = best_lookup[1], best_lookup[2]
         self._ar_wins = self._ar_wins + 1 if best == (0, False) else 0
         verified_lookups = best[1] or (best[0] > 0 and lookup_len > 0)  # a diffusion cycle verifies them too

@@ -252,6 +252,8 @@ def run_self_spec(batch: DecodeBatch, out: Outputs, cfg: DecodeSettings, gen: to
             k, use_lookup = planner.choose(batch, own, row=row)
             if not use_lookup:
                 _note_choice(batch, out, k)
+                if k and lookups is not None and planner.merge_cut is not None:  # diffusion drafts only
+                    lookups = [found[:planner.merge_cut] for found in lookups]
         else:
             k, use_lookup = (longest, True) if all_found else (cfg.draft_len, False)
         draft_logits = None
