@@ -134,9 +134,8 @@ def test_a_poor_lookup_gives_way_to_diffusion_drafts_alone(monkeypatch):
     planner.lookup = auto._Rates([0.05] * 4)  # lookups rarely accepted
     assert planner.choose(_Rows(1), lookup_len=3) == (4, False) and planner.merge_cut == 0
     planner.lookup = auto._Rates([0.95] * 4)  # lookups better than the diffusion drafts: lookup first
-    planner.diffusion = auto._Rates([0.5] * 4)
-    planner._pending = None
-    planner._verify_costs[1] = [5.0] * 5  # a lookup-only verify priced out
+    planner.diffusion = auto._Rates([0.9] * 4)
+    planner._costs[1] = [1.0, 2.0, 6.0, 6.0, 2.0]  # a 2-token lookup-only verify (half of costs[2]) priced out
     assert planner.choose(_Rows(1), lookup_len=2) == (4, False) and planner.merge_cut is None
 
 

@@ -203,7 +203,8 @@ def compiled_backbone(model, compile: bool | str) -> Iterator[None]:
         return
     # every backbone tree runs the same forward code, so dynamo's per-code recompile limit (8) counts the graphs of
     # all of them (widths 1 and > 1, prefill, per tree): past it the rest ran eager
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+    limit = torch._dynamo.config.recompile_limit
+    torch._dynamo.config.recompile_limit = max(limit, RECOMPILE_LIMIT)
     previous = {id(e): e._compiled_call_impl for e in decode_encoders(model)}
     for e in decode_encoders(model):
         compile_module(e, compile)
@@ -213,5 +214,6 @@ def compiled_backbone(model, compile: bool | str) -> Iterator[None]:
         yield
     finally:
         state.compile_mode = False
+        torch._dynamo.config.recompile_limit = limit  # compiled code stays cached; later calls raise it again
         for e in decode_encoders(model):
             e._compiled_call_impl = previous.get(id(e))

@@ -183,9 +183,6 @@ class DraftPlanner:
         self._pending: tuple[str, int, int] | None = None  # (kind, k, AR steps) of the cycle finish() named, not
         # yet timed
         self._costs: dict[int, list[float]] = {}  # batch rows -> predicted seconds per cycle for k = 0..max_len
-        self._verify_costs: dict[int, list[float]] = {}  # batch rows -> predicted seconds of a lookup-only cycle's
-        # verify forward (width k + 1) for k = 0..max_len: priced once, as _costs (a profile of a batch-1 lookup run
-        # found the planner pricing them anew, about 8 width lookups per choice, 4% of the run)
 
     def rates(self) -> list[float]:
         """The diffusion drafts' per-position rates as currently estimated."""
@@ -195,9 +192,9 @@ class DraftPlanner:
         """What this planner learnt, for the next decode batch of the same adapter and layout: the diffusion rates
         become its prior (worth PRIOR_WEIGHT cycles again, so each batch still adapts to its own prompts) and the
         costs carry over, and so does the count of steps since the last diffusion cycle (DRAFT_REPROBE). Lookup rates
-        are not carried: they are as good as each prompt repeats itself, and a
-        pessimistic carried estimate is never corrected once lookups stop being chosen. Without it every batch of a batch-1 run started from the adapter's evaluated rates, which the
-        deployed loop does not reach (issue #22)."""
+        are not carried: they are as good as each prompt repeats itself, and a pessimistic carried estimate is never
+        corrected once lookups stop being chosen. Without it every batch of a batch-1 run started from the adapter's
+        evaluated rates, which the deployed loop does not reach (issue #22)."""
         return {"diffusion": self.diffusion.values(), "ratio_samples": {kind: list(v) for kind, v in self.ratio_samples.items()},
                 "observed": {key: list(v) for key, v in self.observed.items()}, "since_draft": self._since_draft}
 
@@ -283,10 +280,9 @@ class DraftPlanner:
             best, best_rate, predicted = best_draft[1], best_draft[0], best_draft[2]
         self.merge_cut = best_draft[3] if best == best_draft[1] else None
         best_lookup: tuple = (0.0, (0, False), 0.0)  # (rate, choice, predicted)
-        if lookup_len and rows not in self._verify_costs:
-            self._verify_costs[rows] = [forward_seconds(batch, k + 1) for k in range(self.max_len, -1, -1)][::-1]
         for k in range(1, lookup_len + 1):  # lookup drafts cut to k: a narrower verify, for fewer expected tokens
-            verify = self._verify_costs[rows][k]
+            verify = costs[k] / 2  # a linear cycle's draft + verify of width k + 1 (cycle_seconds), less the draft:
+            # pricing it anew per k was about 8 width lookups per choice, 4% of a batch-1 lookup run
             rate = expected_tokens(lookup, k) / self.seconds(rows, "lookup", k, verify, ratios)
             best_lookup = max(best_lookup, (rate, (k, True), verify))
         if lookup_len and not reprobe and (best_lookup[0] > best_rate or self._lookups_skipped >= LOOKUP_RETRY):
