@@ -85,12 +85,14 @@ def decode_rows(args, model) -> list[tuple[str, dict]]:
     if args.compile_batches:
         best = [("compiled ar", {"mode": "ar"}),
                 ("compiled self_spec auto", {"mode": "self_spec", "draft_len": "auto"}),
-                ("compiled self_spec auto ngram", {"mode": "self_spec", "draft_len": "auto", **ngram}),
                 ("compiled self_spec_quadratic k3", {"mode": "self_spec_quadratic"})]
+        if ngram:
+            best.insert(2, ("compiled self_spec auto ngram", {"mode": "self_spec", "draft_len": "auto", **ngram}))
         if args.adapter:
             lora_auto = {"mode": "self_spec", "draft_len": "auto", "adapter": model.active_adapter}
-            best += [("compiled self_spec+lora auto", lora_auto),
-                     ("compiled self_spec+lora auto ngram", {**lora_auto, **ngram})]
+            best += [("compiled self_spec+lora auto", lora_auto)]
+            if ngram:
+                best += [("compiled self_spec+lora auto ngram", {**lora_auto, **ngram})]
         mode = True if args.compile_mode == "default" else args.compile_mode
         rows += [(label, {**kw, "compile": mode}) for label, kw in best]
     if args.only:

@@ -86,16 +86,19 @@ class DecodeBatch:
             self._layouts[key] = make_layout(key[0], q, masks_per_row, self.model.device)
         return self._layouts[key]
 
+    def adapter_follows_pathway(self) -> bool:
+        """Whether the adapter is on for drafting tokens only (draft_only), so a forward that mixes pathways needs a
+        per-token gate."""
+        return self.adapter is not None and self.lora_mode != "both"
+
     def gated(self, layout: BlockLayout) -> bool:
         """Whether a forward of this layout runs the adapter on some of its tokens only (a per-token gate)."""
-        return (self.adapter is not None and self.lora_mode != "both" and layout.any_drafting
-                and not layout.all_drafting)
+        return self.adapter_follows_pathway() and layout.any_drafting and not layout.all_drafting
 
     def build_twins(self, quadratic: bool) -> None:
-        """Build the twins this batch's forwards will run (single-forward ones: the gated twin too) before any of
-        them is timed (twins.build_twins)."""
-        gated = quadratic and self.gated(self.layout("verify_draft", 2, masks_per_row=1))
-        build_twins(self.model, self.adapter, gated=gated)
+        """Build the twins this batch's forwards will run before any of them is timed (twins.build_twins): a
+        single-forward layout always mixes verify and draft tokens, so it takes the gated twin too."""
+        build_twins(self.model, self.adapter, gated=quadratic and self.adapter_follows_pathway())
 
     def _pathway(self, layout: BlockLayout):
         """Context manager yielding the backbone to run for this layout (None: the model's own, PEFT switched as
