@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from nld_lora.acceptance import expected_tokens
-from nld_lora.decoding.auto import DraftPlanner
+from nld_lora.decoding.auto import Choice, DraftPlanner
 from nld_lora.decoding.twins import forward_costs
 from tests.helpers import make_adapter, random_prompts, tiny_model
 
@@ -57,15 +57,15 @@ def test_planner_takes_lookup_drafts_only_while_they_pay(monkeypatch):
     monkeypatch.setattr(auto, "forward_seconds", lambda batch, width: 1.0 + 0.1 * width)  # a measured cost curve
     planner = DraftPlanner(4, quadratic=False, prior=[0.05] * 4)  # diffusion drafts: never worth a draft forward
     planner.ratio_samples["ar"] = [1.0]  # an AR step was timed as predicted
-    assert planner.choose(_Rows(1), lookup_len=3) == (3, True)  # lookup prior 0.6: 2.18 tokens for 1.4 s
+    assert planner.choose(_Rows(1), lookup_len=3) == Choice(3, True)  # lookup prior 0.6: 2.18 tokens for 1.4 s
     monkeypatch.setattr(auto, "forward_seconds", lambda batch, width: 1.0 + 0.5 * width)  # wide verifies cost more:
     steep = DraftPlanner(4, False, [0.05] * 4)
     steep.ratio_samples["ar"] = [1.0]
-    assert steep.choose(_Rows(1), lookup_len=3) == (1, True)  # 1.6 tokens for 2 s
+    assert steep.choose(_Rows(1), lookup_len=3) == Choice(1, True)  # 1.6 tokens for 2 s
     monkeypatch.setattr(auto, "forward_seconds", lambda batch, width: 1.0 + 0.1 * width)
     for _ in range(60):
         planner.record([0], drafted=3, lookup=True)  # but the lookups keep failing
-    assert planner.choose(_Rows(1), lookup_len=3) == (0, False)
+    assert planner.choose(_Rows(1), lookup_len=3) == Choice(0, False)
 
 
 def test_an_unmeasured_cycle_kind_takes_the_measured_overhead():
@@ -108,7 +108,7 @@ def test_merged_lookup_and_diffusion_cycles_are_priced_and_recorded_by_span(monk
     planner.ratio_samples["ar"] = [1.0]
     # merged k=4 with a 2-token lookup: 1 + .9 + .81 + .405 + .2025 = 3.3175 tokens for 2 s (draft + verify)
     planner._costs[1] = [1.0, 2.0, 2.0, 2.0, 2.0]
-    assert planner.choose(_Rows(1), lookup_len=2) == (2, True)  # lookup alone: 2.71 tokens for 1 s is better
+    assert planner.choose(_Rows(1), lookup_len=2) == Choice(2, True)  # lookup alone: 2.71 tokens for 1 s is better
     before_l, before_d = list(planner.lookup.attempts), list(planner.diffusion.attempts)
     planner.record([3], drafted=4, lookup_lens=[2])  # lookup tokens 1-2 accepted, diffusion 3 accepted, 4 not
     assert planner.lookup.attempts == [a + 1 for a in before_l[:2]] + before_l[2:]
@@ -124,7 +124,7 @@ def test_merged_lookup_and_diffusion_cycles_are_priced_and_recorded_by_span(monk
 def test_a_poor_lookup_gives_way_to_diffusion_drafts_alone(monkeypatch):
     """A merged cycle prices its first positions at the lookup rates: with a poor lookup (a 1-gram match) on offer
     every cycle, diffusion drafts that would have paid were never chosen alone. The planner weighs both and says
-    which (merge_cut: 0 diffusion alone, None the lookup first)."""
+    which (Choice.lookup_cut: 0 diffusion alone, None the lookup first)."""
     import nld_lora.decoding.auto as auto
 
     monkeypatch.setattr(auto, "forward_seconds", lambda batch, width: 1.0)
@@ -132,11 +132,11 @@ def test_a_poor_lookup_gives_way_to_diffusion_drafts_alone(monkeypatch):
     planner.ratio_samples["ar"] = [1.0]
     planner._costs[1] = [1.0, 2.0, 2.0, 2.0, 2.0]
     planner.lookup = auto._Rates([0.05] * 4)  # lookups rarely accepted
-    assert planner.choose(_Rows(1), lookup_len=3) == (4, False) and planner.merge_cut == 0
+    assert planner.choose(_Rows(1), lookup_len=3) == Choice(4, False, 0)
     planner.lookup = auto._Rates([0.95] * 4)  # lookups better than the diffusion drafts: lookup first
     planner.diffusion = auto._Rates([0.9] * 4)
     planner._costs[1] = [1.0, 2.0, 6.0, 6.0, 2.0]  # a 2-token lookup-only verify (half of costs[2]) priced out
-    assert planner.choose(_Rows(1), lookup_len=2) == (4, False) and planner.merge_cut is None
+    assert planner.choose(_Rows(1), lookup_len=2) == Choice(4, False, None)
 
 
 def test_diffusion_drafts_alone_with_lookups_on_offer_stay_lossless(monkeypatch):
@@ -146,8 +146,7 @@ def test_diffusion_drafts_alone_with_lookups_on_offer_stay_lossless(monkeypatch)
     class DiffusionAlone(DraftPlanner):
         def choose(self, batch, lookup_len=0, verifying=0, row=None):
             super().choose(batch, lookup_len, verifying, row)
-            self.merge_cut = 0
-            return self._start(1.0, len(batch), (2, False))
+            return self._start(1.0, len(batch), Choice(2, False, 0))
 
     monkeypatch.setattr(loops, "DraftPlanner", DiffusionAlone)
     model = tiny_model(seed=1)
@@ -185,7 +184,7 @@ def test_planner_on_a_real_batch_measures_costs_and_picks_a_length():
     batch.prefill()
     lengths = list(batch.lengths)
     planner = DraftPlanner(3, quadratic=False, prior=[0.9, 0.8, 0.7])
-    k, lookup = planner.choose(batch)
+    k, lookup, _ = planner.choose(batch)
     assert 0 <= k <= 3 and lookup is False
     assert batch.lengths == lengths  # measuring wrote nothing the batch keeps
     costs = forward_costs(model)
@@ -239,7 +238,7 @@ def test_a_fresh_planner_times_an_ar_step_before_it_drafts():
     put AR steps at 1/0.56 of their real time in a traced run), so its first choice is an AR step however good the drafts look."""
     planner = DraftPlanner(4, False, prior=[0.95] * 4)
     planner._costs[1] = [1.0, 1.1, 1.1, 1.1, 1.1]
-    assert planner.choose(_Rows(1)) == (0, False)
+    assert planner.choose(_Rows(1)) == Choice(0, False)
     planner.finish(0)
     planner.ratio_samples["ar"] = [1.0]  # measured as predicted
     assert planner.choose(_Rows(1))[0] == 4
@@ -260,13 +259,13 @@ def test_a_cycle_is_timed_until_the_next_choice_so_its_bookkeeping_counts():
     assert len(times) == 1 and times[0] >= 0.05
 
 
-def _run_cycle(planner, seconds: float, lookup_len: int = 0) -> tuple[int, bool]:
+def _run_cycle(planner, seconds: float, lookup_len: int = 0) -> Choice:
     """One choice whose cycle took `seconds` of wall time (closed by the next choose)."""
     import time
 
     choice = planner.choose(_Rows(1), lookup_len)
     planner._started = time.perf_counter() - seconds
-    planner.finish(*choice)
+    planner.finish(choice.k, lookup=choice.lookup)
     return choice
 
 
@@ -275,7 +274,7 @@ def test_one_slow_ar_step_does_not_set_the_price_of_ar_steps():
     planner draft below AR speed for the rest of the run; the median of the last cycles ignores it."""
     planner = DraftPlanner(4, False, prior=[0.5] * 4)
     planner._costs[1] = [1.0, 1.9, 2.0, 2.1, 2.2]
-    assert _run_cycle(planner, 3.0) == (0, False)  # the first AR step is timed: a spike, 3x its prediction
+    assert _run_cycle(planner, 3.0) == Choice(0, False)  # the first AR step is timed: a spike, 3x its prediction
     for _ in range(2):
         assert _run_cycle(planner, 1.0)[0] == 0  # then AR steps as predicted
     planner.choose(_Rows(1))
@@ -308,11 +307,11 @@ def test_lookup_drafts_on_offer_are_tried_again_after_a_bad_start(monkeypatch):
     for _ in range(60):
         planner.record([0], drafted=3, lookup=True)  # the first lookups failed: AR steps look better
     choices = [_run_cycle(planner, 1.0, lookup_len=3) for _ in range(auto.LOOKUP_RETRY + 1)]
-    assert choices[:auto.LOOKUP_RETRY] == [(0, False)] * auto.LOOKUP_RETRY and choices[-1][1]
+    assert choices[:auto.LOOKUP_RETRY] == [Choice(0)] * auto.LOOKUP_RETRY and choices[-1].lookup
     for _ in range(40):
         planner.record([3], drafted=3, lookup=True)  # the retried lookups are accepted whole
-    assert _run_cycle(planner, 1.0, lookup_len=3) == (3, True)
-    assert _run_cycle(planner, 1.0) == (0, False)  # no lookup on offer: the retry counter plays no part
+    assert _run_cycle(planner, 1.0, lookup_len=3) == Choice(3, True)
+    assert _run_cycle(planner, 1.0) == Choice(0, False)  # no lookup on offer: the retry counter plays no part
 
 
 def test_ar_choices_in_a_row_run_in_doubling_runs_timed_per_step():
@@ -326,7 +325,7 @@ def test_ar_choices_in_a_row_run_in_doubling_runs_timed_per_step():
     planner = _planner_with_costs([0.3] * 4, [1.0, 2.0, 2.2, 2.4, 2.6])  # drafting never pays
     runs = []
     for _ in range(6):
-        assert planner.choose(_Rows(1)) == (0, False)
+        assert planner.choose(_Rows(1)) == Choice(0, False)
         runs.append(planner.ar_run())
         planner._started = time.perf_counter() - 4.0 * runs[-1]  # each step took 4 s (predicted: 1 s)
         planner.finish(0, steps=runs[-1])
@@ -454,7 +453,7 @@ def test_a_draft_price_set_by_one_slow_cycle_is_timed_again():
     planner.ratio_samples["draft"] = [5.6]  # the slow first cycle
     choices, steps = [], 0
     while steps < auto.DRAFT_REPROBE + auto.AR_RUN_MAX:
-        k, _ = planner.choose(_Rows(1))
+        k = planner.choose(_Rows(1)).k
         runs = planner.ar_run() if k == 0 else 1
         planner._started = time.perf_counter() - (1.0 * runs if k == 0 else 1.1)
         planner.finish(k, steps=runs)
@@ -472,7 +471,7 @@ def _ar_steps_until_a_draft(planner: DraftPlanner, limit: int) -> tuple[int, boo
     """Run the planner's choices (AR steps timed as predicted) for up to `limit` steps: (steps, drafted)."""
     steps = 0
     while steps < limit:
-        k, _ = planner.choose(_Rows(1))
+        k = planner.choose(_Rows(1)).k
         if k:
             return steps, True
         runs = min(planner.ar_run(), limit - steps)
@@ -514,5 +513,5 @@ def test_the_draft_reprobe_runs_while_lookups_are_on_offer(monkeypatch):
     for _ in range(40):
         planner.record([3], drafted=3, lookup=True)  # lookups pay
     choices = [_run_cycle(planner, 1.3, lookup_len=3) for _ in range(auto.DRAFT_REPROBE + 1)]
-    assert [i for i, (k, lookup) in enumerate(choices) if k and not lookup] == [auto.DRAFT_REPROBE]
-    assert sum(lookup for _, lookup in choices) > 0.9 * auto.DRAFT_REPROBE
+    assert [i for i, c in enumerate(choices) if c.k and not c.lookup] == [auto.DRAFT_REPROBE]
+    assert sum(c.lookup for c in choices) > 0.9 * auto.DRAFT_REPROBE

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import time
 from statistics import median
+from typing import NamedTuple
 
 import torch
 
@@ -146,12 +147,22 @@ class _Rates:
             self.accepts[j] += j < n_accepted
 
 
+class Choice(NamedTuple):
+    """One cycle's plan: k drafts (0: an AR step); lookup: the rows' lookup drafts alone, cut to k; lookup_cut, for
+    a diffusion cycle with lookups on offer: None, the lookups lead the drafts (the diffusion pass drafts past
+    them), 0, diffusion drafts alone (a poor match priced the merged cycle below them)."""
+
+    k: int
+    lookup: bool = False
+    lookup_cut: int | None = None
+
+
 class DraftPlanner:
     """Chooses the next cycle for one decode batch: an AR step, k diffusion drafts (1..max_len), or, when every row
     found one, the prompt-lookup drafts cut to k tokens (their own rates, prior PRIOR_RATE; cost: one verify forward
     of width k + 1). Where rows have lookup drafts, a diffusion cycle verifies lookup + diffusion tail (the loop
     merges them), so its expected tokens use the lookup rates over the lookup's span and the diffusion rates past
-    it, and its verdicts are recorded the same way; it is weighed against diffusion drafts alone (merge_cut 0),
+    it, and its verdicts are recorded the same way; it is weighed against diffusion drafts alone (Choice.lookup_cut 0),
     which win where the lookup on offer is poor."""
 
     def __init__(self, max_len: int, quadratic: bool, prior: list[float] | None = None,
@@ -175,9 +186,7 @@ class DraftPlanner:
         # cycle, counted on across decode batches: a batch of a few dozen steps never reached DRAFT_REPROBE alone
         self._ar_wins = 0  # choices in a row that AR won (ar_run)
         self._lookups_skipped = 0  # cycles since lookup drafts were last verified, counting those that offered them
-        self._chosen: tuple = (0, (0, False))
-        self.merge_cut: int | None = None  # the last diffusion choice's lookup tokens: None, the rows' lookups (the
-        # diffusion drafts past them); 0, none (a poor 1-gram match priced the merged cycle below diffusion alone)
+        self._chosen: tuple = (0, Choice(0))
         self.memory_key = memory_key
         self._started = self._predicted = 0.0
         self._pending: tuple[str, int, int] | None = None  # (kind, k, AR steps) of the cycle finish() named, not
@@ -245,9 +254,8 @@ class DraftPlanner:
             return forward_seconds(batch, (k + 1) * (k + 2))
         return 2 * forward_seconds(batch, k + 1)
 
-    def choose(self, batch, lookup_len: int = 0, verifying: int = 0, row: int | None = None) -> tuple[int, bool]:
-        """(draft length, take the lookup drafts) with the most expected tokens per second (0: an AR step) for
-        request `row` (critical(); None: the pooled rates); lookup_len: that row's lookup draft length when every
+    def choose(self, batch, lookup_len: int = 0, verifying: int = 0, row: int | None = None) -> Choice:
+        """The Choice with the most expected tokens per second for request `row` (critical(); None: the pooled rates); lookup_len: that row's lookup draft length when every
         row found one, else 0. verifying (single-forward mode): the drafts this cycle's forward verifies, which set
         its real width. Closes the previous cycle's clock (finish) and starts this one's."""
         self._close()
@@ -258,13 +266,13 @@ class DraftPlanner:
             # every AR_REPROBE cycles): the one-off width measurements misjudge it
             # (a traced run: AR steps at 0.56x the measured width-1 forward), and every unmeasured kind takes its ratio
             self._ar_wins = 0
-            return self._start(costs[0], rows, (0, False))
+            return self._start(costs[0], rows, Choice(0))
         ratios = self.ratios()
-        best, best_rate, predicted = (0, False), 1.0 / self.seconds(rows, "ar", 0, costs[0], ratios), costs[0]
+        best, best_rate, predicted = Choice(0), 1.0 / self.seconds(rows, "ar", 0, costs[0], ratios), costs[0]
         diffusion, lookup = self.row_rates(row)
         lookup = lookup[:lookup_len]
-        best_draft: tuple = (0.0, (0, False), 0.0, None)  # (rate, choice, predicted, merge_cut) of the best
-        # diffusion choice: over lookup + diffusion tail (cut None), or diffusion drafts alone (cut 0)
+        best_draft: tuple = (0.0, Choice(0), 0.0)  # (rate, choice, predicted) of the best diffusion choice: over
+        # lookup + diffusion tail (cut None), or diffusion drafts alone (cut 0)
         for cut in (None, 0) if lookup_len else (None,):
             span = lookup_len if cut is None else 0
             tokens, survive = 1.0, 1.0
@@ -273,25 +281,25 @@ class DraftPlanner:
                 tokens += survive
                 rate = tokens / self.seconds(rows, "draft", k, costs[k], ratios)
                 if rate > best_draft[0]:
-                    best_draft = (rate, (k, False), costs[k], cut)
+                    best_draft = (rate, Choice(k, False, cut), costs[k])
         reprobe = self._since_draft >= DRAFT_REPROBE and self.max_len > 0  # lookups on offer do not put it off:
         # at batch 1 a 1-gram match is on offer nearly every cycle, and a report run then drafted not once
         if best_draft[0] > best_rate or reprobe:
             best, best_rate, predicted = best_draft[1], best_draft[0], best_draft[2]
-        self.merge_cut = best_draft[3] if best == best_draft[1] else None
-        best_lookup: tuple = (0.0, (0, False), 0.0)  # (rate, choice, predicted)
+        best_lookup: tuple = (0.0, Choice(0), 0.0)  # (rate, choice, predicted)
         for k in range(1, lookup_len + 1):  # lookup drafts cut to k: a narrower verify, for fewer expected tokens
             verify = costs[k] / 2  # a linear cycle's draft + verify of width k + 1 (cycle_seconds), less the draft:
             # pricing it anew per k was about 8 width lookups per choice, 4% of a batch-1 lookup run
             rate = expected_tokens(lookup, k) / self.seconds(rows, "lookup", k, verify, ratios)
-            best_lookup = max(best_lookup, (rate, (k, True), verify))
+            if rate >= best_lookup[0]:  # a tie goes to the longer cut
+                best_lookup = (rate, Choice(k, True), verify)
         if lookup_len and not reprobe and (best_lookup[0] > best_rate or self._lookups_skipped >= LOOKUP_RETRY):
             best, predicted = best_lookup[1], best_lookup[2]
-        self._ar_wins = self._ar_wins + 1 if best == (0, False) else 0
-        verified_lookups = best[1] or (best[0] > 0 and lookup_len > 0)  # a diffusion cycle verifies them too
+        self._ar_wins = self._ar_wins + 1 if best.k == 0 else 0
+        verified_lookups = best.lookup or (best.k > 0 and lookup_len > 0)  # a diffusion cycle verifies them too
         self._lookups_skipped = 0 if verified_lookups else self._lookups_skipped + (lookup_len > 0)
         if self.quadratic:  # ranked by the steady state; this forward's width also depends on the drafts it verifies
-            k = best[0]
+            k = best.k
             predicted = forward_seconds(batch, (verifying + 1) * (k + 2) if k else verifying + 1)
         return self._start(predicted, rows, best)
 
@@ -302,7 +310,7 @@ class DraftPlanner:
         narrow call, where either choice costs about the same."""
         return min(AR_RUN_MAX, 1 << (self._ar_wins - 1)) if self._ar_wins else 1
 
-    def _start(self, predicted: float, rows: int, choice: tuple[int, bool]) -> tuple[int, bool]:
+    def _start(self, predicted: float, rows: int, choice: Choice) -> Choice:
         """Start the clock of the cycle just chosen."""
         self._predicted, self._chosen = predicted, (rows, choice)
         self._started = time.perf_counter()

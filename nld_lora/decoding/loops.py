@@ -249,11 +249,11 @@ def run_self_spec(batch: DecodeBatch, out: Outputs, cfg: DecodeSettings, gen: to
         if planner:
             row = planner.critical(batch.rows, batch.committed())
             own = len(lookups[batch.rows.index(row)]) if all_found and row is not None else longest
-            k, use_lookup = planner.choose(batch, own, row=row)
+            k, use_lookup, lookup_cut = planner.choose(batch, own, row=row)
             if not use_lookup:
                 _note_choice(batch, out, k)
-                if k and lookups is not None and planner.merge_cut is not None:  # diffusion drafts only
-                    lookups = [found[:planner.merge_cut] for found in lookups]
+                if k and lookups is not None and lookup_cut is not None:  # diffusion drafts only
+                    lookups = [found[:lookup_cut] for found in lookups]
         else:
             k, use_lookup = (longest, True) if all_found else (cfg.draft_len, False)
         draft_logits = None
