@@ -3,8 +3,8 @@ the adapter, by forward time alone.
 
 For every position of each prompt's AR answer it scores what each kind of cycle would have committed there: an AR
 step (one token), prompt-lookup drafts cut to k (the runtime's NgramIndex; one verify forward of width k + 1) and
-diffusion drafts of length k, with and without the adapter (drafted through the runtime, generate() on the context
-as the prompt; a draft and a verify forward of width k + 1). Each is priced by the forward times draft_len="auto"
+diffusion drafts of length k, with and without the adapter (the runtime's draft forward on each context's cache,
+checked against generate()'s first cycle at a sample of contexts; a draft and a verify forward of width k + 1). Each is priced by the forward times draft_len="auto"
 measures at batch 1 (eager; `--compile` for compiled forwards), and a dynamic program over positions finds the
 cheapest sequence of cycles per answer: an oracle that knows every cycle's outcome. No planner choosing among these
 cycles can beat it, so the ratio of the two oracles bounds what the adapter can add at batch 1 here (the runtime's
