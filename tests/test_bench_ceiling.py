@@ -1,0 +1,61 @@
+"""scripts/bench_ceiling.py: its cached draft forwards are the runtime's drafts, and its oracle is the cheapest path."""
+
+import importlib.util
+import itertools
+import random
+from pathlib import Path
+
+import torch
+
+from tests.helpers import make_adapter, random_prompts, tiny_model
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_ceiling.py"
+
+
+def _ceiling():
+    spec = importlib.util.spec_from_file_location("bench_ceiling", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_cached_draft_forwards_equal_generates_first_cycle_at_every_context(tmp_path):
+    """One prefill per answer and draft forwards from the last position back give, at every context and draft
+    length, the drafts generate() makes on that context as the prompt, with and without an adapter."""
+    ceiling = _ceiling()
+    model = tiny_model(seed=3)
+    model.attach_adapter(make_adapter(model, tmp_path / "lora", target_modules=("q_proj", "o_proj")))
+    prompts = random_prompts(3, seed=4)
+    answers = model.generate(prompts, mode="ar", max_new_tokens=9, adapter=False).sequences
+    full = [p + a for p, a in zip(prompts, answers)]
+    starts = [len(p) for p in prompts]
+    where = [(i, s) for i, a in enumerate(answers) for s in range(len(a) - 1)]
+    drafted = {}
+    for adapter in (False, model.active_adapter):
+        with torch.no_grad():
+            cached = ceiling.diffusion_drafts(model, full, starts, adapter or None, [1, 3])
+        for k in (1, 3):
+            reference = ceiling.runtime_drafts(model, [full[i][:starts[i] + s] for i, s in where],
+                                               [answers[i][s] for i, s in where], adapter, k, batch_size=4)
+            assert [cached[k][c] for c in where] == reference
+        drafted[adapter] = [cached[3][c] for c in where]
+    assert drafted[False] != drafted[model.active_adapter]  # the adapter changes drafts: both pathways were run
+
+
+def test_the_oracle_finds_the_cheapest_sequence_of_cycles():
+    """Against every sequence of cycles, enumerated, on random small instances."""
+    ceiling = _ceiling()
+    rng = random.Random(0)
+    for _ in range(30):
+        n = rng.randint(2, 7)
+        options = [[("ar", 0, 1, 1.0)] + [("draft", j, rng.randint(1, 4), rng.uniform(0.5, 3.0))
+                                          for j in range(rng.randint(0, 3))] for _ in range(n - 1)]
+        best = float("inf")
+        for picks in itertools.product(*[range(len(o)) for o in options]):  # a choice at every position; a path
+            at, cost = 0, 0.0  # uses those of the positions it stands on
+            while at < n - 1:
+                option = options[at][picks[at]]
+                at, cost = min(at + option[2], n - 1), cost + option[3]
+            best = min(best, cost)
+        seconds, kinds = ceiling.cheapest(n, options)
+        assert abs(seconds - best) < 1e-9 and sum(kinds.values()) >= 1
