@@ -121,6 +121,24 @@ def test_merged_lookup_and_diffusion_cycles_are_priced_and_recorded_by_span(monk
     assert planner.lookup.attempts[:3] == [3, 1, 0] and planner.lookup.accepts[:2] == [2, 1]
 
 
+def test_lookups_are_priced_by_the_length_of_the_n_gram_they_matched(monkeypatch):
+    """A 1-gram match's first token was right 29% of the time on the bench prompts, a 3-gram's 92%: priced at the
+    pooled rates, both were taken alike. Each matched length learns its own rates (the pooled ones its prior), so
+    the planner verifies a 3-gram lookup and takes an AR step where only a 1-gram matched."""
+    import nld_lora.decoding.auto as auto
+
+    monkeypatch.setattr(auto, "forward_seconds", lambda batch, width: 1.0 + 0.1 * width)
+    planner = DraftPlanner(4, quadratic=False, prior=[0.05] * 4)  # diffusion drafts never pay
+    planner.ratio_samples.update(ar=[1.0], lookup=[1.0])
+    for _ in range(30):
+        planner.record([0, 3], drafted=3, lookup=True, lookup_lens=[3, 3], lookup_orders=[1, 3])
+    assert planner.lookup_by_order[1].accepts[0] == 0 and planner.lookup_by_order[3].accepts[:3] == [30] * 3
+    assert planner.lookup.attempts[0] == 60  # the pooled counts take both
+    assert planner.choose(_Rows(1), lookup_len=3, lookup_order=3) == Choice(3, True)
+    assert planner.choose(_Rows(1), lookup_len=3, lookup_order=1) == Choice(0, False)
+    assert planner.lookup_rates(2) == planner.lookup.values()  # a length not seen yet: the pooled rates
+
+
 def test_a_poor_lookup_gives_way_to_diffusion_drafts_alone(monkeypatch):
     """A merged cycle prices its first positions at the lookup rates: with a poor lookup (a 1-gram match) on offer
     every cycle, diffusion drafts that would have paid were never chosen alone. The planner weighs both and says
@@ -144,8 +162,8 @@ def test_diffusion_drafts_alone_with_lookups_on_offer_stay_lossless(monkeypatch)
     import nld_lora.decoding.loops as loops
 
     class DiffusionAlone(DraftPlanner):
-        def choose(self, batch, lookup_len=0, verifying=0, row=None):
-            super().choose(batch, lookup_len, verifying, row)
+        def choose(self, batch, lookup_len=0, verifying=0, row=None, lookup_order=None):
+            super().choose(batch, lookup_len, verifying, row, lookup_order)
             return self._start(1.0, len(batch), Choice(2, False, 0))
 
     monkeypatch.setattr(loops, "DraftPlanner", DiffusionAlone)

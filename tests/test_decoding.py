@@ -261,6 +261,9 @@ def test_ngram_index_takes_the_longest_latest_match_as_a_scan_does():
     assert NgramIndex([5, 1, 2, 3, 9, 7, 1, 2], max_ngram=3).draft(3) == [3, 9, 7]
     assert NgramIndex([1, 2, 4, 0, 2, 5, 1, 2], max_ngram=2).draft(2) == [4, 0]  # the 2-gram beats the later 1-gram
     assert NgramIndex([4, 5, 6], max_ngram=3).draft(2) == []
+    assert NgramIndex([5, 1, 2, 3, 9, 7, 1, 2], max_ngram=3).match(3) == (2, [3, 9, 7])  # (7, 1, 2) never came before
+    assert NgramIndex([1, 2, 4, 2], max_ngram=3).match(2) == (1, [4, 2])
+    assert NgramIndex([4, 5, 6], max_ngram=3).match(2) == (0, [])
     gen = torch.Generator().manual_seed(0)
     for trial in range(200):
         tokens = torch.randint(0, 4 + trial % 5, (int(torch.randint(1, 60, (1,), generator=gen)),),

@@ -27,9 +27,14 @@ class NgramIndex:
 
     def draft(self, k: int, min_ngram: int = 1) -> list[int]:
         """Up to k tokens after the latest earlier match of the longest suffix n-gram (max_ngram down to min_ngram)."""
+        return self.match(k, min_ngram)[1]
+
+    def match(self, k: int, min_ngram: int = 1) -> tuple[int, list[int]]:
+        """(n, draft): the length of the longest suffix n-gram with an earlier occurrence and up to k tokens after
+        its latest one; (0, []) when none has. Longer matches are right more often (the planner prices them apart)."""
         tokens = self.tokens
         for n in range(min(self.max_ngram, len(tokens) - 1), min_ngram - 1, -1):
             at = self.follower.get(tuple(tokens[len(tokens) - n:]))
             if at is not None:
-                return tokens[at:at + k]
-        return []
+                return n, tokens[at:at + k]
+        return 0, []

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from nld_lora.decoding.auto import DraftPlanner, rows_bucket
@@ -109,19 +111,28 @@ def _exact_match(target: torch.Tensor, drafts: torch.Tensor, cfg: DecodeSettings
     return tokens, n
 
 
-def _lookup_drafts(batch: DecodeBatch, out: Outputs, cfg: DecodeSettings, k: int) -> list[list[int]] | None:
+class Lookups(NamedTuple):
+    """Per row, its prompt-lookup draft ([] when none) and the n-gram length the draft matched (0 when none)."""
+
+    drafts: list[list[int]]
+    orders: list[int]
+
+
+def _lookup_drafts(batch: DecodeBatch, out: Outputs, cfg: DecodeSettings, k: int) -> Lookups | None:
     """Per row, a prompt-lookup draft from prompt + committed tokens (greedy only: verification then stays exact
     without draft probabilities); None when lookup is off."""
     if cfg.ngram <= 0 or cfg.temperature > 0:
         return None
-    drafts = []
+    drafts, orders = [], []
     for rid in batch.rows:
         index = batch.ngram_index.get(rid)
         if index is None:
             index = batch.ngram_index[rid] = NgramIndex(batch.prompts[rid], cfg.ngram)
         index.extend(out.tokens[rid][len(index.tokens) - len(batch.prompts[rid]):])
-        drafts.append(index.draft(k))
-    return drafts
+        order, draft = index.match(k)
+        drafts.append(draft)
+        orders.append(order)
+    return Lookups(drafts, orders)
 
 
 def _merge_drafts(lookups: list[list[int]], drafts: torch.Tensor | None, k: int, filler: int,
@@ -202,7 +213,7 @@ def _ar_step(batch: DecodeBatch, out: Outputs, cfg: DecodeSettings, gen: torch.G
 
 
 def _ar_run(batch: DecodeBatch, out: Outputs, cfg: DecodeSettings, gen: torch.Generator, seeds: torch.Tensor,
-            planner: DraftPlanner, lookups: bool) -> tuple[torch.Tensor, list[list[int]] | None]:
+            planner: DraftPlanner, lookups: bool) -> tuple[torch.Tensor, Lookups | None]:
     """The AR step the planner chose, or its run of them (DraftPlanner.ar_run), each noted as a choice of 0 drafts;
     the run ends early when a row finishes or, with lookups, every row finds a lookup draft (a choice to weigh).
     Returns the seeds and, when the run ended on found lookups, those drafts (the next cycle's, not looked up
@@ -212,8 +223,8 @@ def _ar_run(batch: DecodeBatch, out: Outputs, cfg: DecodeSettings, gen: torch.Ge
         if steps:
             if len(batch) != rows:
                 break
-            if lookups and _all_found(drafts := _lookup_drafts(batch, out, cfg, cfg.draft_len)):
-                found = drafts
+            if lookups and _all_found(looked := _lookup_drafts(batch, out, cfg, cfg.draft_len)):
+                found = looked
                 break
             _note_choice(batch, out, 0)
         seeds = _ar_step(batch, out, cfg, gen, seeds)
@@ -222,8 +233,8 @@ def _ar_run(batch: DecodeBatch, out: Outputs, cfg: DecodeSettings, gen: torch.Ge
     return seeds, found
 
 
-def _all_found(lookups: list[list[int]] | None) -> bool:
-    return lookups is not None and all(lookups)
+def _all_found(lookups: Lookups | None) -> bool:
+    return lookups is not None and all(lookups.drafts)
 
 
 def _note_choice(batch: DecodeBatch, out: Outputs, k: int) -> None:
@@ -243,13 +254,16 @@ def run_self_spec(batch: DecodeBatch, out: Outputs, cfg: DecodeSettings, gen: to
     cycle, found = 0, None
     while len(batch):
         n_rows = len(batch)
-        lookups, found = found or _lookup_drafts(batch, out, cfg, cfg.draft_len), None
-        all_found = _all_found(lookups)
+        looked, found = found or _lookup_drafts(batch, out, cfg, cfg.draft_len), None
+        lookups, orders = looked if looked is not None else (None, None)
+        all_found = _all_found(looked)
         longest = max(map(len, lookups)) if all_found else 0
         if planner:
             row = planner.critical(batch.rows, batch.committed())
-            own = len(lookups[batch.rows.index(row)]) if all_found and row is not None else longest
-            k, use_lookup, lookup_cut = planner.choose(batch, own, row=row)
+            at = batch.rows.index(row) if row is not None else 0  # the priced row (a single row: row 0)
+            own = len(lookups[at]) if all_found and row is not None else longest
+            k, use_lookup, lookup_cut = planner.choose(batch, own, row=row,
+                                                       lookup_order=orders[at] if all_found else None)
             if not use_lookup:
                 _note_choice(batch, out, k)
                 if k and lookups is not None and lookup_cut is not None:  # diffusion drafts only
@@ -279,7 +293,7 @@ def run_self_spec(batch: DecodeBatch, out: Outputs, cfg: DecodeSettings, gen: to
         batch.advance([a + 1 for a in accepted])
         if planner:
             planner.record(accepted, k, lookup=use_lookup, lookup_lens=[len(f) for f in lookups] if lookups else None,
-                           rows=batch.rows)
+                           rows=batch.rows, lookup_orders=orders)
             planner.finish(k, lookup=use_lookup)
         new = _record(batch, out, starts, accepted, drafted, emitted, lookups)
         seeds = tokens[torch.arange(n_rows, device=tokens.device), n_acc].long()
@@ -313,7 +327,8 @@ def run_self_spec_quadratic(batch: DecodeBatch, out: Outputs, cfg: DecodeSetting
                 drafts = torch.empty(len(batch), 0, dtype=torch.long, device=seeds.device)
                 continue
         masks_per_row = next_len + 1 if next_len else 0
-        lookups = _lookup_drafts(batch, out, cfg, n_drafts) if n_drafts else None
+        looked = _lookup_drafts(batch, out, cfg, n_drafts) if n_drafts else None
+        lookups, orders = looked if looked is not None else (None, None)
         if lookups is not None:
             drafts = _merge_drafts(lookups, drafts, n_drafts, mask_id, seeds.device)
         verify_rows = n_drafts + 1
@@ -328,7 +343,7 @@ def run_self_spec_quadratic(batch: DecodeBatch, out: Outputs, cfg: DecodeSetting
             new = _record(batch, out, starts, accepted, drafted, emitted, lookups)
             if planner:
                 planner.record(accepted, n_drafts, lookup_lens=[len(f) for f in lookups] if lookups else None,
-                               rows=batch.rows)
+                               rows=batch.rows, lookup_orders=orders)
         else:
             tokens = select_tokens(logits[:, :1], cfg.temperature, gen, cfg.top_k, cfg.top_p)
             n_acc = torch.zeros(n_rows, dtype=torch.long, device=seeds.device)
