@@ -159,8 +159,8 @@ class Choice(NamedTuple):
 
 class DraftPlanner:
     """Chooses the next cycle for one decode batch: an AR step, k diffusion drafts (1..max_len), or, when every row
-    found one, the prompt-lookup drafts cut to k tokens (their own rates, prior PRIOR_RATE; cost: one verify forward
-    of width k + 1). Where rows have lookup drafts, a diffusion cycle verifies lookup + diffusion tail (the loop
+    found one, the prompt-lookup drafts cut to k tokens (their own rates, prior PRIOR_RATE, and per length of the
+    n-gram the draft matched; cost: one verify forward of width k + 1). Where rows have lookup drafts, a diffusion cycle verifies lookup + diffusion tail (the loop
     merges them), so its expected tokens use the lookup rates over the lookup's span and the diffusion rates past
     it, and its verdicts are recorded the same way; it is weighed against diffusion drafts alone (Choice.lookup_cut 0),
     which win where the lookup on offer is poor."""
