@@ -408,6 +408,34 @@ def test_an_ar_run_ended_by_lookups_hands_them_on(monkeypatch):
     assert all(a != b for a, b in zip(seen, seen[1:]))
 
 
+def test_rows_that_finish_mid_decode_are_priced_from_the_measured_bucket_not_measured(monkeypatch):
+    """Measuring forward costs for the smaller rows bucket that finished rows leave (8 forwards per width) inside
+    the decode cost a batch-8 auto row 7% of its time; those rows are priced from the bucket measured nearest. A
+    width whose next power of two does not fit in the cache is priced from the widths below it, not measured at a
+    capped width of its own."""
+    import nld_lora.decoding.auto as auto
+    from nld_lora.decoding.batch import DecodeBatch
+    from nld_lora.decoding.stats import RequestStats
+
+    model = tiny_model(seed=4)
+    batch = DecodeBatch(model, [[5, 6, 7], [8, 9]], [0, 1], [RequestStats(), RequestStats()], capacity=40)
+    batch.prefill()
+    widths, forward = [], batch.forward
+    monkeypatch.setattr(batch, "forward", lambda tokens, kind, **kw: widths.append(tokens.shape[1]) or
+                        forward(tokens, kind, **kw))
+    two_rows = auto.forward_seconds(batch, 8)
+    assert widths == [1, 2, 4, 8] * (auto.TIMING_REPEATS + 1)  # the batch's own bucket: measured
+    batch.select([0])  # a row finished: bucket 1, never measured in this process
+    widths.clear()
+    assert auto.forward_seconds(batch, 8) == two_rows and widths == []
+    batch.lengths = [30]  # 10 slots left: width 12 has no room for 16 next to it
+    assert auto.forward_seconds(batch, 12) == auto.forward_seconds(batch, 8) and widths == []
+    fresh = DecodeBatch(model, [[5, 6, 7]], [0], [RequestStats()], capacity=40)  # a batch that starts at one row
+    fresh.prefill()
+    auto.forward_seconds(fresh, 4)  # measures its own bucket
+    assert ("cpu", False, 1, 4) in forward_costs(model)
+
+
 def test_between_widths_interpolates_measured_widths_and_holds_past_the_widest():
     from nld_lora.decoding.auto import between_widths
 

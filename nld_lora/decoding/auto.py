@@ -57,13 +57,35 @@ CYCLE_KINDS = ("ar", "draft", "lookup")  # AR steps, diffusion-draft cycles, loo
 
 def forward_seconds(batch, width: int) -> float:
     """Predicted wall time of a forward of `width` tokens on this batch: linear between measured widths 1, 2, 4, 8,
-    ... (measure_forwards; the upper point capped at the widest forward the batch's cache has room for), per
-    power-of-two bucket of batch rows, eager or compiled. The powers of two below `width` are measured with it."""
+    ... (measure_forwards), per power-of-two bucket of batch rows, eager or compiled. The powers of two below `width`
+    are measured with it, and the one above where the batch's cache has room for it (else past the widest measured,
+    that one's time). A bucket that rows finishing mid-decode reach is priced from the measured bucket nearest to
+    it instead: measuring there, 8 forwards per width inside the decode, cost a batch-8 single-forward auto row 7%
+    of its time (0.93x AR with nearly only AR steps; docs/benchmarks.md, twelfth session)."""
     low = 1 << (width.bit_length() - 1)
     points = [1 << i for i in range(low.bit_length())]
-    if low != width:
-        points.append(min(2 * low, batch.cache.capacity - max(batch.lengths)))
+    if low != width and 2 * low <= batch.cache.capacity - max(batch.lengths):
+        points.append(2 * low)
+    if rows_bucket(len(batch)) != rows_bucket(batch.initial_rows):
+        borrowed = measured_nearby(batch, points)
+        if borrowed:
+            return between_widths(borrowed, width)
     return between_widths(measure_forwards(batch, points), width)
+
+
+def measured_nearby(batch, widths: list[int]) -> dict[int, float]:
+    """Forward times at `widths` from the nearest rows bucket (above first, then below) that has them all measured
+    in this process, same device and compile state; empty when none has."""
+    model = batch.model
+    costs = forward_costs(model)
+    device, compiled = str(model.device), model.encoder._compiled_call_impl is not None
+    own = rows_bucket(len(batch))
+    buckets = sorted({key[2] for key in costs if key[:2] == (device, compiled) and key[2] != own},
+                     key=lambda b: (b < own, abs(b.bit_length() - own.bit_length())))
+    for bucket in buckets:
+        if all((device, compiled, bucket, w) in costs for w in widths):
+            return {w: costs[(device, compiled, bucket, w)] for w in widths}
+    return {}
 
 
 def between_widths(times: dict[int, float], width: int) -> float:

@@ -65,6 +65,8 @@ class DecodeBatch:
         static_shapes: attention always spans the whole capacity (CUDA graphs; see RaggedCache)."""
         self.model = model
         self.rows = list(request_ids)
+        self.initial_rows = len(self.rows)  # rows at the start: draft_len="auto" measures forward costs for this
+        # many, and prices the fewer rows left once some finish from what it measured (auto.forward_seconds)
         self.prompts = dict(zip(request_ids, prompts))  # request id -> prompt ids (prompt-lookup drafts read them)
         self.ngram_index: dict[int, NgramIndex] = {}  # request id -> its prompt-lookup index (built on first use)
         self.stats = stats
