@@ -6,7 +6,8 @@ width k+1 (linear) or one forward of width (k+1)(k+2) (single-forward). k = 0 is
 width 1, one token). The planner takes the k with the most tokens per second. Rates start from a prior (the
 adapter's evaluated per-position rates when it has them, else PRIOR_RATE) worth PRIOR_WEIGHT cycles and are
 updated with every verified cycle of the call. Forward times are measured once per process at widths 1, 2, 4, 8, ...
-(interleaved, interpolated between) and per power-of-two bucket of batch rows, eager and compiled apart;
+(interleaved, interpolated between) and per power-of-two bucket of batch rows, eager and compiled apart (a bucket
+that finishing rows reach mid-decode is priced from the nearest measured one, not measured inside the decode);
 the runtime's own per-cycle cost (verification, bookkeeping) is learnt from the wall time of the cycles run (each
 timed from its choice to the next, so all of a loop iteration counts) as the median ratio of measured to predicted
 time over the last TIME_WINDOW cycles, kept apart for AR steps, diffusion-draft cycles and lookup-only cycles (one
