@@ -8,7 +8,8 @@ checked against generate()'s first cycle at a sample of contexts; a draft and a 
 measures at batch 1 (eager; `--compile` for compiled forwards), and a dynamic program over positions finds the
 cheapest sequence of cycles per answer: an oracle that knows every cycle's outcome. No planner choosing among these
 cycles can beat it, so the ratio of the two oracles bounds what the adapter can add at batch 1 here (the runtime's
-own per-cycle work, and the lookup + diffusion-tail cycle whose drafts see the lookup tokens, are left out).
+own per-cycle work, single-forward cycles, and the lookup + diffusion-tail cycle whose drafts see the lookup tokens,
+are left out).
 
     python scripts/bench_ceiling.py --adapter runs/tiny_code/train/linear_spec_lora [--n 16] [--compile]
 """
@@ -148,6 +149,9 @@ def main() -> None:
     agree = {name: sum(ref == drafts[name][max(lens)][c] for ref, c in zip(
         runtime_drafts(model, [full[i][:starts[i] + s] for i, s in check], [answers[i][s] for i, s in check],
                        adapter, max(lens), args.batch_size), check)) for name, adapter in drafters.items()}
+    if min(agree.values()) < 0.95 * len(check):
+        raise SystemExit(f"the cached draft forwards match generate()'s drafts at only {agree} of {len(check)} "
+                         "contexts: the oracle would not price the runtime's drafts")
 
     options: dict[str, list[list[list[Option]]]] = {}  # oracle -> answer -> s -> its options
     plans = {"AR steps only": (None, False), "lookup + AR": (None, True)}
