@@ -30,8 +30,10 @@ from nld_lora.decoding.auto import between_widths
 from nld_lora.decoding.batch import DecodeBatch
 from nld_lora.decoding.lookup import NgramIndex
 from nld_lora.decoding.sampling import select_tokens
+from nld_lora.decoding.settings import DecodeSettings
 from nld_lora.decoding.stats import RequestStats
-from nld_lora.decoding.twins import forward_costs
+from nld_lora.report.paired import first_cycle_drafts
+from nld_lora.report.speed import forward_ms
 
 Option = tuple[str, int, int, float]  # (kind, k, tokens committed, seconds)
 
@@ -48,7 +50,7 @@ def forward_times(model, prompt: list[int], compiled: bool) -> dict[int, float]:
     """Batch-1 forward seconds by width, as draft_len="auto" measures them (one auto decode takes the widths)."""
     model.generate([prompt], mode="self_spec", draft_len="auto", max_new_tokens=8, batch_size=1, adapter=False,
                    compile=compiled)
-    return {width: t for (_, comp, rows, width), t in forward_costs(model).items() if rows == 1 and comp == compiled}
+    return {int(width): ms / 1e3 for width, ms in forward_ms(model, compiled).items()}
 
 
 def diffusion_drafts(model, full: list[list[int]], starts: list[int], adapter: str | None, lens: list[int],
@@ -78,18 +80,6 @@ def diffusion_drafts(model, full: list[list[int]], starts: list[int], adapter: s
                 if active[i]:
                     drafts[k][(i, s)] = row
     return drafts
-
-
-def runtime_drafts(model, contexts: list[list[int]], seeds: list[int], adapter: str | bool, k: int,
-                   batch_size: int) -> list[list[int]]:
-    """The k drafts generate() makes in its first cycle on each context as the prompt (after the prefill's seed):
-    the reference diffusion_drafts is checked against."""
-    res = model.generate(contexts, mode="self_spec", draft_len=k, max_new_tokens=2, batch_size=batch_size,
-                         adapter=adapter)
-    for i, seq in enumerate(res.sequences):
-        if seq[0] != seeds[i]:
-            raise RuntimeError(f"context {i}: the prefill decoded {seq[0]}, the AR answer has {seeds[i]}")
-    return [req.cycle_drafts[0] for req in res.stats.requests]
 
 
 def cheapest(n_tokens: int, options: list[list[Option]]) -> tuple[float, Counter]:
@@ -147,8 +137,9 @@ def main() -> None:
     where = [(i, s) for i, answer in enumerate(answers) for s in range(len(answer) - 1)]
     check = where[:: max(1, len(where) // args.check)]  # the same drafts through generate(), at a sample of contexts
     agree = {name: sum(ref == drafts[name][max(lens)][c] for ref, c in zip(
-        runtime_drafts(model, [full[i][:starts[i] + s] for i, s in check], [answers[i][s] for i, s in check],
-                       adapter, max(lens), args.batch_size), check)) for name, adapter in drafters.items()}
+        first_cycle_drafts(model, [full[i][:starts[i] + s] for i, s in check], [answers[i][s] for i, s in check],
+                           adapter, DecodeSettings(draft_len=max(lens)), args.batch_size), check))
+             for name, adapter in drafters.items()}
     if min(agree.values()) < 0.95 * len(check):
         raise SystemExit(f"the cached draft forwards match generate()'s drafts at only {agree} of {len(check)} "
                          "contexts: the oracle would not price the runtime's drafts")

@@ -122,9 +122,9 @@ def test_merged_lookup_and_diffusion_cycles_are_priced_and_recorded_by_span(monk
 
 
 def test_lookups_are_priced_by_the_length_of_the_n_gram_they_matched(monkeypatch):
-    """A 1-gram match's first token was right 29% of the time on the bench prompts, a 3-gram's 92%: priced at the
-    pooled rates, both were taken alike. Each matched length learns its own rates (the pooled ones its prior), so
-    the planner verifies a 3-gram lookup and takes an AR step where only a 1-gram matched."""
+    """A 1-gram match's first token was right 29% of the time on prompts of the embedded default, a 3-gram's 92%:
+    priced at the pooled rates, both were taken alike. Each matched length learns its own rates (the pooled ones
+    its prior), so the planner verifies a 3-gram lookup and takes an AR step where only a 1-gram matched."""
     import nld_lora.decoding.auto as auto
 
     monkeypatch.setattr(auto, "forward_seconds", lambda batch, width: 1.0 + 0.1 * width)

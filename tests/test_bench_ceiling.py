@@ -7,6 +7,8 @@ from pathlib import Path
 
 import torch
 
+from nld_lora.decoding.settings import DecodeSettings
+from nld_lora.report.paired import first_cycle_drafts
 from tests.helpers import make_adapter, random_prompts, tiny_model
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_ceiling.py"
@@ -35,8 +37,9 @@ def test_cached_draft_forwards_equal_generates_first_cycle_at_every_context(tmp_
         with torch.no_grad():
             cached = ceiling.diffusion_drafts(model, full, starts, adapter or None, [1, 3])
         for k in (1, 3):
-            reference = ceiling.runtime_drafts(model, [full[i][:starts[i] + s] for i, s in where],
-                                               [answers[i][s] for i, s in where], adapter, k, batch_size=4)
+            reference = first_cycle_drafts(model, [full[i][:starts[i] + s] for i, s in where],
+                                           [answers[i][s] for i, s in where], adapter, DecodeSettings(draft_len=k),
+                                           batch_size=4)
             assert [cached[k][c] for c in where] == reference
         drafted[adapter] = [cached[3][c] for c in where]
     assert drafted[False] != drafted[model.active_adapter]  # the adapter changes drafts: both pathways were run

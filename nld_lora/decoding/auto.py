@@ -77,16 +77,21 @@ def forward_seconds(batch, width: int) -> float:
 def measured_nearby(batch, widths: list[int]) -> dict[int, float]:
     """Forward times at `widths` from the nearest rows bucket (above first, then below) that has them all measured
     in this process, same device and compile state; empty when none has."""
-    model = batch.model
-    costs = forward_costs(model)
-    device, compiled = str(model.device), model.encoder._compiled_call_impl is not None
-    own = rows_bucket(len(batch))
+    costs = forward_costs(batch.model)
+    device, compiled, own = cost_key(batch)
     buckets = sorted({key[2] for key in costs if key[:2] == (device, compiled) and key[2] != own},
                      key=lambda b: (b < own, abs(b.bit_length() - own.bit_length())))
     for bucket in buckets:
         if all((device, compiled, bucket, w) in costs for w in widths):
             return {w: costs[(device, compiled, bucket, w)] for w in widths}
     return {}
+
+
+def cost_key(batch) -> tuple[str, bool, int]:
+    """(device, compiled, rows bucket): where a forward time of this batch is kept (twins.forward_costs), with the
+    width after it."""
+    model = batch.model
+    return str(model.device), model.encoder._compiled_call_impl is not None, rows_bucket(len(batch))
 
 
 def between_widths(times: dict[int, float], width: int) -> float:
@@ -109,7 +114,7 @@ def measure_forwards(batch, widths: list[int]) -> dict[int, float]:
     (docs/benchmarks.md)."""
     model = batch.model
     costs = forward_costs(model)
-    prefix = (str(model.device), model.encoder._compiled_call_impl is not None, rows_bucket(len(batch)))
+    prefix = cost_key(batch)
     missing = sorted({w for w in widths if prefix + (w,) not in costs})
     times: dict[int, list[float]] = {w: [] for w in missing}
     tokens = {w: torch.full((len(batch), w), model.mask_token_id, device=model.device) for w in missing}
@@ -183,10 +188,10 @@ class Choice(NamedTuple):
 class DraftPlanner:
     """Chooses the next cycle for one decode batch: an AR step, k diffusion drafts (1..max_len), or, when every row
     found one, the prompt-lookup drafts cut to k tokens (their own rates, prior PRIOR_RATE, and per length of the
-    n-gram the draft matched; cost: one verify forward of width k + 1). Where rows have lookup drafts, a diffusion cycle verifies lookup + diffusion tail (the loop
-    merges them), so its expected tokens use the lookup rates over the lookup's span and the diffusion rates past
-    it, and its verdicts are recorded the same way; it is weighed against diffusion drafts alone (Choice.lookup_cut 0),
-    which win where the lookup on offer is poor."""
+    n-gram the draft matched; cost: one verify forward of width k + 1). Where rows have lookup drafts, a diffusion
+    cycle verifies lookup + diffusion tail (the loop merges them), so its expected tokens use the lookup rates over
+    the lookup's span and the diffusion rates past it, and its verdicts are recorded the same way; it is weighed
+    against diffusion drafts alone (Choice.lookup_cut 0), which win where the lookup on offer is poor."""
 
     def __init__(self, max_len: int, quadratic: bool, prior: list[float] | None = None,
                  memory: dict | None = None, memory_key: tuple = ()):
@@ -199,7 +204,8 @@ class DraftPlanner:
         self.diffusion = _Rates(_prior(memory.get("diffusion") or prior, max_len))
         self.lookup = _Rates(_prior(None, max_len))  # lookups are as good as each prompt repeats itself: not carried
         self.lookup_by_order: dict[int, _Rates] = {}  # matched n-gram length -> those lookups' counts (prior: the
-        # pooled rates): on the bench prompts a 1-gram match's first token was right 29% of the time, a 3-gram's 92%
+        # pooled rates): on 32 prompts of the embedded default a 1-gram match's first token was right 29% of the
+        # time, a 3-gram's 92% (docs/benchmarks.md, twelfth session)
         self.row_counts: dict[int, tuple[_Rates, _Rates]] = {}  # request id -> its own (diffusion, lookup) counts
         self.ratio_samples: dict[str, list[float]] = {kind: list(memory.get("ratio_samples", {}).get(kind, []))
                                                       for kind in CYCLE_KINDS}  # the last TIME_WINDOW measured /
@@ -287,9 +293,10 @@ class DraftPlanner:
 
     def choose(self, batch, lookup_len: int = 0, verifying: int = 0, row: int | None = None,
                lookup_order: int | None = None) -> Choice:
-        """The Choice with the most expected tokens per second for request `row` (critical(); None: the pooled rates); lookup_len: that row's lookup draft length when every
-        row found one, else 0. verifying (single-forward mode): the drafts this cycle's forward verifies, which set
-        its real width. Closes the previous cycle's clock (finish) and starts this one's."""
+        """The Choice with the most expected tokens per second for request `row` (critical(); None: the pooled
+        rates); lookup_len: that row's lookup draft length when every row found one, else 0, and lookup_order the
+        n-gram length it matched (lookup_rates). verifying (single-forward mode): the drafts this cycle's forward
+        verifies, which set its real width. Closes the previous cycle's clock (finish) and starts this one's."""
         self._close()
         if len(batch) not in self._costs:  # widest first: its measurement takes every narrower width along
             self._costs[len(batch)] = [self.cycle_seconds(batch, k) for k in range(self.max_len, -1, -1)][::-1]

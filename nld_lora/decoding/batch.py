@@ -65,8 +65,6 @@ class DecodeBatch:
         static_shapes: attention always spans the whole capacity (CUDA graphs; see RaggedCache)."""
         self.model = model
         self.rows = list(request_ids)
-        self.initial_rows = len(self.rows)  # rows at the start: draft_len="auto" measures forward costs for this
-        # many, and prices the fewer rows left once some finish from what it measured (auto.forward_seconds)
         self.prompts = dict(zip(request_ids, prompts))  # request id -> prompt ids (prompt-lookup drafts read them)
         self.ngram_index: dict[int, NgramIndex] = {}  # request id -> its prompt-lookup index (built on first use)
         self.stats = stats
@@ -80,6 +78,12 @@ class DecodeBatch:
 
     def __len__(self) -> int:
         return len(self.rows)
+
+    @property
+    def initial_rows(self) -> int:
+        """Rows at the start (prompts are kept for every request): draft_len="auto" measures forward costs for this
+        many, and prices the fewer rows left once some finish from what it measured (auto.forward_seconds)."""
+        return len(self.prompts)
 
     def layout(self, kind: str, q: int, masks_per_row: int = 0) -> BlockLayout:
         """The block layout of a forward kind at width q, built once per shape."""

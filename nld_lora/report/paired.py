@@ -32,20 +32,26 @@ def cycle_contexts(result: Any) -> list[Context]:
     return found
 
 
+def first_cycle_drafts(model: Any, contexts: list[list[int]], seeds: list[int], adapter: str | bool,
+                       settings: DecodeSettings, batch_size: int) -> list[list[int]]:
+    """The drafts of the first cycle after each context, drafted through the runtime: generate() on the context as
+    the prompt (max 2 new tokens: the prefill's seed, then a draft + verify cycle). A context whose prefill does not
+    reproduce its seed is an error: the drafts would then not follow the same context."""
+    res = model.generate(contexts, mode="self_spec", adapter=adapter, max_new_tokens=2, settings=settings,
+                         batch_size=batch_size)
+    for i, (seed, seq, req) in enumerate(zip(seeds, res.sequences, res.stats.requests)):
+        if seq[0] != seed or not req.cycle_drafts:
+            raise RuntimeError(f"context {i} (cache length {len(contexts[i])}) decoded seed {seq[0]} where the run "
+                               f"had {seed}, or ran no cycle; the contexts are not reproducible")
+    return [req.cycle_drafts[0] for req in res.stats.requests]
+
+
 def first_draft_hits(model: Any, contexts: list[Context], adapter: str | bool, settings: DecodeSettings,
                      batch_size: int) -> list[bool]:
-    """Whether the first draft at each context equals its target: one cycle per context (max 2 new tokens: the
-    prefill's seed, then a draft + verify cycle). A context whose prefill does not reproduce the seed is an error:
-    the two drafters would then not see the same context."""
-    res = model.generate([c[0] for c in contexts], mode="self_spec", adapter=adapter, max_new_tokens=2,
-                         settings=settings, batch_size=batch_size)
-    hits = []
-    for i, ((_, seed, target, _), seq, req) in enumerate(zip(contexts, res.sequences, res.stats.requests)):
-        if seq[0] != seed or not req.cycle_drafts:
-            raise RuntimeError(f"paired r_1: context {i} (cache length {len(contexts[i][0])}) decoded seed {seq[0]}"
-                               f" where the run had {seed}, or ran no cycle; the contexts are not reproducible")
-        hits.append(req.cycle_drafts[0][0] == target)
-    return hits
+    """Whether the first draft at each context equals its target: one cycle per context (first_cycle_drafts)."""
+    drafts = first_cycle_drafts(model, [c[0] for c in contexts], [c[1] for c in contexts], adapter, settings,
+                                batch_size)
+    return [d[0] == c[2] for d, c in zip(drafts, contexts)]
 
 
 def paired_change(without: list[bool], with_: list[bool]) -> dict[str, Any]:

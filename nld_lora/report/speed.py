@@ -72,13 +72,14 @@ def fastest_modes(model: Any, adapters: dict[str, str | bool], selection: list[s
     } for label in adapters}
 
 
-def forward_ms(model: Any) -> dict[str, float]:
-    """Eager batch-1 forward wall times draft_len="auto" measured in this process, width -> ms (empty if none)."""
+def forward_ms(model: Any, compiled: bool = False) -> dict[str, float]:
+    """Batch-1 forward wall times draft_len="auto" measured in this process, eager (or compiled), width -> ms
+    (empty if none)."""
     from nld_lora.decoding.twins import forward_costs
 
-    return {str(width): round(1e3 * t, 3) for (_, compiled, rows, width), t in sorted(forward_costs(model).items(),
-                                                                                    key=lambda kv: kv[0][3])
-            if rows == 1 and not compiled}
+    return {str(width): round(1e3 * t, 3) for (_, comp, rows, width), t in sorted(forward_costs(model).items(),
+                                                                                key=lambda kv: kv[0][3])
+            if rows == 1 and comp == compiled}
 
 
 def draft_cycle_cost(position_rates: list[float | None], forward_ms_by_width: dict[str, float]) -> dict[str, Any] | None:
