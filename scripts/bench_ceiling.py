@@ -2,14 +2,15 @@
 the adapter, by forward time alone.
 
 For every position of each prompt's AR answer it scores what each kind of cycle would have committed there: an AR
-step (one token), prompt-lookup drafts cut to k (the runtime's NgramIndex; one verify forward of width k + 1) and
-diffusion drafts of length k, with and without the adapter (the runtime's draft forward on each context's cache,
-checked against generate()'s first cycle at a sample of contexts; a draft and a verify forward of width k + 1). Each is priced by the forward times draft_len="auto"
+step (one token), prompt-lookup drafts cut to k (the runtime's NgramIndex; one verify forward of width k + 1),
+diffusion drafts of length k, and merged cycles whose first c drafts are the lookup's and the rest diffusion drafts
+that see them (the cycle draft_len="auto" runs with lookups on offer), with and without the adapter. Drafts come
+from the runtime's draft forward on each context's cache (checked against generate()'s first cycle at a sample of
+contexts; a draft and a verify forward of width k + 1). Each is priced by the forward times draft_len="auto"
 measures at batch 1 (eager; `--compile` for compiled forwards), and a dynamic program over positions finds the
 cheapest sequence of cycles per answer: an oracle that knows every cycle's outcome. No planner choosing among these
 cycles can beat it, so the ratio of the two oracles bounds what the adapter can add at batch 1 here (the runtime's
-own per-cycle work, single-forward cycles, and the lookup + diffusion-tail cycle whose drafts see the lookup tokens,
-are left out).
+own per-cycle work and single-forward cycles are left out).
 
     python scripts/bench_ceiling.py --adapter runs/tiny_code/train/linear_spec_lora [--n 16] [--compile]
 """
@@ -54,31 +55,42 @@ def forward_times(model, prompt: list[int], compiled: bool) -> dict[int, float]:
 
 
 def diffusion_drafts(model, full: list[list[int]], starts: list[int], adapter: str | None, lens: list[int],
-                     ) -> dict[int, dict[tuple[int, int], list[int]]]:
-    """k -> (answer i, committed s) -> the k diffusion drafts after seed full[i][starts[i] + s], as the runtime's
-    draft forward makes them: one causal prefill of each prompt + answer (the cache of every shorter context is its
-    prefix), then, from the last position back (a forward writes past its context only), a draft forward per k
-    with every row's cache cut to its context."""
+                     leads: dict[tuple[int, int], list[int]] | None = None, cuts: list[int] = (),
+                     ) -> dict[tuple[int, int], dict[tuple[int, int], list[int]]]:
+    """(c, k) -> (answer i, committed s) -> the k drafts after seed full[i][starts[i] + s] of a draft block whose
+    first c drafts are leads[(i, s)][:c] (a lookup draft; c = 0: none, c in `cuts`, c < k, only where the lead
+    has c tokens) and the others the diffusion pass's, as the runtime's draft forward makes them: one causal
+    prefill of each prompt + answer (the cache of every shorter context is its prefix), then, from the last
+    position back (a forward writes past its context only), a draft forward per (c, k) with every row's cache cut
+    to its context."""
     batch = DecodeBatch(model, full, list(range(len(full))), [RequestStats() for _ in full],
                         capacity=max(map(len, full)) + max(lens) + 2, adapter=adapter)
     batch.build_twins(quadratic=False)
     batch.prefill()
     mask_id = model.mask_token_id
-    drafts: dict[int, dict[tuple[int, int], list[int]]] = {k: {} for k in lens}
+    shapes = [(0, k) for k in lens] + [(c, k) for c in cuts for k in lens if c < k] if leads else [(0, k) for k in lens]
+    drafts: dict[tuple[int, int], dict[tuple[int, int], list[int]]] = {shape: {} for shape in shapes}
     longest = max(len(f) - p for f, p in zip(full, starts))
     for s in tqdm(range(longest - 2, -1, -1), desc=f"draft forwards ({adapter or 'base'})", leave=False):
-        active = [starts[i] + s + 1 < len(f) for i, f in enumerate(full)]  # the others draft past their answer's
-        # end, in slots no context of theirs reads
-        batch.lengths = [starts[i] + s if on else len(f) for i, (f, on) in enumerate(zip(full, active))]
-        seeds = torch.tensor([f[n] if on else mask_id for f, n, on in zip(full, batch.lengths, active)],
+        in_answer = [starts[i] + s + 1 < len(f) for i, f in enumerate(full)]  # the others draft past their
+        # answer's end, in slots no context of theirs reads
+        batch.lengths = [starts[i] + s if on else len(f) for i, (f, on) in enumerate(zip(full, in_answer))]
+        seeds = torch.tensor([f[n] if on else mask_id for f, n, on in zip(full, batch.lengths, in_answer)],
                              device=model.device)
-        for k in lens:
+        for c, k in shapes:
+            lead = [(leads or {}).get((i, s), [])[:c] for i in range(len(full))]
+            active = [on and len(found) == c for on, found in zip(in_answer, lead)]
+            if not any(active):
+                continue
             block = torch.full((len(full), k + 1), mask_id, dtype=torch.long, device=model.device)
             block[:, 0] = seeds
+            for i, found in enumerate(lead):
+                if active[i] and c:
+                    block[i, 1:c + 1] = torch.tensor(found, device=model.device)
             logits = batch.forward(block, "draft", logits_index=slice(1, None))
             for i, row in enumerate(select_tokens(logits, 0.0, None).tolist()):
                 if active[i]:
-                    drafts[k][(i, s)] = row
+                    drafts[(c, k)][(i, s)] = lead[i] + row[c:]
     return drafts
 
 
@@ -112,9 +124,11 @@ def main() -> None:
     p.add_argument("--draft-lens", default="1,2,3,4,6,8,11,15", help="diffusion and lookup draft lengths scored")
     p.add_argument("--batch-size", type=int, default=32, help="contexts per generate() call of the check")
     p.add_argument("--check", type=int, default=64, help="contexts whose drafts are checked against generate()")
+    p.add_argument("--lookup-cuts", default="1,2,3,4,6", help="lookup tokens leading a merged cycle's drafts")
     p.add_argument("--compile", action="store_true", help="price by compiled forwards instead of eager ones")
     args = p.parse_args()
     lens = sorted({int(k) for k in args.draft_lens.split(",")})
+    cuts = sorted({int(c) for c in args.lookup_cuts.split(",") if c})
 
     model = nld_lora.load(args.model)
     drafters: dict[str, str | bool] = {"base": False}
@@ -133,10 +147,12 @@ def main() -> None:
 
     full = [prompt + answer for prompt, answer in zip(prompts, answers)]
     starts = [len(prompt) for prompt in prompts]
-    drafts = {name: diffusion_drafts(model, full, starts, adapter or None, lens) for name, adapter in drafters.items()}
     where = [(i, s) for i, answer in enumerate(answers) for s in range(len(answer) - 1)]
+    lookups = {(i, s): NgramIndex(prompts[i] + answers[i][:s + 1], args.ngram).draft(max(lens)) for i, s in where}
+    drafts = {name: diffusion_drafts(model, full, starts, adapter or None, lens, lookups, cuts)
+              for name, adapter in drafters.items()}
     check = where[:: max(1, len(where) // args.check)]  # the same drafts through generate(), at a sample of contexts
-    agree = {name: sum(ref == drafts[name][max(lens)][c] for ref, c in zip(
+    agree = {name: sum(ref == drafts[name][(0, max(lens))][c] for ref, c in zip(
         first_cycle_drafts(model, [full[i][:starts[i] + s] for i, s in check], [answers[i][s] for i, s in check],
                            adapter, DecodeSettings(draft_len=max(lens)), args.batch_size), check))
              for name, adapter in drafters.items()}
@@ -145,20 +161,23 @@ def main() -> None:
                          "contexts: the oracle would not price the runtime's drafts")
 
     options: dict[str, list[list[list[Option]]]] = {}  # oracle -> answer -> s -> its options
-    plans = {"AR steps only": (None, False), "lookup + AR": (None, True)}
-    plans.update({f"diffusion ({name}) + AR": (name, False) for name in drafters})
-    plans.update({f"lookup + diffusion ({name}) + AR": (name, True) for name in drafters})
-    for label, (drafter, lookups) in plans.items():
+    plans = {"AR steps only": (None, False, False), "lookup + AR": (None, True, False)}
+    plans.update({f"diffusion ({name}) + AR": (name, False, False) for name in drafters})
+    plans.update({f"lookup + diffusion ({name}) + AR": (name, True, False) for name in drafters})
+    plans.update({f"lookup + diffusion + merged ({name}) + AR": (name, True, True) for name in drafters})
+    for label, (drafter, with_lookups, merged) in plans.items():
         per_answer = [[[("ar", 0, 1, cost[1])] for _ in range(max(len(a) - 1, 0))] for a in answers]
         for i, s in where:
             truth = answers[i][s + 1:]
-            if lookups:
-                found = NgramIndex(prompts[i] + answers[i][:s + 1], args.ngram).draft(max(lens))
+            found = lookups[(i, s)]
+            if with_lookups:
                 per_answer[i][s] += [("lookup", k, agreeing(found[:k], truth) + 1, cost[k + 1])
                                      for k in lens if k <= len(found)]
             if drafter:
-                per_answer[i][s] += [("draft", k, agreeing(drafts[drafter][k][(i, s)], truth) + 1, 2 * cost[k + 1])
-                                     for k in lens]
+                per_answer[i][s] += [(f"merged {c}+" if c else "draft", k, agreeing(drafted[(i, s)], truth) + 1,
+                                      2 * cost[k + 1])
+                                     for (c, k), drafted in drafts[drafter].items()
+                                     if (c == 0 or merged) and (i, s) in drafted]
         options[label] = per_answer
 
     print(f"model {args.model}, adapter {args.adapter}, {len(prompts)} prompts, {sum(map(len, answers))} AR tokens, "
@@ -181,10 +200,9 @@ def main() -> None:
         summary = " ".join(f"{kind}:{n}" for kind, n in sorted(kinds.items(), key=lambda kv: -kv[1])[:8])
         print(f"{label:>48} {1e3 * total:9.1f} {tokens / total:8.1f} {ar_s / total:5.2f}x  {summary}")
     if args.adapter:
-        print(f"ceiling of best with adapter / best without: "
-              f"{results['lookup + diffusion (base) + AR'] / results['lookup + diffusion (adapter) + AR']:.3f} "
-              f"(lookup + diffusion oracles); diffusion alone: "
-              f"{results['diffusion (base) + AR'] / results['diffusion (adapter) + AR']:.3f}")
+        print("ceiling of best with adapter / best without: " + ", ".join(
+            f"{results[f'{kinds} (base) + AR'] / results[f'{kinds} (adapter) + AR']:.3f} ({kinds})"
+            for kinds in ("lookup + diffusion + merged", "lookup + diffusion", "diffusion")))
 
 
 if __name__ == "__main__":

@@ -40,9 +40,42 @@ def test_cached_draft_forwards_equal_generates_first_cycle_at_every_context(tmp_
             reference = first_cycle_drafts(model, [full[i][:starts[i] + s] for i, s in where],
                                            [answers[i][s] for i, s in where], adapter, DecodeSettings(draft_len=k),
                                            batch_size=4)
-            assert [cached[k][c] for c in where] == reference
-        drafted[adapter] = [cached[3][c] for c in where]
+            assert [cached[(0, k)][c] for c in where] == reference
+        drafted[adapter] = [cached[(0, 3)][c] for c in where]
     assert drafted[False] != drafted[model.active_adapter]  # the adapter changes drafts: both pathways were run
+
+
+def test_merged_drafts_equal_a_draft_forward_on_each_context_alone(tmp_path):
+    """Drafts led by lookup tokens, from the cached forwards, equal the runtime's draft forward of the same block on
+    a fresh batch holding that context only; contexts whose lookup is shorter than the cut have none."""
+    from nld_lora.decoding.batch import DecodeBatch
+    from nld_lora.decoding.sampling import select_tokens
+    from nld_lora.decoding.stats import RequestStats
+
+    ceiling = _ceiling()
+    model = tiny_model(seed=3)
+    model.attach_adapter(make_adapter(model, tmp_path / "lora", target_modules=("q_proj", "o_proj")))
+    prompts = random_prompts(3, seed=5)
+    answers = model.generate(prompts, mode="ar", max_new_tokens=8, adapter=False).sequences
+    full = [p + a for p, a in zip(prompts, answers)]
+    starts = [len(p) for p in prompts]
+    rng = random.Random(1)
+    leads = {(i, s): [rng.randrange(3, 60) for _ in range(rng.randint(0, 3))]
+             for i, a in enumerate(answers) for s in range(len(a) - 1)}
+    with torch.no_grad():
+        cached = ceiling.diffusion_drafts(model, full, starts, model.active_adapter, [2, 4], leads, [1, 2])
+        for (c, k), drafted in cached.items():
+            assert set(drafted) == {key for key, lead in leads.items() if len(lead) >= c}
+            for (i, s), drafts in drafted.items():
+                context = full[i][:starts[i] + s]
+                alone = DecodeBatch(model, [context], [0], [RequestStats()], capacity=len(context) + k + 2,
+                                    adapter=model.active_adapter)
+                alone.build_twins(quadratic=False)
+                alone.prefill()
+                block = torch.tensor([[full[i][starts[i] + s], *leads[(i, s)][:c]] + [model.mask_token_id] * (k - c)])
+                predicted = select_tokens(alone.forward(block, "draft", logits_index=slice(1, None)), 0.0, None)
+                assert drafts == leads[(i, s)][:c] + predicted[0].tolist()[c:], (c, k, i, s)
+    assert {(0, 2), (0, 4), (1, 2), (1, 4), (2, 4)} == set(cached)
 
 
 def test_the_oracle_finds_the_cheapest_sequence_of_cycles():
