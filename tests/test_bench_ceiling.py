@@ -21,16 +21,21 @@ def _ceiling():
     return module
 
 
+def _answered(tmp_path, prompt_seed: int, max_new_tokens: int):
+    """A tiny model with an adapter attached, and its AR answers to three random prompts: (model, answers, prompt +
+    answer token lists, prompt lengths)."""
+    model = tiny_model(seed=3)
+    model.attach_adapter(make_adapter(model, tmp_path / "lora", target_modules=("q_proj", "o_proj")))
+    prompts = random_prompts(3, seed=prompt_seed)
+    answers = model.generate(prompts, mode="ar", max_new_tokens=max_new_tokens, adapter=False).sequences
+    return model, answers, [p + a for p, a in zip(prompts, answers)], [len(p) for p in prompts]
+
+
 def test_cached_draft_forwards_equal_generates_first_cycle_at_every_context(tmp_path):
     """One prefill per answer and draft forwards from the last position back give, at every context and draft
     length, the drafts generate() makes on that context as the prompt, with and without an adapter."""
     ceiling = _ceiling()
-    model = tiny_model(seed=3)
-    model.attach_adapter(make_adapter(model, tmp_path / "lora", target_modules=("q_proj", "o_proj")))
-    prompts = random_prompts(3, seed=4)
-    answers = model.generate(prompts, mode="ar", max_new_tokens=9, adapter=False).sequences
-    full = [p + a for p, a in zip(prompts, answers)]
-    starts = [len(p) for p in prompts]
+    model, answers, full, starts = _answered(tmp_path, prompt_seed=4, max_new_tokens=9)
     where = [(i, s) for i, a in enumerate(answers) for s in range(len(a) - 1)]
     drafted = {}
     for adapter in (False, model.active_adapter):
@@ -53,12 +58,7 @@ def test_merged_drafts_equal_a_draft_forward_on_each_context_alone(tmp_path):
     from nld_lora.decoding.stats import RequestStats
 
     ceiling = _ceiling()
-    model = tiny_model(seed=3)
-    model.attach_adapter(make_adapter(model, tmp_path / "lora", target_modules=("q_proj", "o_proj")))
-    prompts = random_prompts(3, seed=5)
-    answers = model.generate(prompts, mode="ar", max_new_tokens=8, adapter=False).sequences
-    full = [p + a for p, a in zip(prompts, answers)]
-    starts = [len(p) for p in prompts]
+    model, answers, full, starts = _answered(tmp_path, prompt_seed=5, max_new_tokens=8)
     rng = random.Random(1)
     leads = {(i, s): [rng.randrange(3, 60) for _ in range(rng.randint(0, 3))]
              for i, a in enumerate(answers) for s in range(len(a) - 1)}
