@@ -117,10 +117,15 @@ def batch_tail(parts: list) -> float:
     return longest / mean if mean else 1.0
 
 
+def spread(values: list[float]) -> str:
+    """The lowest and highest of a row's per-round values: how far one round can move a median."""
+    return f"{min(values):.2f}-{max(values):.2f}"
+
+
 def print_verdicts(ratios: dict[tuple, list[float]]) -> None:
-    """The comparisons a deployer reads off the table (medians of per-round ratios to AR): the best row with the
-    adapter against the best without it and against transformers' prompt lookup, the best self-speculation row
-    per batch size, and the slowest draft_len="auto" row."""
+    """The comparisons a deployer reads off the table (medians of per-round ratios to AR, with the range over rounds):
+    the best row with the adapter against the best without it and against transformers' prompt lookup, the best
+    self-speculation row per batch size, and the slowest draft_len="auto" row."""
     med = {key: statistics.median(v) for key, v in ratios.items()}
     for bs in sorted({bs for bs, _ in med}):
         rows = {label: r for (b, label), r in med.items() if b == bs}
@@ -134,12 +139,14 @@ def print_verdicts(ratios: dict[tuple, list[float]]) -> None:
             parts.append(f"best self-spec {best} {spec[best]:.2f}x AR")
         if lora and plain:
             bl, bp = max(lora, key=lora.get), max(plain, key=plain.get)
-            parts.append(f"best with adapter / best without: {lora[bl] / plain[bp]:.2f} ({bl} vs {bp})")
+            per_round = [a / b for a, b in zip(ratios[(bs, bl)], ratios[(bs, bp)])]
+            parts.append(f"best with adapter / best without: {lora[bl] / plain[bp]:.2f} ({bl} vs {bp}; rounds "
+                         f"{spread(per_round)})")
             if "hf prompt-lookup" in rows:
                 parts.append(f"best with adapter / hf prompt-lookup: {lora[bl] / rows['hf prompt-lookup']:.2f}")
         if auto:
             worst = min(auto, key=auto.get)
-            parts.append(f"slowest auto row {worst} {auto[worst]:.2f}x AR")
+            parts.append(f"slowest auto row {worst} {auto[worst]:.2f}x AR (rounds {spread(ratios[(bs, worst)])})")
         print(f"batch {bs}: " + "; ".join(parts))
 
 
@@ -213,18 +220,20 @@ def main() -> None:
           "ratios to that round's AR")
     print("'tail': loop iterations of each batch over its rows' mean (its slowest row's, pooled; 1.00: the rows "
           "finished together)")
-    print(f"{'batch':>5} {'mode':>34} {'TPF':>7} {'accept':>7} {'tok/s':>9} {'vs AR':>7} {'overhead':>9} {'tail':>5}"
-          "  draft lens")
+    print("'rounds': the lowest and highest per-round ratio to AR")
+    print(f"{'batch':>5} {'mode':>34} {'TPF':>7} {'accept':>7} {'tok/s':>9} {'vs AR':>7} {'rounds':>10} {'overhead':>9}"
+          f" {'tail':>5}  draft lens")
     for (bs, label), values in speeds.items():
         st, kw, tail = last[(bs, label)]
         speed, ratio = statistics.median(values), statistics.median(ratios[(bs, label)])
+        band = spread(ratios[(bs, label)])
         if kw is None:
-            print(f"{bs:>5} {label:>34} {'-':>7} {'-':>7} {speed:>9.1f} {ratio:>6.2f}x {'-':>9} {'-':>5}"
+            print(f"{bs:>5} {label:>34} {'-':>7} {'-':>7} {speed:>9.1f} {ratio:>6.2f}x {band:>10} {'-':>9} {'-':>5}"
                   f"  (same tokens as the runtime's AR on {st}/{len(prompts)} prompts)")
             continue
         acc = f"{st.acceptance_length:.2f}" if kw["mode"].startswith("self_spec") else "-"
         chosen = " ".join(f"{k}:{n}" for k, n in st.draft_len_choices.items())
-        print(f"{bs:>5} {label:>34} {st.tpf:>7.3f} {acc:>7} {speed:>9.1f} {ratio:>6.2f}x "
+        print(f"{bs:>5} {label:>34} {st.tpf:>7.3f} {acc:>7} {speed:>9.1f} {ratio:>6.2f}x {band:>10} "
               f"{100 * st.overhead_share:>8.1f}% {tail:>5.2f}  {chosen}")
     print_verdicts(ratios)
     costs = forward_costs(model)
