@@ -548,6 +548,36 @@ def test_the_draft_reprobe_counts_on_across_decode_batches():
     assert _ar_steps_until_a_draft(fresh, half) == (half, False)  # without the carried count: no re-probe yet
 
 
+def test_re_probes_back_off_while_drafting_keeps_losing():
+    """Where drafting never pays (batch 8 on this CPU), a re-probe every DRAFT_REPROBE steps cost some 1.3% of an
+    auto row's time: each re-probe after which drafting still loses doubles the gap, up to DRAFT_REPROBE_MAX; once
+    drafting wins after one, the gap is DRAFT_REPROBE again; the gap carries to the next decode batch."""
+    import nld_lora.decoding.auto as auto
+
+    planner = _planner_with_costs([0.3] * 4, [1.0, 2.5, 2.6, 2.7, 2.8])
+    gaps, steps, last = [], 0, 0
+    while len(gaps) < 5:
+        choice = planner.choose(_Rows(1))
+        runs = 1 if choice.k else planner.ar_run()
+        if choice.k:  # a re-probe: its drafts are rejected, its time as predicted
+            gaps.append(steps - last)
+            last = steps
+            planner.record([0], drafted=choice.k)
+        planner._started = time.perf_counter() - (planner._costs[1][choice.k] if choice.k else 1.0 * runs)
+        planner.finish(choice.k, steps=runs)
+        steps += 0 if choice.k else runs
+    bounds = [auto.DRAFT_REPROBE * 2 ** i for i in range(4)] + [auto.DRAFT_REPROBE_MAX]
+    assert bounds == [128, 256, 512, 1024, 1024]
+    assert all(bound <= gap <= bound + auto.AR_RUN_MAX for gap, bound in zip(gaps, bounds)), gaps
+    assert planner.remember()["reprobe_gap"] == auto.DRAFT_REPROBE_MAX
+    planner.diffusion = auto._Rates([0.95] * 4)  # drafts that pay after the last re-probe
+    assert planner.choose(_Rows(1)).k and planner.remember()["reprobe_gap"] == auto.DRAFT_REPROBE
+    carried = DraftPlanner(4, False, prior=[0.3] * 4, memory={"reprobe_gap": 512, "since_draft": 300})
+    carried._costs[1] = [1.0, 2.5, 2.6, 2.7, 2.8]
+    steps, drafted = _ar_steps_until_a_draft(carried, 600)  # 300 steps counted of the carried 512 (the default
+    assert drafted and 512 - 300 <= steps <= 512 - 300 + auto.AR_RUN_MAX  # gap would re-probe at once)
+
+
 def test_the_draft_reprobe_runs_while_lookups_are_on_offer(monkeypatch):
     """At batch 1 a 1-gram lookup is on offer nearly every cycle, and a lookup choice put the re-probe off every time
     (a report run drafted not once): when it is due, the diffusion cycle (over lookup + diffusion tail) runs."""

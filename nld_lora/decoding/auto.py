@@ -15,7 +15,8 @@ forward and no draft bookkeeping: averaged with the others it made diffusion dra
 (rows, kind, k) has run MIN_OBSERVED times, the median of its own observed wall times replaces the prediction (the
 one-off width measurements can be off: in a traced batch-1 run AR steps took 0.56x the measured width-1 forward).
 An AR step is timed first and again every AR_REPROBE cycles, the best diffusion choice once after
-DRAFT_REPROBE steps without one (counted across decode batches); a choice of AR is a run of AR steps (ar_run: 1, 2, 4,
+DRAFT_REPROBE steps without one (counted across decode batches; the gap doubles, up to DRAFT_REPROBE_MAX, while
+drafting still loses after a re-probe); a choice of AR is a run of AR steps (ar_run: 1, 2, 4,
 .. AR_RUN_MAX while AR keeps winning), planned once; lookup drafts on offer but not verified for
 LOOKUP_RETRY cycles are tried again. A batch of several rows ends when its slowest row does (rows that finish
 early leave forwards that cost nearly as much with fewer rows), so the planner prices each cycle for the critical
@@ -52,6 +53,11 @@ DRAFT_REPROBE = 128  # AR steps (or lookup cycles) without a diffusion cycle aft
 # runs once: a price set by one slow cycle (the first draft cycle of a process once took 5x its prediction) was never
 # corrected when drafting was not chosen again. Where drafting loses, one cycle in 128 costs about 0.8% at batch 8
 # (this CPU's width table: a 7-draft cycle 24.9 ms against 2.8 AR steps of 6.5 ms)
+DRAFT_REPROBE_MAX = 1024  # the longest gap between re-probes: each re-probe after which drafting still loses to AR
+# doubles the gap (128, 256, ..., this), one after which it wins sets it back to DRAFT_REPROBE. Where no draft cycle
+# pays (batch 8 on this CPU), six calls of `self_spec+lora auto` on 16 prompts ran 9 draft cycles with a fixed gap and
+# 3 with the doubling one, each about 3.4 AR steps of wall time for one token: some 1.3% of those calls' time
+# (docs/benchmarks.md, thirteenth session)
 MIN_OBSERVED = 2  # cycles of one (rows, kind, k) after which its observed wall time replaces the prediction
 CYCLE_KINDS = ("ar", "draft", "lookup")  # AR steps, diffusion-draft cycles, lookup-only cycles: each its own ratio
 
@@ -215,6 +221,9 @@ class DraftPlanner:
         self._since_ar = 0  # cycles since the last AR step
         self._since_draft = memory.get("since_draft", 0)  # AR steps and lookup cycles since the last diffusion
         # cycle, counted on across decode batches: a batch of a few dozen steps never reached DRAFT_REPROBE alone
+        self._reprobe_gap = memory.get("reprobe_gap", DRAFT_REPROBE)  # steps without a diffusion cycle before the
+        # next re-probe (DRAFT_REPROBE_MAX), carried across decode batches as the count is
+        self._reprobed = False  # the last choice was a re-probe: the next one says whether drafting won after it
         self._ar_wins = 0  # choices in a row that AR won (ar_run)
         self._lookups_skipped = 0  # cycles since lookup drafts were last verified, counting those that offered them
         self._chosen: tuple = (0, Choice(0))
@@ -236,7 +245,8 @@ class DraftPlanner:
         corrected once lookups stop being chosen. Without it every batch of a batch-1 run started from the adapter's
         evaluated rates, which the deployed loop does not reach (issue #22)."""
         return {"diffusion": self.diffusion.values(), "ratio_samples": {kind: list(v) for kind, v in self.ratio_samples.items()},
-                "observed": {key: list(v) for key, v in self.observed.items()}, "since_draft": self._since_draft}
+                "observed": {key: list(v) for key, v in self.observed.items()}, "since_draft": self._since_draft,
+                "reprobe_gap": self._reprobe_gap}
 
     @property
     def time_ratio(self) -> dict[str, float | None]:
@@ -321,9 +331,13 @@ class DraftPlanner:
                 rate = tokens / self.seconds(rows, "draft", k, costs[k], ratios)
                 if rate > best_draft[0]:
                     best_draft = (rate, Choice(k, False, cut), costs[k])
-        reprobe = self._since_draft >= DRAFT_REPROBE and self.max_len > 0  # lookups on offer do not put it off:
-        # at batch 1 a 1-gram match is on offer nearly every cycle, and a report run then drafted not once
-        if best_draft[0] > best_rate or reprobe:
+        drafting_wins = best_draft[0] > best_rate
+        if self._reprobed:  # the re-probe's cycle is priced in now: back off while drafting still loses
+            self._reprobe_gap = DRAFT_REPROBE if drafting_wins else min(2 * self._reprobe_gap, DRAFT_REPROBE_MAX)
+        reprobe = self._since_draft >= self._reprobe_gap and self.max_len > 0  # lookups on offer do not put it
+        # off: at batch 1 a 1-gram match is on offer nearly every cycle, and a report run then drafted not once
+        self._reprobed = reprobe and not drafting_wins
+        if drafting_wins or reprobe:
             best, best_rate, predicted = best_draft[1], best_draft[0], best_draft[2]
         best_lookup: tuple = (0.0, Choice(0), 0.0)  # (rate, choice, predicted)
         for k in range(1, lookup_len + 1):  # lookup drafts cut to k: a narrower verify, for fewer expected tokens
