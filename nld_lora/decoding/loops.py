@@ -112,17 +112,21 @@ def _exact_match(target: torch.Tensor, drafts: torch.Tensor, cfg: DecodeSettings
 
 
 class Lookups(NamedTuple):
-    """Per row, its prompt-lookup draft ([] when none) and the n-gram length the draft matched (0 when none)."""
+    """Per row, its prompt-lookup draft ([] when none) and the n-gram length the draft matched (0 when none); both
+    None when lookup is off."""
 
-    drafts: list[list[int]]
-    orders: list[int]
+    drafts: list[list[int]] | None
+    orders: list[int] | None
 
 
-def _lookup_drafts(batch: DecodeBatch, out: Outputs, cfg: DecodeSettings, k: int) -> Lookups | None:
+NO_LOOKUPS = Lookups(None, None)
+
+
+def _lookup_drafts(batch: DecodeBatch, out: Outputs, cfg: DecodeSettings, k: int) -> Lookups:
     """Per row, a prompt-lookup draft from prompt + committed tokens (greedy only: verification then stays exact
-    without draft probabilities); None when lookup is off."""
+    without draft probabilities); NO_LOOKUPS when lookup is off."""
     if cfg.ngram <= 0 or cfg.temperature > 0:
-        return None
+        return NO_LOOKUPS
     drafts, orders = [], []
     for rid in batch.rows:
         index = batch.ngram_index.get(rid)
@@ -233,8 +237,8 @@ def _ar_run(batch: DecodeBatch, out: Outputs, cfg: DecodeSettings, gen: torch.Ge
     return seeds, found
 
 
-def _all_found(lookups: Lookups | None) -> bool:
-    return lookups is not None and all(lookups.drafts)
+def _all_found(lookups: Lookups) -> bool:
+    return lookups.drafts is not None and all(lookups.drafts)
 
 
 def _note_choice(batch: DecodeBatch, out: Outputs, k: int) -> None:
@@ -255,7 +259,7 @@ def run_self_spec(batch: DecodeBatch, out: Outputs, cfg: DecodeSettings, gen: to
     while len(batch):
         n_rows = len(batch)
         looked, found = found or _lookup_drafts(batch, out, cfg, cfg.draft_len), None
-        lookups, orders = looked if looked is not None else (None, None)
+        lookups, orders = looked
         all_found = _all_found(looked)
         longest = max(map(len, lookups)) if all_found else 0
         if planner:
@@ -327,8 +331,7 @@ def run_self_spec_quadratic(batch: DecodeBatch, out: Outputs, cfg: DecodeSetting
                 drafts = torch.empty(len(batch), 0, dtype=torch.long, device=seeds.device)
                 continue
         masks_per_row = next_len + 1 if next_len else 0
-        looked = _lookup_drafts(batch, out, cfg, n_drafts) if n_drafts else None
-        lookups, orders = looked if looked is not None else (None, None)
+        lookups, orders = _lookup_drafts(batch, out, cfg, n_drafts) if n_drafts else NO_LOOKUPS
         if lookups is not None:
             drafts = _merge_drafts(lookups, drafts, n_drafts, mask_id, seeds.device)
         verify_rows = n_drafts + 1
