@@ -551,7 +551,7 @@ def test_the_draft_reprobe_counts_on_across_decode_batches():
 def test_re_probes_back_off_while_drafting_keeps_losing():
     """Where drafting never pays (batch 8 on this CPU), a re-probe every DRAFT_REPROBE steps cost some 1.3% of an
     auto row's time: each re-probe after which drafting still loses doubles the gap, up to DRAFT_REPROBE_MAX; once
-    drafting wins after one, the gap is DRAFT_REPROBE again; the gap carries to the next decode batch."""
+    drafting wins, the gap is DRAFT_REPROBE again; the gap carries to the next decode batch."""
     import nld_lora.decoding.auto as auto
 
     planner = _planner_with_costs([0.3] * 4, [1.0, 2.5, 2.6, 2.7, 2.8])
@@ -572,6 +572,10 @@ def test_re_probes_back_off_while_drafting_keeps_losing():
     assert planner.remember()["reprobe_gap"] == auto.DRAFT_REPROBE_MAX
     planner.diffusion = auto._Rates([0.95] * 4)  # drafts that pay after the last re-probe
     assert planner.choose(_Rows(1)).k and planner.remember()["reprobe_gap"] == auto.DRAFT_REPROBE
+    paying = DraftPlanner(4, False, prior=[0.95] * 4, memory={"reprobe_gap": auto.DRAFT_REPROBE_MAX})
+    paying._costs[1] = [1.0, 1.1, 1.1, 1.1, 1.1]
+    paying.ratio_samples["ar"] = [1.0]
+    assert paying.choose(_Rows(1)).k and paying.remember()["reprobe_gap"] == auto.DRAFT_REPROBE  # no re-probe ran
     carried = DraftPlanner(4, False, prior=[0.3] * 4, memory={"reprobe_gap": 512, "since_draft": 300})
     carried._costs[1] = [1.0, 2.5, 2.6, 2.7, 2.8]
     steps, drafted = _ar_steps_until_a_draft(carried, 600)  # 300 steps counted of the carried 512 (the default

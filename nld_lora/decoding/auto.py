@@ -16,7 +16,7 @@ forward and no draft bookkeeping: averaged with the others it made diffusion dra
 one-off width measurements can be off: in a traced batch-1 run AR steps took 0.56x the measured width-1 forward).
 An AR step is timed first and again every AR_REPROBE cycles, the best diffusion choice once after
 DRAFT_REPROBE steps without one (counted across decode batches; the gap doubles, up to DRAFT_REPROBE_MAX, while
-drafting still loses after a re-probe); a choice of AR is a run of AR steps (ar_run: 1, 2, 4,
+drafting still loses after a re-probe, and is reset when drafting wins); a choice of AR is a run of AR steps (ar_run: 1, 2, 4,
 .. AR_RUN_MAX while AR keeps winning), planned once; lookup drafts on offer but not verified for
 LOOKUP_RETRY cycles are tried again. A batch of several rows ends when its slowest row does (rows that finish
 early leave forwards that cost nearly as much with fewer rows), so the planner prices each cycle for the critical
@@ -54,7 +54,7 @@ DRAFT_REPROBE = 128  # AR steps (or lookup cycles) without a diffusion cycle aft
 # corrected when drafting was not chosen again. Where drafting loses, one cycle in 128 costs about 0.8% at batch 8
 # (this CPU's width table: a 7-draft cycle 24.9 ms against 2.8 AR steps of 6.5 ms)
 DRAFT_REPROBE_MAX = 1024  # the longest gap between re-probes: each re-probe after which drafting still loses to AR
-# doubles the gap (128, 256, ..., this), one after which it wins sets it back to DRAFT_REPROBE. Where no draft cycle
+# doubles the gap (128, 256, ..., this); a choice that drafting wins sets it back to DRAFT_REPROBE. Where no draft cycle
 # pays (batch 8 on this CPU), six calls of `self_spec+lora auto` on 16 prompts ran 9 draft cycles with a fixed gap and
 # 3 with the doubling one, each about 3.4 AR steps of wall time for one token: some 1.3% of those calls' time
 # (docs/benchmarks.md, thirteenth session)
@@ -332,8 +332,10 @@ class DraftPlanner:
                 if rate > best_draft[0]:
                     best_draft = (rate, Choice(k, False, cut), costs[k])
         drafting_wins = best_draft[0] > best_rate
-        if self._reprobed:  # the re-probe's cycle is priced in now: back off while drafting still loses
-            self._reprobe_gap = DRAFT_REPROBE if drafting_wins else min(2 * self._reprobe_gap, DRAFT_REPROBE_MAX)
+        if drafting_wins:  # drafting pays again: re-probes at the first gap once it stops
+            self._reprobe_gap = DRAFT_REPROBE
+        elif self._reprobed:  # the re-probe's cycle is priced in now, and drafting still loses: back off
+            self._reprobe_gap = min(2 * self._reprobe_gap, DRAFT_REPROBE_MAX)
         reprobe = self._since_draft >= self._reprobe_gap and self.max_len > 0  # lookups on offer do not put it
         # off: at batch 1 a 1-gram match is on offer nearly every cycle, and a report run then drafted not once
         self._reprobed = reprobe and not drafting_wins
