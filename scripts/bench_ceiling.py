@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import platform
 from collections import Counter
+from collections.abc import Sequence
 
 import torch
 from tqdm import tqdm
@@ -55,7 +56,7 @@ def forward_times(model, prompt: list[int], compiled: bool) -> dict[int, float]:
 
 
 def diffusion_drafts(model, full: list[list[int]], starts: list[int], adapter: str | None, lens: list[int],
-                     leads: dict[tuple[int, int], list[int]] | None = None, cuts: list[int] = (),
+                     leads: dict[tuple[int, int], list[int]] | None = None, cuts: Sequence[int] = (),
                      ) -> dict[tuple[int, int], dict[tuple[int, int], list[int]]]:
     """(c, k) -> (answer i, committed s) -> the k drafts after seed full[i][starts[i] + s] of a draft block whose
     first c drafts are leads[(i, s)][:c] (a lookup draft; c = 0: none, c in `cuts`, c < k, only where the lead
@@ -68,7 +69,7 @@ def diffusion_drafts(model, full: list[list[int]], starts: list[int], adapter: s
     batch.build_twins(quadratic=False)
     batch.prefill()
     mask_id = model.mask_token_id
-    shapes = [(0, k) for k in lens] + [(c, k) for c in cuts for k in lens if c < k] if leads else [(0, k) for k in lens]
+    shapes = [(0, k) for k in lens] + ([(c, k) for c in cuts for k in lens if c < k] if leads else [])
     drafts: dict[tuple[int, int], dict[tuple[int, int], list[int]]] = {shape: {} for shape in shapes}
     longest = max(len(f) - p for f, p in zip(full, starts))
     for s in tqdm(range(longest - 2, -1, -1), desc=f"draft forwards ({adapter or 'base'})", leave=False):
@@ -77,8 +78,9 @@ def diffusion_drafts(model, full: list[list[int]], starts: list[int], adapter: s
         batch.lengths = [starts[i] + s if on else len(f) for i, (f, on) in enumerate(zip(full, in_answer))]
         seeds = torch.tensor([f[n] if on else mask_id for f, n, on in zip(full, batch.lengths, in_answer)],
                              device=model.device)
+        found = [(leads or {}).get((i, s), []) for i in range(len(full))]
         for c, k in shapes:
-            lead = [(leads or {}).get((i, s), [])[:c] for i in range(len(full))]
+            lead = [f[:c] for f in found]
             active = [on and len(found) == c for on, found in zip(in_answer, lead)]
             if not any(active):
                 continue

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -14,6 +15,14 @@ from nld_lora.model import new_model
 
 ROOT = Path(__file__).resolve().parents[1]
 EMBEDDED = str(ROOT / "data" / "tiny-nld-code")
+
+
+def load_script(name: str):
+    """scripts/<name>.py imported as a module (the scripts are not a package), for tests of their functions."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def run_two_processes(*cli_args: str) -> subprocess.CompletedProcess:

@@ -1,24 +1,13 @@
 """scripts/bench_ceiling.py: its cached draft forwards are the runtime's drafts, and its oracle is the cheapest path."""
 
-import importlib.util
 import itertools
 import random
-from pathlib import Path
 
 import torch
 
 from nld_lora.decoding.settings import DecodeSettings
 from nld_lora.report.paired import first_cycle_drafts
-from tests.helpers import make_adapter, random_prompts, tiny_model
-
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_ceiling.py"
-
-
-def _ceiling():
-    spec = importlib.util.spec_from_file_location("bench_ceiling", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.helpers import load_script, make_adapter, random_prompts, tiny_model
 
 
 def _answered(tmp_path, prompt_seed: int, max_new_tokens: int):
@@ -34,7 +23,7 @@ def _answered(tmp_path, prompt_seed: int, max_new_tokens: int):
 def test_cached_draft_forwards_equal_generates_first_cycle_at_every_context(tmp_path):
     """One prefill per answer and draft forwards from the last position back give, at every context and draft
     length, the drafts generate() makes on that context as the prompt, with and without an adapter."""
-    ceiling = _ceiling()
+    ceiling = load_script("bench_ceiling")
     model, answers, full, starts = _answered(tmp_path, prompt_seed=4, max_new_tokens=9)
     where = [(i, s) for i, a in enumerate(answers) for s in range(len(a) - 1)]
     drafted = {}
@@ -57,7 +46,7 @@ def test_merged_drafts_equal_a_draft_forward_on_each_context_alone(tmp_path):
     from nld_lora.decoding.sampling import select_tokens
     from nld_lora.decoding.stats import RequestStats
 
-    ceiling = _ceiling()
+    ceiling = load_script("bench_ceiling")
     model, answers, full, starts = _answered(tmp_path, prompt_seed=5, max_new_tokens=8)
     rng = random.Random(1)
     leads = {(i, s): [rng.randrange(3, 60) for _ in range(rng.randint(0, 3))]
@@ -80,7 +69,7 @@ def test_merged_drafts_equal_a_draft_forward_on_each_context_alone(tmp_path):
 
 def test_the_oracle_finds_the_cheapest_sequence_of_cycles():
     """Against every sequence of cycles, enumerated, on random small instances."""
-    ceiling = _ceiling()
+    ceiling = load_script("bench_ceiling")
     rng = random.Random(0)
     for _ in range(30):
         n = rng.randint(2, 7)

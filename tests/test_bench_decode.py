@@ -1,20 +1,10 @@
 """scripts/bench_decode.py: the verdict lines a deployer reads, with each one's range over rounds."""
 
-import importlib.util
-from pathlib import Path
-
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_decode.py"
-
-
-def _bench():
-    spec = importlib.util.spec_from_file_location("bench_decode", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.helpers import load_script
 
 
 def test_verdicts_compare_medians_and_show_the_per_round_range(capsys):
-    bench = _bench()
+    bench = load_script("bench_decode")
     bench.print_verdicts({
         (1, "ar"): [1.0, 1.0, 1.0],
         (1, "self_spec auto ngram"): [1.6, 1.7, 1.5],

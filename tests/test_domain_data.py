@@ -1,6 +1,5 @@
 """The embedded domain: prompt files split by source file, non-empty, deterministic; the shipped model works."""
 
-import importlib.util
 import json
 import sysconfig
 from pathlib import Path
@@ -9,14 +8,11 @@ import torch
 
 import nld_lora
 from nld_lora.model.masks import causal_mask, draft_mask, dual_stream_mask, dual_stream_positions
-from tests.helpers import EMBEDDED, ROOT
+from tests.helpers import EMBEDDED, ROOT, load_script
 
 
 def _builder():
-    spec = importlib.util.spec_from_file_location("make_domain_data", ROOT / "scripts" / "make_domain_data.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("make_domain_data")
 
 
 def _rows(name):

@@ -56,8 +56,8 @@ DRAFT_REPROBE = 128  # AR steps (or lookup cycles) without a diffusion cycle aft
 DRAFT_REPROBE_MAX = 1024  # the longest gap between re-probes: each re-probe after which drafting still loses to AR
 # doubles the gap (128, 256, ..., this); a choice that drafting wins sets it back to DRAFT_REPROBE. Where no draft cycle
 # pays (batch 8 on this CPU), six calls of `self_spec+lora auto` on 16 prompts ran 9 draft cycles with a fixed gap and
-# 3 with the doubling one, each about 3.4 AR steps of wall time for one token: some 1.3% of those calls' time
-# (docs/benchmarks.md, thirteenth session)
+# 3 with the doubling one, each about 3.5 AR steps by the batch-8 width table for one token: some 1.3% of those
+# calls' time (docs/benchmarks.md, thirteenth session)
 MIN_OBSERVED = 2  # cycles of one (rows, kind, k) after which its observed wall time replaces the prediction
 CYCLE_KINDS = ("ar", "draft", "lookup")  # AR steps, diffusion-draft cycles, lookup-only cycles: each its own ratio
 
