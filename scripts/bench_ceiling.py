@@ -78,9 +78,9 @@ def diffusion_drafts(model, full: list[list[int]], starts: list[int], adapter: s
         batch.lengths = [starts[i] + s if on else len(f) for i, (f, on) in enumerate(zip(full, in_answer))]
         seeds = torch.tensor([f[n] if on else mask_id for f, n, on in zip(full, batch.lengths, in_answer)],
                              device=model.device)
-        found = [(leads or {}).get((i, s), []) for i in range(len(full))]
+        offered = [(leads or {}).get((i, s), []) for i in range(len(full))]
         for c, k in shapes:
-            lead = [f[:c] for f in found]
+            lead = [f[:c] for f in offered]
             active = [on and len(found) == c for on, found in zip(in_answer, lead)]
             if not any(active):
                 continue
