@@ -134,10 +134,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     name = model.attach_adapter(args.adapter) if args.adapter else None
     if cfg.tasks:
         from nld_lora.evaluation.lm_eval_backend import run_tasks
+        from nld_lora.modes import mode_plan
 
-        modes = ["ar", *(["diffusion"] if cfg.diffusion else []), "self_spec", *(["self_spec+adapter"] if name else [])]
-        scores = run_tasks(model, cfg.tasks, modes=modes, adapter=name, include_path=cfg.task_dir,
-                           limit=cfg.task_limit, batch_size=cfg.batch_size)
+        plans = mode_plan(adapters={"self_spec+adapter": name} if name else None,
+                          diffusion={"diffusion": {}} if cfg.diffusion else None)
+        scores = run_tasks(model, cfg.tasks, plans=plans, include_path=cfg.task_dir, limit=cfg.task_limit,
+                           batch_size=cfg.batch_size)
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "tasks.json").write_text(json.dumps(scores, indent=2, default=float) + "\n")
         print(json.dumps(scores, indent=2, default=float))
@@ -168,7 +170,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from nld_lora.model.export import export_adapter, export_ar_view, export_release_layout
+    from nld_lora.adapter.saving import export_adapter
+    from nld_lora.model.export import export_ar_view, export_release_layout
 
     if args.release_layout:
         if args.ar_view or args.into:

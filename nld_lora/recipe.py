@@ -10,11 +10,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from nld_lora.adapter.meta import AdapterMeta
 from nld_lora.config_io import ConfigError, to_dict
 from nld_lora.data.collect import CollectConfig
 from nld_lora.evaluation.runner import EvalConfig
-from nld_lora.model.adapter_meta import AdapterMeta
 from nld_lora.report.runner import ReportConfig
+from nld_lora.report.writers import write_markdown
 from nld_lora.train.config import TrainConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -116,7 +117,7 @@ def eval_stage(model: Any, adapter: Path, cfg: RecipeConfig, say: Any) -> None:
     existing = out / "eval.json"
     if existing.exists() and json.loads(existing.read_text()).get("recipe") == stamp:
         say(f"      eval: {existing} already matches; skipped")
-        append_to_report(Path(cfg.out) / "report" / "report.md", out / "eval.md")
+        add_eval_to_report(Path(cfg.out) / "report", out)
         return
     try:
         read_eval_records(resolve(cfg.eval_prompts), 1)
@@ -129,19 +130,15 @@ def eval_stage(model: Any, adapter: Path, cfg: RecipeConfig, say: Any) -> None:
         evaluate(model, resolve(cfg.eval_prompts), out, cfg.eval, adapter=name, extra={"recipe": stamp})
     finally:
         model.detach_adapter(name)
-    append_to_report(Path(cfg.out) / "report" / "report.md", out / "eval.md")
+    add_eval_to_report(Path(cfg.out) / "report", out)
 
 
-EVAL_SECTION = "\n## Accuracy, latency and cost per mode (`eval/`)\n"
-
-
-def append_to_report(report_md: Path, eval_md: Path) -> None:
-    """report.md gains the eval's tables (replacing an earlier copy), so one file shows acceptance and accuracy."""
-    if not report_md.exists():
-        return
-    text = report_md.read_text().split(EVAL_SECTION)[0].rstrip() + "\n"
-    body = eval_md.read_text().split("\n", 1)[1].replace("](", "](../eval/")  # without its title; plots live in eval/
-    report_md.write_text(text + EVAL_SECTION + body)
+def add_eval_to_report(report_dir: Path, eval_dir: Path) -> None:
+    """report.md written again from report.json and eval.json, so it shows acceptance and accuracy together."""
+    report_json = report_dir / "report.json"
+    if report_json.exists():
+        write_markdown(json.loads(report_json.read_text()), report_dir / "report.md",
+                       evaluation=json.loads((eval_dir / "eval.json").read_text()))
 
 
 def training_model(model: Any, model_path: str, cfg: RecipeConfig, accelerator: Any) -> Any:

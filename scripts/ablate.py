@@ -22,7 +22,7 @@ from pathlib import Path
 import nld_lora
 from nld_lora.config_io import load_config
 from nld_lora.data.readers import FieldMap, read_prompts
-from nld_lora.report.metrics import bootstrap_ci, relative_gain
+from nld_lora.report.metrics import acceptance_ci, relative_gain
 from nld_lora.train import TrainConfig, train
 from nld_lora.train.data import Sequence, split_eval
 
@@ -41,7 +41,7 @@ def measure(model, prompts: list[str], adapter, max_new_tokens: int, seed: int) 
     res = model.generate(prompts, mode="self_spec", adapter=adapter, max_new_tokens=max_new_tokens, batch_size=8,
                          seed=seed)
     stats = res.stats
-    return stats.acceptance_length, list(bootstrap_ci(stats.requests, seed=seed)), stats.per_position_acceptance[0]
+    return stats.acceptance_length, list(acceptance_ci(stats.requests, seed=seed)), stats.per_position_acceptance[0]
 
 
 def main() -> None:

@@ -22,11 +22,11 @@ from typing import Any
 import torch
 
 import nld_lora
+from nld_lora.adapter.twins import forward_costs
 from nld_lora.data.readers import read_prompts
 from nld_lora.decoding.api import normalize_prompts
 from nld_lora.decoding.interleave import interleaved
 from nld_lora.decoding.stats import GenerationStats
-from nld_lora.decoding.twins import forward_costs
 from nld_lora.model.export import export_ar_view
 
 

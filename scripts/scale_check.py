@@ -65,13 +65,13 @@ def measure(folder: str, dtype: str, device: str, quantization: str | None, prom
     import torch
 
     import nld_lora
+    from nld_lora.adapter.attach import TRAINING_ADAPTER as ADAPTER_NAME
+    from nld_lora.adapter.attach import add_lora, lora_enabled
     from nld_lora.decoding.batch import DecodeBatch
     from nld_lora.decoding.stats import RequestStats
-    from nld_lora.model.adapters import lora_enabled
     from nld_lora.testing.release_fixture import write_release_folder
     from nld_lora.train.config import LoraSettings, TrainConfig
     from nld_lora.train.objective import DraftBatch, draft_loss, row_validity, student_logits, teacher_pass
-    from nld_lora.train.trainer import ADAPTER_NAME, add_lora
 
     warm = Path(folder).parent / "warm-up-tiny"
     if not (warm / "config.json").exists():

@@ -15,13 +15,9 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
 import nld_lora
-from nld_lora.train.trainer import (
-    adapter_state,
-    add_lora,
-    evaluate_drafts,
-    save_adapter,
-    setup_data,
-)
+from nld_lora.adapter.attach import add_lora
+from nld_lora.adapter.saving import adapter_state, save_adapter
+from nld_lora.train.trainer import evaluate_drafts, setup_data
 from tests.helpers import fsdp_check_config, fsdp_check_inputs
 
 EMBEDDED = str(Path(__file__).resolve().parents[1] / "data" / "tiny-nld-code")

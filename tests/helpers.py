@@ -82,8 +82,8 @@ def make_adapter(model, path, *, r: int = 4, seed: int = 0, target_modules=("o_p
 def pathway_outputs(model, adapter: str, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor) -> dict:
     """Logits of one forward four ways: through PEFT with the adapter off and on, and through the runtime's base
     and merged twins (what tests compare to check the twins reproduce PEFT)."""
-    from nld_lora.decoding.twins import pathway_encoder
-    from nld_lora.model.adapters import lora_enabled
+    from nld_lora.adapter.attach import lora_enabled
+    from nld_lora.adapter.twins import pathway_encoder
 
     out = {}
     for label, on in (("off", False), ("on", True)):

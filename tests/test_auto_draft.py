@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from nld_lora.acceptance import expected_tokens
+from nld_lora.adapter.twins import forward_costs
 from nld_lora.decoding.auto import Choice, DraftPlanner
-from nld_lora.decoding.twins import forward_costs
 from tests.helpers import make_adapter, random_prompts, tiny_model
 
 
@@ -215,7 +215,7 @@ def test_the_next_decode_batch_starts_from_what_the_planner_learnt(tmp_path):
     """Batch-1 runs make one planner per prompt: each must start from the rates the previous one measured (kept
     per adapter and layout), not again from the adapter's evaluated prior; a new adapter set starts afresh."""
     import nld_lora.decoding.auto as auto
-    from nld_lora.decoding.twins import planner_memory
+    from nld_lora.adapter.twins import planner_memory
 
     model = tiny_model(seed=1)
     prompts = random_prompts(2, seed=5)
@@ -472,7 +472,7 @@ def test_the_twins_are_built_before_the_planner_times_a_cycle(mode, tmp_path, mo
     """A twin built inside the first draft cycle is timed as that cycle (51 ms where 9 were predicted, and the
     planner never drafted again): the runtime builds the ones it will run before the planner starts."""
     import nld_lora.decoding.loops as loops
-    from nld_lora.decoding.twins import decode_state
+    from nld_lora.adapter.twins import decode_state
 
     model = tiny_model(seed=1)
     adapter = model.attach_adapter(make_adapter(model, tmp_path / "lora"))

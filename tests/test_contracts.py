@@ -9,11 +9,11 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 import nld_lora
+from nld_lora.adapter.attach import AdapterError, lora_enabled
+from nld_lora.adapter.meta import AdapterMeta, AdapterMetaError
+from nld_lora.adapter.twins import lora_token_gate, pathway_encoder
 from nld_lora.config_io import ConfigError
 from nld_lora.data.collect import CollectError, load_collected
-from nld_lora.decoding.twins import lora_token_gate, pathway_encoder
-from nld_lora.model.adapter_meta import AdapterMeta, AdapterMetaError
-from nld_lora.model.adapters import AdapterError, lora_enabled
 from nld_lora.model.masks import causal_mask, draft_mask
 from nld_lora.report import ReportConfig, build_report
 from nld_lora.train import TrainConfig

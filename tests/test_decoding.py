@@ -5,6 +5,7 @@ import collections
 import pytest
 import torch
 
+from nld_lora.adapter.attach import AdapterError, lora_enabled
 from nld_lora.decoding.api import GenerationResult
 from nld_lora.decoding.batch import DecodeBatch
 from nld_lora.decoding.interleave import interleaved
@@ -12,7 +13,6 @@ from nld_lora.decoding.loops import run_diffusion
 from nld_lora.decoding.outputs import Outputs
 from nld_lora.decoding.settings import DecodeSettings
 from nld_lora.decoding.stats import GenerationStats
-from nld_lora.model.adapters import AdapterError, lora_enabled
 from nld_lora.model.masks import causal_mask
 from tests.helpers import make_adapter, random_prompts, tiny_model
 

@@ -13,10 +13,12 @@ from accelerate.utils import set_seed
 from safetensors.torch import load_file
 
 import nld_lora
+from nld_lora.adapter.attach import add_lora
+from nld_lora.adapter.saving import adapter_state
 from nld_lora.config_io import ConfigError
 from nld_lora.parallel import make_accelerator
 from nld_lora.train import TrainConfig, train
-from nld_lora.train.trainer import adapter_state, add_lora, evaluate_drafts, setup_data
+from nld_lora.train.trainer import evaluate_drafts, setup_data
 from tests.helpers import EMBEDDED, ROOT, fsdp_check_config, fsdp_check_inputs, rank_errors
 
 

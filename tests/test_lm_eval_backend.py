@@ -10,6 +10,7 @@ lm_eval = pytest.importorskip("lm_eval")
 
 import nld_lora  # noqa: E402
 from nld_lora.evaluation.lm_eval_backend import NLDLM, TaskError, run_tasks  # noqa: E402
+from nld_lora.modes import mode_plan  # noqa: E402
 from tests.helpers import EMBEDDED, ROOT  # noqa: E402
 
 GEN_TASK = """task: nld_test_gen
@@ -67,7 +68,7 @@ def task_dir(tmp_path_factory):
 
 def test_local_tasks_run_per_mode_and_self_spec_scores_like_ar(task_dir):
     model = nld_lora.load(EMBEDDED)
-    results = run_tasks(model, ["nld_test_gen", "nld_test_mc"], modes=["ar", "self_spec"],
+    results = run_tasks(model, ["nld_test_gen", "nld_test_mc"], plans=mode_plan(),
                         include_path=str(task_dir), batch_size=2)
     assert set(results) == {"ar", "self_spec"}
     for task in ("nld_test_gen", "nld_test_mc"):
@@ -105,4 +106,4 @@ def test_loglikelihood_equals_an_independent_causal_lm_on_the_ar_view(tmp_path):
 
 def test_unknown_tasks_are_named(task_dir):
     with pytest.raises(TaskError, match=r"unknown lm-eval task\(s\) \['no_such_task'\]; tasks in .*nld_test_gen"):
-        run_tasks(nld_lora.load(EMBEDDED), ["no_such_task"], modes=["ar"], include_path=str(task_dir))
+        run_tasks(nld_lora.load(EMBEDDED), ["no_such_task"], plans=mode_plan(), include_path=str(task_dir))

@@ -4,8 +4,8 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from nld_lora.decoding.twins import decode_state, lora_token_gate
-from nld_lora.model.adapters import lora_enabled
+from nld_lora.adapter.attach import lora_enabled
+from nld_lora.adapter.twins import decode_state, lora_token_gate
 from nld_lora.model.masks import causal_mask, draft_mask, quadratic_offsets, quadratic_pattern
 from tests.helpers import make_adapter, tiny_model
 from tests.test_decoding import _exact_two_token_dist, _tv, ar_reference_with_early_stops

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import nld_lora
+from nld_lora.adapter.attach import add_lora
 from nld_lora.model.quantize import quantized_twin
 from nld_lora.train import LoraSettings, TrainConfig, train
-from nld_lora.train.trainer import add_lora
 from tests.helpers import EMBEDDED
 
 PROMPTS = ["def add(a, b):\n", "class Stack:\n    def push(self, item):\n", "import os\n\n\ndef walk(path):\n"]

@@ -57,7 +57,7 @@ def test_recipe_reruns_exactly_the_stages_whose_settings_changed(tmp_path):
 
 @pytest.mark.slow
 def test_recipe_trains_on_a_quantized_base_and_reports_with_the_full_one(tmp_path):
-    from nld_lora.model.adapter_meta import AdapterMeta
+    from nld_lora.adapter.meta import AdapterMeta
 
     overrides = _tiny_recipe(tmp_path, "report.fastest_mode=false", "train.steps=2", "train.quantization=4bit")
     report = run_recipe(load_config(RecipeConfig, None, overrides))

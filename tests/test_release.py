@@ -12,12 +12,13 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM, Ministral3ForCausalLM
 
 import nld_lora
+from nld_lora.adapter.attach import lora_enabled
+from nld_lora.adapter.saving import export_adapter
 from nld_lora.config_io import load_config
 from nld_lora.data.collect import CollectConfig, cap_thinking
 from nld_lora.data.collect import _generate_runtime as runtime_backend
 from nld_lora.model import CheckpointError
-from nld_lora.model.adapters import lora_enabled
-from nld_lora.model.export import export_adapter, export_ar_view
+from nld_lora.model.export import export_ar_view
 from nld_lora.model.masks import causal_mask, draft_mask
 from nld_lora.model.nld_config import backbone_config_from_dict
 from nld_lora.model.release import ADAPTER_SUBFOLDER, HUB_PATTERNS, RELEASE_MODEL_TYPE, release_config

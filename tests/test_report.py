@@ -11,7 +11,7 @@ import pytest
 from nld_lora.decoding.settings import DecodeSettings
 from nld_lora.decoding.stats import GenerationStats, RequestStats
 from nld_lora.report import ReportConfig, build_report
-from nld_lora.report.metrics import bootstrap_ci, histogram, pooled_acceptance, summarize_run, token_agreement
+from nld_lora.report.metrics import acceptance_ci, histogram, pooled_acceptance, summarize_run, token_agreement
 from nld_lora.report.speed import SPEED_CANDIDATES
 from tests.helpers import ROOT, make_adapter, saved_tiny_model
 
@@ -41,9 +41,9 @@ def test_metrics_on_known_cycles():
     assert never.per_position_acceptance == [0.0, None, None] and never.per_position_attempts == [2, 0, 0]
     assert histogram([a, b], 4) == [1, 1, 1, 1]
     assert a.tpf == pytest.approx(8 / 7) and stats.tokens_per_s == pytest.approx((8 + 4) / 2.0)
-    lo, hi = bootstrap_ci([a, b, _req([1, 1]), _req([3])], seed=1)
+    lo, hi = acceptance_ci([a, b, _req([1, 1]), _req([3])], seed=1)
     assert lo <= pooled_acceptance([a, b, _req([1, 1]), _req([3])]) <= hi
-    assert (lo, hi) == bootstrap_ci([a, b, _req([1, 1]), _req([3])], seed=1)
+    assert (lo, hi) == acceptance_ci([a, b, _req([1, 1]), _req([3])], seed=1)
     summary = summarize_run(stats, 3, ["x", "y"])
     assert summary["per_category"]["x"]["acceptance_length"] == pytest.approx(7 / 3)
     assert token_agreement([[1, 2, 3]], [[1, 2, 4]]) == {"exact_prompts": 0.0, "token_agreement": pytest.approx(2 / 3)}

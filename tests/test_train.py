@@ -9,9 +9,9 @@ from safetensors.torch import load_file
 from transformers import DynamicCache
 
 import nld_lora
+from nld_lora.adapter.attach import lora_enabled
 from nld_lora.config_io import ConfigError, load_config
 from nld_lora.data import read_prompts
-from nld_lora.model.adapters import lora_enabled
 from nld_lora.model.masks import causal_mask, draft_mask
 from nld_lora.train import LoraSettings, TrainConfig, train
 from nld_lora.train.objective import DraftBatch, draft_loss, row_validity, student_logits, teacher_pass
@@ -299,7 +299,8 @@ def test_follow_up_blocks_start_where_the_deployed_loop_seeds_next():
 def test_gradients_survive_a_teacher_pass_between_student_forward_and_backward():
     """The follow-up step runs a teacher pass (adapter off) between the first student forward and the backward:
     the first block set's gradients must still arrive, equal to a backward with no toggle in between."""
-    from nld_lora.train.trainer import ADAPTER_NAME, add_lora
+    from nld_lora.adapter.attach import TRAINING_ADAPTER as ADAPTER_NAME
+    from nld_lora.adapter.attach import add_lora
 
     model = tiny_model(seed=3)
     add_lora(model, TrainConfig(lora=LoraSettings(r=4, alpha=8)))

@@ -14,12 +14,7 @@ vllm = pytest.importorskip("vllm")
 
 import nld_lora  # noqa: E402
 from nld_lora.data import CollectConfig, collect, load_collected, read_prompts  # noqa: E402
-from nld_lora.data.collect import (  # noqa: E402
-    _generate_vllm,
-    close_vllm_engines,
-    free_memory_fraction,
-    vllm_engine,
-)
+from nld_lora.data.vllm_backend import VLLMGenerator, free_memory_fraction  # noqa: E402
 from tests.helpers import EMBEDDED, ROOT  # noqa: E402
 
 N_PROMPTS = 64
@@ -40,16 +35,17 @@ def _compare(model, records, tmp: Path) -> dict:
     equal = sum(runtime[k] == served[k] for k in runtime)
     prompts = load_collected(tmp / "vllm", model=model)["prompt_ids"]
     cfg = CollectConfig(backend="vllm")
-    engine = vllm_engine(model, cfg, tmp / "vllm")  # started again: the AR view is reused, not re-exported
+    generate = VLLMGenerator()
+    engine = generate.engine(model, cfg, tmp / "vllm")  # started again: the AR view is reused, not re-exported
     t0 = time.perf_counter()
-    seqs, _ = _generate_vllm(model, prompts, cfg, MAX_NEW, tmp / "vllm")
+    seqs, _ = generate(model, prompts, cfg, MAX_NEW, tmp / "vllm")
     warm_tps = sum(map(len, seqs)) / (time.perf_counter() - t0)
     row = {"prompts": len(runtime), "equal": equal, "max_new_tokens": MAX_NEW, "dtype": str(model.dtype),
            "engine_dtype": str(engine.llm_engine.model_config.dtype),
            "runtime_tokens_per_s": round(runtime_tps, 1), "vllm_tokens_per_s_incl_startup": round(vllm_tps, 1),
            "vllm_tokens_per_s_warm": round(warm_tps, 1)}
     del engine
-    close_vllm_engines()
+    generate.close()
     return row
 
 

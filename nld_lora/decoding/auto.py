@@ -23,7 +23,7 @@ early leave forwards that cost nearly as much with fewer rows), so the planner p
 row: the one with the fewest committed tokens (ties: the lowest own r_1), at that row's own rates (its counts, the
 pooled rates as a prior worth PRIOR_WEIGHT cycles). Pooled rates drafted for the rows that accept well and left the
 others behind (docs/benchmarks.md: a fixed-length adapter run at batch 8 ran 40% more iterations than its mean
-row). What a planner learnt is kept per model, adapter, layout and batch-size bucket (decoding/twins.py
+row). What a planner learnt is kept per model, adapter, layout and batch-size bucket (adapter/twins.py
 planner_memory) and is the next decode batch's start.
 """
 
@@ -36,7 +36,7 @@ from typing import NamedTuple
 import torch
 
 from nld_lora.acceptance import expected_tokens
-from nld_lora.decoding.twins import forward_costs
+from nld_lora.adapter.twins import forward_costs
 
 PRIOR_RATE = 0.6
 PRIOR_WEIGHT = 4.0

@@ -14,10 +14,10 @@ from dataclasses import dataclass
 
 import torch
 
+from nld_lora.adapter.twins import build_twins, lora_token_gate, pathway_encoder
 from nld_lora.decoding.lookup import NgramIndex
 from nld_lora.decoding.ragged_cache import RaggedCache
 from nld_lora.decoding.stats import RequestStats
-from nld_lora.decoding.twins import build_twins, lora_token_gate, pathway_encoder
 from nld_lora.model.masks import block_pattern, quadratic_offsets, quadratic_pattern, ragged_mask
 
 FORWARD_KINDS = {  # kind -> block layout (see BlockLayout); each kind is also its own stats counter

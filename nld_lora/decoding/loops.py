@@ -6,13 +6,13 @@ from typing import NamedTuple
 
 import torch
 
+from nld_lora.adapter.twins import planner_memory
 from nld_lora.decoding.auto import DraftPlanner, rows_bucket
 from nld_lora.decoding.batch import DecodeBatch
 from nld_lora.decoding.lookup import NgramIndex
 from nld_lora.decoding.outputs import Outputs
 from nld_lora.decoding.sampling import filter_logits, select_tokens, select_with_confidence
 from nld_lora.decoding.settings import DecodeSettings
-from nld_lora.decoding.twins import planner_memory
 from nld_lora.kernels import verify_greedy, verify_sampled
 from nld_lora.kernels.rng import mix32
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from nld_lora.model.adapter_meta import AdapterMeta
+    from nld_lora.adapter.meta import AdapterMeta
 
 POLICIES = ("confidence", "leftmost")
 ACCEPTANCE_RULES = ("rejection", "exact_match")

@@ -116,10 +116,10 @@ def _cut(text: str, until: tuple[str, ...], tokenizer: Any) -> str:
     return text
 
 
-def run_tasks(model: Any, tasks: list[str], *, modes: list[str], adapter: str | None = None,
-              include_path: str | None = None, limit: int | None = None, batch_size: int = 8,
-              **decode: Any) -> dict[str, Any]:
-    """lm-eval's simple_evaluate per mode; {mode: {task: metrics}}. Unknown or unloadable tasks are named."""
+def run_tasks(model: Any, tasks: list[str], *, plans: dict[str, dict[str, Any]], include_path: str | None = None,
+              limit: int | None = None, batch_size: int = 8, **decode: Any) -> dict[str, Any]:
+    """lm-eval's simple_evaluate per planned run (nld_lora.modes.mode_plan); {label: {task: metrics}}. Unknown or
+    unloadable tasks are named."""
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
@@ -129,15 +129,16 @@ def run_tasks(model: Any, tasks: list[str], *, modes: list[str], adapter: str | 
         local = _local_tasks(manager, include_path) if include_path else []
         raise TaskError(f"unknown lm-eval task(s) {unknown}" + (f"; tasks in {include_path}: {local}" if local else ""))
     results: dict[str, Any] = {}
-    for mode in modes:
-        lm = NLDLM(model=model, mode=mode.removesuffix("+adapter"),
-                   adapter=adapter if mode.endswith("+adapter") else None, batch_size=batch_size, **decode)
+    for label, plan in plans.items():
+        settings = {k: v for k, v in plan.items() if k not in ("mode", "adapter")}
+        lm = NLDLM(model=model, mode=plan["mode"], adapter=plan["adapter"] or None, batch_size=batch_size,
+                   **decode, **settings)
         try:
             run = simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit, log_samples=False)
         except Exception as err:  # datasets raises its own connection / file errors for hub tasks offline
             raise TaskError(f"lm-eval could not run tasks {tasks} ({type(err).__name__}: {err}); without the hub, "
                             "use a task YAML with dataset_path: json and local data_files (include_path)") from err
-        results[mode] = run["results"]
+        results[label] = run["results"]
     return results
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import random
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +20,8 @@ from nld_lora.evaluation.execution import score_execution
 from nld_lora.evaluation.latency import cost_per_million_tokens, request_latency, summarize_latency
 from nld_lora.evaluation.plots import plot_accuracy_vs_speed, plot_latency_cdf, primary_metric
 from nld_lora.evaluation.scorers import DEFAULT_ANSWER_PATTERN, ScorerError, score_answer, score_reference, scorer_for
+from nld_lora.intervals import bootstrap_ratio
+from nld_lora.modes import Plan, diffusion_grid, mode_plan
 
 EVAL_SCHEMA_VERSION = 1
 
@@ -85,27 +86,10 @@ def score(record: dict[str, Any], output: str, cfg: EvalConfig) -> dict[str, flo
     return score_reference(output, record["reference"])
 
 
-def mean_ci(values: list[float], n_boot: int, seed: int) -> tuple[float, float, float]:
-    """Mean and its 95% percentile-bootstrap interval over records."""
-    if not values:
-        return 0.0, 0.0, 0.0
-    rng = random.Random(seed)
-    n = len(values)
-    means = sorted(sum(values[rng.randrange(n)] for _ in range(n)) / n for _ in range(n_boot))
-    return sum(values) / n, means[int(0.025 * (n_boot - 1))], means[int(0.975 * (n_boot - 1))]
-
-
-def plan_modes(adapter: str | None, cfg: EvalConfig) -> dict[str, dict[str, Any]]:
-    plans: dict[str, dict[str, Any]] = {"ar": {"mode": "ar", "adapter": False}}
-    if cfg.diffusion:
-        for block in cfg.diffusion_blocks:
-            for threshold in cfg.diffusion_thresholds:
-                plans[f"diffusion b{block} t{threshold:g}"] = {"mode": "diffusion", "adapter": False,
-                                                              "block_size": block, "threshold": threshold}
-    plans["self_spec"] = {"mode": "self_spec", "adapter": False}
-    if adapter is not None:
-        plans["self_spec+adapter"] = {"mode": "self_spec", "adapter": adapter}
-    return plans
+def eval_plan(adapter: str | None, cfg: EvalConfig) -> Plan:
+    """The modes eval compares: AR, the diffusion grid, self-speculation without and with the adapter."""
+    return mode_plan(adapters={"self_spec+adapter": adapter} if adapter is not None else None,
+                     diffusion=diffusion_grid(cfg.diffusion_blocks, cfg.diffusion_thresholds) if cfg.diffusion else None)
 
 
 def run_mode(model: Any, records: list[dict], plan: dict[str, Any], cfg: EvalConfig) -> dict[str, Any]:
@@ -166,7 +150,7 @@ def evaluate(model: Any, prompts: str | Path, out_dir: str | Path, cfg: EvalConf
         baseline = Baseline(cfg.baseline, model.device)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    runs = {label: run_mode(model, records, plan, cfg) for label, plan in plan_modes(adapter, cfg).items()}
+    runs = {label: run_mode(model, records, plan, cfg) for label, plan in eval_plan(adapter, cfg).items()}
     if baseline is not None:
         runs["baseline"] = run_baseline(baseline, records, False, cfg)
         runs["baseline+lookup"] = run_baseline(baseline, records, True, cfg)
@@ -177,8 +161,9 @@ def evaluate(model: Any, prompts: str | Path, out_dir: str | Path, cfg: EvalConf
         for m in metrics:
             values = [rec[m] for rec in run["per_record"] if m in rec]
             ar_values = [rec[m] for rec in runs["ar"]["per_record"] if m in rec]
-            mean, lo, hi = mean_ci(values, cfg.bootstrap, cfg.seed)
-            delta, dlo, dhi = mean_ci([a - b for a, b in zip(values, ar_values)], cfg.bootstrap, cfg.seed)
+            mean, lo, hi = bootstrap_ratio(values, n_boot=cfg.bootstrap, seed=cfg.seed)
+            delta, dlo, dhi = bootstrap_ratio([a - b for a, b in zip(values, ar_values)], n_boot=cfg.bootstrap,
+                                              seed=cfg.seed)
             acc[m] = {"mean": mean, "ci95": [lo, hi], "delta_vs_ar": delta, "delta_ci95": [dlo, dhi]}
         tps = run["tokens_per_s_batch1"], run["tokens_per_s"]
         cost = ({"usd_per_million_tokens_batch1": cost_per_million_tokens(cfg.cost.usd_per_hour, tps[0]),
@@ -214,11 +199,16 @@ def evaluate(model: Any, prompts: str | Path, out_dir: str | Path, cfg: EvalConf
 
 
 def eval_markdown(result: dict[str, Any]) -> str:
-    """Accuracy per mode (delta to AR with its interval), then latency percentiles, throughput and cost."""
+    """eval.md: a title, then eval_tables."""
+    return "\n".join([f"# Eval: {result['n_records']} records of {result['prompts']}", "", *eval_tables(result)])
+
+
+def eval_tables(result: dict[str, Any], plots_at: str = "") -> list[str]:
+    """Accuracy per mode (delta to AR with its interval), then latency percentiles, throughput and cost; plot links
+    prefixed with plots_at (the eval folder, seen from where the lines are written)."""
     modes = result["modes"]
     metrics = sorted({m for mode in modes.values() for m in mode["accuracy"]})
-    lines = [f"# Eval: {result['n_records']} records of {result['prompts']}", "",
-             f"Scorers: {', '.join(result['scorers'])}; settings: {json.dumps(result['settings'])}", "",
+    lines = [f"Scorers: {', '.join(result['scorers'])}; settings: {json.dumps(result['settings'])}", "",
              "| mode | " + " | ".join(metrics) + " | identical tokens to AR |",
              "|---|" + "---:|" * len(metrics) + "---|"]
     for label, mode in modes.items():
@@ -247,8 +237,8 @@ def eval_markdown(result: dict[str, Any]) -> str:
         lines += [f"- {label}: " + "; ".join(f"{m} {v['min']:.3f} .. {v['max']:.3f} (std {v['std']:.3f}, "
                                              f"{v['seeds']} seeds)" for m, v in sorted(s.items()))
                   for label, s in spread.items()]
-    lines += ["", f"![accuracy vs speed]({result['plots']['accuracy_vs_speed']})",
-              f"![latency CDF]({result['plots']['latency_cdf']})"]
+    lines += ["", f"![accuracy vs speed]({plots_at}{result['plots']['accuracy_vs_speed']})",
+              f"![latency CDF]({plots_at}{result['plots']['latency_cdf']})"]
     lines += ["", "Greedy self-speculation must score exactly what AR scores: `identical tokens to AR` says whether "
               "its tokens equal AR's; diffusion mode is lossy and shows its accuracy cost as the delta.", ""]
-    return "\n".join(lines)
+    return lines

@@ -1,4 +1,4 @@
-"""Exports of a tri-mode checkpoint: a trained adapter into the model folder, and a plain causal-LM "AR view".
+"""Exports of a tri-mode checkpoint: a plain causal-LM "AR view" and NVIDIA's release layout.
 
 The AR view lets AR-only engines (vLLM, transformers' generate) serve the AR pathway of an NLD folder without
 its remote code, which could otherwise decode in a diffusion mode: `encoder.*` -> `model.*`,
@@ -10,12 +10,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import time
 from pathlib import Path
 
 from safetensors.torch import save_file
 
-from nld_lora.model.adapter_meta import META_FILE
 from nld_lora.model.checkpoint import (
     open_weights,
     read_config,
@@ -26,44 +24,13 @@ from nld_lora.model.checkpoint import (
 )
 from nld_lora.model.nld_config import CheckpointError
 from nld_lora.model.release import (
-    ADAPTER_SUBFOLDER,
     AR_VIEW_ARCHITECTURE,
     NLD_ONLY_FIELDS,
     REMOTE_CODE_FILES,
     TOKENIZER_FILES,
 )
 
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", META_FILE, "README.md")
 AR_VIEW_STAMP = "nld_ar_view.json"  # which source (weights fingerprint + config) an AR view folder was made from
-
-
-def export_adapter(adapter: str | os.PathLike, model_dir: str | os.PathLike) -> Path:
-    """Put a trained adapter at MODEL_DIR/linear_spec_lora (where NVIDIA's loader and SGLang look for it).
-
-    The adapter is checked against the model's modules first; an adapter already there is moved aside to
-    `linear_spec_lora.previous-<time>` (never deleted). Returns the new adapter folder.
-    """
-    from nld_lora.model.adapters import AdapterError, check_adapter_matches
-    from nld_lora.model.checkpoint import load_skeleton
-
-    src, dest_root = Path(adapter), Path(model_dir)
-    if not dest_root.is_dir():
-        raise CheckpointError(f"{dest_root}: no such model folder")
-    try:
-        check_adapter_matches(load_skeleton(str(dest_root)), src)
-    except AdapterError as err:
-        raise CheckpointError(f"cannot export into {dest_root}: {err}") from err
-    dest = dest_root / ADAPTER_SUBFOLDER
-    stage = dest_root / f".{ADAPTER_SUBFOLDER}.incoming"
-    shutil.rmtree(stage, ignore_errors=True)
-    stage.mkdir()
-    for name in ADAPTER_FILES:
-        if (src / name).exists():
-            shutil.copy2(src / name, stage / name)
-    if dest.exists():
-        os.replace(dest, dest_root / f"{ADAPTER_SUBFOLDER}.previous-{time.strftime('%Y%m%d-%H%M%S')}")
-    os.replace(stage, dest)
-    return dest
 
 
 def ar_view_config(config: dict) -> dict:
@@ -147,5 +114,7 @@ def export_release_layout(model_dir: str | os.PathLike, out_dir: str | os.PathLi
         raise CheckpointError(f"{out}: the release-layout copy must go to another folder than the model")
     save_checkpoint(load(str(model_dir), wrap=wrap), out, release_layout=True)
     if adapter is not None:
+        from nld_lora.adapter.saving import export_adapter
+
         export_adapter(adapter, out)
     return out, [f for f in REMOTE_CODE_FILES if not (out / f).exists()]

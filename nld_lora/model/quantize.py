@@ -8,12 +8,16 @@ full precision, and so does every LoRA layer PEFT later puts on top.
 
 from __future__ import annotations
 
+import logging
+import sys
+from typing import Any
+
 import torch
 from torch import nn
 
-from nld_lora.model.adapters import PeftState
+from nld_lora.adapter.attach import PeftState
+from nld_lora.adapter.layers import structure_copy
 from nld_lora.model.nld_config import CheckpointError
-from nld_lora.model.pathways import structure_copy
 from nld_lora.model.trimode import TriModeModel
 
 QUANTIZATIONS = ("4bit", "8bit")
@@ -29,16 +33,32 @@ def bnb_config(quantization: str, compute_dtype: torch.dtype):
     return BitsAndBytesConfig(load_in_8bit=True)
 
 
+def import_bitsandbytes(device: torch.device) -> Any:
+    """bitsandbytes, with its CPU backend's warning about the optional kernels-community fused 4-bit gemm replaced
+    by one line on what a CPU run uses instead."""
+    ops_logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    level = ops_logger.level
+    ops_logger.setLevel(logging.ERROR)
+    try:
+        import bitsandbytes as bnb
+    finally:
+        ops_logger.setLevel(level)
+    if device.type == "cpu":
+        print("note: quantized layers on CPU run bitsandbytes' own CPU kernels (NF4 / int8 dequantize + matmul)",
+              file=sys.stderr)
+    return bnb
+
+
 def quantize_frozen_base(model: TriModeModel, quantization: str, device: torch.device | str | None = None) -> None:
     """Quantize the backbone's Linear layers in place on `device` (default: where the model is); frozen."""
     if quantization not in QUANTIZATIONS:
         raise CheckpointError(f"quantization={quantization!r}; expected None, '4bit' or '8bit'")
+    target = torch.device(device) if device is not None else model.device
     try:
-        import bitsandbytes as bnb
+        bnb = import_bitsandbytes(target)
         from transformers.integrations.bitsandbytes import replace_with_bnb_linear
     except ImportError as err:
         raise CheckpointError(f"quantization={quantization!r} needs bitsandbytes: pip install bitsandbytes") from err
-    target = torch.device(device) if device is not None else model.device
     originals = {name: m for name, m in model.encoder.named_modules() if type(m) is nn.Linear}
     config = bnb_config(quantization, model.dtype)
     replace_with_bnb_linear(model.encoder, quantization_config=config)

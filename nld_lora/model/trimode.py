@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from transformers import AutoModel, PretrainedConfig
 
-from nld_lora.model import adapters as lora
+from nld_lora.adapter import attach as lora
 from nld_lora.model.nld_config import apply_nld_defaults, validate_mask_token
 from nld_lora.model.saving import save_checkpoint
 
@@ -85,7 +85,7 @@ class TriModeModel(nn.Module):
         """Run the backbone with an explicit 4D mask and positions; return (logits, cache).
 
         logits_index selects query positions before the head (saves the vocab projection elsewhere).
-        encoder: an inference twin of the backbone (model/pathways.py) to run instead of `self.encoder`.
+        encoder: an inference twin of the backbone (adapter/layers.py) to run instead of `self.encoder`.
         eager: call the backbone's forward directly, past a torch.compile wrapper (nn.Module.compile) if any.
         """
         backbone = encoder or self.encoder

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import random
 from collections import Counter, defaultdict
 from typing import Any
 
 from nld_lora.decoding.stats import GenerationStats, RequestStats, safe_ratio
+from nld_lora.intervals import bootstrap_ratio
 
 
 def pooled_acceptance(requests: list[RequestStats]) -> float:
@@ -14,24 +14,13 @@ def pooled_acceptance(requests: list[RequestStats]) -> float:
     return GenerationStats(requests, 0.0).acceptance_length
 
 
-def bootstrap_ci(requests: list[RequestStats], n_boot: int = 1000, seed: int = 0,
-                 level: float = 0.95) -> tuple[float, float]:
+def acceptance_ci(requests: list[RequestStats], n_boot: int = 1000, seed: int = 0,
+                  level: float = 0.95) -> tuple[float, float]:
     """Percentile interval of pooled acceptance, resampling prompts (cycles of one prompt stay together)."""
-    if not requests:
-        return (0.0, 0.0)
-    rng = random.Random(seed)
-    sums = [sum(r.acceptance_lengths) for r in requests]
-    counts = [len(r.acceptance_lengths) for r in requests]
-    n = len(requests)
-    values = []
-    for _ in range(n_boot):
-        idx = [rng.randrange(n) for _ in range(n)]
-        c = sum(counts[i] for i in idx)
-        values.append(sum(sums[i] for i in idx) / c if c else 0.0)
-    values.sort()
-    lo = values[int((1 - level) / 2 * (n_boot - 1))]
-    hi = values[int((1 + level) / 2 * (n_boot - 1))]
-    return (lo, hi)
+    _, lower, upper = bootstrap_ratio([sum(r.acceptance_lengths) for r in requests],
+                                      [len(r.acceptance_lengths) for r in requests], n_boot=n_boot, seed=seed,
+                                      level=level)
+    return lower, upper
 
 
 def histogram(requests: list[RequestStats], max_len: int) -> list[int]:
@@ -51,7 +40,7 @@ def summarize_run(stats: GenerationStats, draft_len: int | None, categories: lis
     if draft_len is not None:
         out.update({
             "acceptance_length": stats.acceptance_length,
-            "acceptance_length_ci95": list(bootstrap_ci(reqs, seed=boot_seed)),
+            "acceptance_length_ci95": list(acceptance_ci(reqs, seed=boot_seed)),
             "cycles": len(stats.acceptance_lengths),
             "per_position_acceptance": stats.per_position_acceptance,
             "per_position_attempts": stats.per_position_attempts,

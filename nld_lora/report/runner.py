@@ -14,16 +14,17 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from nld_lora.adapter.attach import check_lora_mode
+from nld_lora.adapter.meta import AdapterMeta
 from nld_lora.data.readers import read_prompts
 from nld_lora.data.templates import has_chat_template, render_prompt, uses_chat_template
 from nld_lora.decoding.api import GenerationResult
 from nld_lora.decoding.interleave import interleaved
 from nld_lora.decoding.settings import DecodeSettings, resolve_draft_len
 from nld_lora.decoding.stats import GenerationStats, safe_ratio
-from nld_lora.model.adapter_meta import AdapterMeta
-from nld_lora.model.adapters import check_lora_mode
+from nld_lora.modes import mode_plan
 from nld_lora.report.metrics import (
-    bootstrap_ci,
+    acceptance_ci,
     lossless_mismatches,
     relative_gain,
     summarize_run,
@@ -110,7 +111,8 @@ def _measure_and_write(model: Any, names: list[str], adapters: list[str], record
                            use_chat_template=cfg.use_chat_template) for r in records]
     categories = [r.category for r in records]
     common = {"max_new_tokens": cfg.max_new_tokens, "settings": settings, "progress": progress}
-    plans = plan_runs(names, cfg)
+    plans = mode_plan(adapters={n: n for n in names}, diffusion={"diffusion": {}} if cfg.diffusion else None,
+                      without_adapter="before")
     runs, results = measure_runs(model, plans, texts, categories, cfg, common)
     sequences = {label: res.sequences for label, res in results.items()}
     forward_costs = measure_fastest(model, runs, plans, texts, names, cfg, settings) if cfg.fastest_mode else None
@@ -131,16 +133,6 @@ def _measure_and_write(model: Any, names: list[str], adapters: list[str], record
     report.update(extra or {})
     write_report(report, {lab: runs[lab] for lab in ("before", *names)}, out)
     return report
-
-
-def plan_runs(names: list[str], cfg: ReportConfig) -> dict[str, dict[str, Any]]:
-    """label -> generate() arguments: AR, diffusion (optional), self-spec without and with each adapter."""
-    plans: dict[str, dict[str, Any]] = {"ar": {"mode": "ar", "adapter": False}}
-    if cfg.diffusion:
-        plans["diffusion"] = {"mode": "diffusion", "adapter": False}
-    plans["before"] = {"mode": "self_spec", "adapter": False}
-    plans.update({name: {"mode": "self_spec", "adapter": name} for name in names})
-    return plans
 
 
 def measure_runs(model: Any, plans: dict[str, dict[str, Any]], texts: list[str], categories: list[str],
@@ -267,7 +259,7 @@ def _fit_vs_transfer(model: Any, fit_source: list, cfg: ReportConfig, adapter: s
     for label, name in (("before", False), ("after", adapter)):
         res = model.generate(texts, mode="self_spec", adapter=name, batch_size=cfg.batch_size, **common)
         fit[label] = res.stats.acceptance_length
-        fit[f"{label}_ci95"] = list(bootstrap_ci(res.stats.requests, seed=cfg.decode.seed))
+        fit[f"{label}_ci95"] = list(acceptance_ci(res.stats.requests, seed=cfg.decode.seed))
     fit["gain"] = relative_gain(fit["before"], fit["after"])
     fit["transfer_gain"] = report["gain"]["acceptance_length_rel"]
     return fit

@@ -75,7 +75,7 @@ def fastest_modes(model: Any, adapters: dict[str, str | bool], selection: list[s
 def forward_ms(model: Any, compiled: bool = False) -> dict[str, float]:
     """Batch-1 forward wall times draft_len="auto" measured in this process, eager (or compiled), width -> ms
     (empty if none)."""
-    from nld_lora.decoding.twins import forward_costs
+    from nld_lora.adapter.twins import forward_costs
 
     return {str(width): round(1e3 * t, 3) for (_, comp, rows, width), t in sorted(forward_costs(model).items(),
                                                                                 key=lambda kv: kv[0][3])

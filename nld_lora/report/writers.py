@@ -137,7 +137,12 @@ def _format_line(report: dict[str, Any]) -> str:
     return "; ".join(parts) + "."
 
 
-def write_markdown(report: dict[str, Any], path: Path) -> None:
+EVAL_HEADING = "## Accuracy, latency and cost per mode (`eval/`)"
+
+
+def write_markdown(report: dict[str, Any], path: Path, evaluation: dict[str, Any] | None = None) -> None:
+    """report.md from report.json's dict; with `evaluation` (an eval.json's dict, from the folder `eval/` beside
+    the report's) its tables follow, so one file shows acceptance and accuracy."""
     s = report["settings"]
     runs = report["runs"]
     spec = [lab for lab in runs if lab not in ("ar", "diffusion")]
@@ -210,4 +215,8 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
     lines += ["", "## Plots", "", f"![acceptance histogram]({p['histogram']})", "",
               f"![per-position acceptance]({p['per_position']})", "", f"![per-category]({p['categories']})", "",
               "## Conventions", "", CONVENTIONS, ""]
+    if evaluation is not None:
+        from nld_lora.evaluation.runner import eval_tables
+
+        lines += [EVAL_HEADING, "", *eval_tables(evaluation, plots_at="../eval/")]
     path.write_text("\n".join(lines))

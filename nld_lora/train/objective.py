@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 
 from nld_lora.acceptance import expected_tokens, position_counts, rates
-from nld_lora.model.adapters import lora_enabled
+from nld_lora.adapter.attach import lora_enabled
 from nld_lora.model.masks import causal_mask
 
 

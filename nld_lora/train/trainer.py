@@ -9,7 +9,6 @@ We reuse transformers' schedulers, PEFT for the adapter and accelerate's state s
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from collections.abc import Callable
@@ -20,10 +19,11 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from nld_lora.adapter.attach import TRAINING_ADAPTER as ADAPTER_NAME
+from nld_lora.adapter.attach import add_lora, lora_enabled
+from nld_lora.adapter.saving import adapter_state, save_adapter
 from nld_lora.config_io import ConfigError, to_dict
 from nld_lora.decoding.settings import resolve_draft_len
-from nld_lora.model.adapter_meta import AdapterMeta
-from nld_lora.model.adapters import lora_enabled, register_peft
 from nld_lora.model.quantize import quantized_twin
 from nld_lora.parallel import make_accelerator, parallelism
 from nld_lora.train.config import TrainConfig
@@ -41,12 +41,11 @@ from nld_lora.train.objective import (
     teacher_pass,
 )
 
-ADAPTER_NAME = "default"
 FINAL_ADAPTER = "linear_spec_lora"
 STATE_FILE = "trainer_state.json"
 
 
-@dataclass
+@dataclass(kw_only=True)
 class TrainResult:
     adapter_dir: str
     best_step: int
@@ -60,25 +59,6 @@ class TrainResult:
     fit_best_simulated_acceptance: float | None = None  # the same with the selected adapter
     deployed_baseline: float | None = None  # tokens per cycle of the deployed loop on the eval split, no adapter
     deployed_best: float | None = None  # the same with the selected adapter (what the report's gain estimates)
-
-
-def add_lora(model, cfg: TrainConfig):
-    """Wrap the model with a trainable PEFT LoRA; unknown target modules fail with the model's module names."""
-    from peft import LoraConfig, get_peft_model
-
-    names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    missing = [t for t in cfg.lora.target_modules if t not in names]
-    if missing:
-        raise ConfigError(f"lora.target_modules {missing} not in the model; its Linear modules: {sorted(names)}")
-    for p in model.parameters():
-        p.requires_grad_(False)
-    tokens = {"embed_tokens": [model.mask_token_id]} if cfg.train_mask_embedding else None
-    lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout, bias="none",
-                      target_modules=list(cfg.lora.target_modules), exclude_modules=["diffusion_head"],
-                      trainable_token_indices=tokens)
-    peft_model = get_peft_model(model, lora, adapter_name=ADAPTER_NAME)
-    register_peft(model, peft_model, ADAPTER_NAME)
-    return peft_model
 
 
 @torch.no_grad()
@@ -142,45 +122,6 @@ def walk_sync(accelerator: Any) -> Callable[[bool], bool]:
     return any_rank
 
 
-def adapter_state(peft_model: Any, adapter: str = ADAPTER_NAME) -> dict[str, torch.Tensor]:
-    """The adapter's LoRA tensors (and retrained token rows) under PEFT's names, as plain CPU tensors; collective (every rank must call it):
-    sharded FSDP parameters (DTensors) are gathered in full. (Selected by name: PEFT clears requires_grad while
-    the adapter is disabled.)"""
-    state = {}
-    for name, param in peft_model.named_parameters():
-        if (".lora_" in name and f".{adapter}." in name) or name.endswith(f".trainable_tokens_delta.{adapter}"):
-            full = param.full_tensor() if hasattr(param, "full_tensor") else param
-            state[name] = full.detach().cpu().clone()
-    if not state:
-        raise RuntimeError(f"the model carries no LoRA tensors of adapter {adapter!r}; nothing to save")
-    return state
-
-
-def save_adapter(peft_model, out: Path, model, cfg: TrainConfig, draft_len: int, extra: dict[str, Any],
-                 state: dict[str, torch.Tensor] | None = None) -> None:
-    """PEFT folder + nld_adapter.json (base fingerprint, lora_mode, draft_len), written via a temp folder.
-    state: the adapter tensors from adapter_state (needed when the model is sharded)."""
-    tmp = out.parent / f".{out.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    peft_model.save_pretrained(str(tmp), selected_adapters=[ADAPTER_NAME], state_dict=state)
-    src = tmp / ADAPTER_NAME if (tmp / ADAPTER_NAME).is_dir() else tmp
-    release_style_config(src / "adapter_config.json", model.name_or_path)
-    AdapterMeta(base_model=model.name_or_path, base_weights_hash=model.weights_hash, lora_mode="draft_only",
-                draft_len=draft_len, draft_layout=cfg.draft_layout, block_size=model.block_size,
-                base_quantization=model.quantization, train_config=to_dict(cfg), **extra).write(src)
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(src, out)
-    shutil.rmtree(tmp, ignore_errors=True)
-
-
-def release_style_config(path: Path, base_model: str) -> None:
-    """Write adapter_config.json as NVIDIA's `linear_spec_lora/` has it (task_type CAUSAL_LM, inference_mode true),
-    so the trained adapter can replace the released one; the runtime loads either way."""
-    config = json.loads(path.read_text())
-    config.update(task_type="CAUSAL_LM", inference_mode=True, base_model_name_or_path=base_model)
-    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-
-
 def _latest_checkpoint(ckpt_dir: Path) -> Path | None:
     found = sorted(p for p in ckpt_dir.glob("step_*") if (p / STATE_FILE).exists())
     return found[-1] if found else None
@@ -217,7 +158,7 @@ class TrainState:
                               f"{path.parent.name} to resume from the one before") from err
 
 
-@dataclass
+@dataclass(kw_only=True)
 class TrainingRun:
     """What the setup functions build for the loop."""
 
@@ -326,8 +267,10 @@ def setup(model_or_path: Any, dataset_dir: str | Path, out_dir: str | Path, cfg:
         model.detach_adapter(ADAPTER_NAME)  # e.g. checkpoints of other settings: the caller's model stays clean
         raise
     fit_seqs = fit_sample(train_seqs, len(eval_seqs), cfg.seed) if cfg.fit_eval else []
-    return TrainingRun(cfg, out, accelerator, model, peft_model, wrapped, optimizer, scheduler, params, train_seqs, eval_seqs,
-                       fit_seqs, resolve_draft_len(model.block_size, cfg.draft_len, quadratic=cfg.draft_layout == "quadratic"), state)
+    draft_len = resolve_draft_len(model.block_size, cfg.draft_len, quadratic=cfg.draft_layout == "quadratic")
+    return TrainingRun(cfg=cfg, out=out, accelerator=accelerator, model=model, peft=peft_model, wrapped=wrapped,
+                       optimizer=optimizer, scheduler=scheduler, params=params, train_seqs=train_seqs,
+                       eval_seqs=eval_seqs, fit_seqs=fit_seqs, draft_len=draft_len, state=state)
 
 
 def run_eval(run: TrainingRun, step: int) -> None:
@@ -462,9 +405,13 @@ def train(model_or_path: Any, dataset_dir: str | Path, out_dir: str | Path, cfg:
     acc, st = run.accelerator, run.state
     final = run.out / FINAL_ADAPTER
     best = next((r for r in st.history if r["step"] == st.best_step), {})
-    return TrainResult(str(final), st.best_step, best.get("simulated_acceptance", 0.0), st.baseline or 0.0, st.step, wall,
-                       acc.num_processes, parallelism(acc), st.fit_baseline, best.get("fit_simulated_acceptance"),
-                       st.deployed_baseline, best.get("deployed_acceptance"))
+    return TrainResult(adapter_dir=str(final), best_step=st.best_step,
+                       best_simulated_acceptance=best.get("simulated_acceptance", 0.0),
+                       baseline_simulated_acceptance=st.baseline or 0.0, steps=st.step, wall_s=wall,
+                       world_size=acc.num_processes, parallelism=parallelism(acc),
+                       fit_baseline_simulated_acceptance=st.fit_baseline,
+                       fit_best_simulated_acceptance=best.get("fit_simulated_acceptance"),
+                       deployed_baseline=st.deployed_baseline, deployed_best=best.get("deployed_acceptance"))
 
 
 def _save_state(accelerator, ckpt_dir: Path, state: TrainState) -> None:

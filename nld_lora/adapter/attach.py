@@ -3,7 +3,7 @@
 lora_mode "draft_only" (NLD's deployment): the adapter is ON for draft/denoise forwards and OFF for prefill, AR,
 verify and commit forwards, so AR output is untouched. "both": ON for every forward (output then differs from AR).
 A forward that verifies and drafts at once (single-forward self-speculation) gates the adapter per token instead
-(nld_lora/decoding/twins.py, with the runtime's inference twins of the backbone).
+(nld_lora/adapter/twins.py, with the runtime's inference twins of the backbone).
 An adapter folder may carry nld_adapter.json (written by the trainer); its lora_mode and draft_len are the defaults.
 """
 
@@ -19,7 +19,9 @@ from typing import Any
 from safetensors import safe_open
 from torch import nn
 
-from nld_lora.model.adapter_meta import LORA_MODES, AdapterMeta, AdapterMetaError
+from nld_lora.adapter.meta import LORA_MODES, AdapterMeta, AdapterMetaError
+
+TRAINING_ADAPTER = "default"  # the name the trainer's adapter has inside its PeftModel
 
 
 class AdapterError(ValueError):
@@ -52,6 +54,24 @@ class PeftState:
     not register it: the PeftModel wraps the model, and registering it would make the model contain itself)."""
 
     peft: Any = None  # the PeftModel wrapping the model
+
+
+@contextmanager
+def without_bitsandbytes(model) -> Iterator[None]:
+    """PEFT without its bitsandbytes layer dispatchers while it wraps an unquantized model. PEFT imports
+    bitsandbytes whenever it is installed, and that import prints a warning and reaches for a hub kernel; a model
+    without quantized layers has nothing for those dispatchers to match, so the result is the same."""
+    if getattr(model, "quantization", None) is not None:
+        yield
+        return
+    import peft.tuners.lora.model as lora_model
+
+    saved = lora_model.is_bnb_available, lora_model.is_bnb_4bit_available
+    lora_model.is_bnb_available = lora_model.is_bnb_4bit_available = lambda: False
+    try:
+        yield
+    finally:
+        lora_model.is_bnb_available, lora_model.is_bnb_4bit_available = saved
 
 
 def peft_of(model) -> Any:
@@ -123,10 +143,12 @@ def attach_adapter(model, path: str | Path, *, name: str | None = None, lora_mod
         # wrapper is used instead of a task wrapper that expects transformers' generate hooks.
         config = PeftConfig.from_pretrained(str(path))
         config.task_type = None
-        peft = PeftModel.from_pretrained(model, str(path), adapter_name=name, is_trainable=False, config=config)
+        with without_bitsandbytes(model):
+            peft = PeftModel.from_pretrained(model, str(path), adapter_name=name, is_trainable=False, config=config)
         _set_peft(model, peft)
     else:
-        peft.load_adapter(str(path), adapter_name=name, is_trainable=False)
+        with without_bitsandbytes(model):
+            peft.load_adapter(str(path), adapter_name=name, is_trainable=False)
     model.adapters[name] = LoadedAdapter(str(path), mode, meta)
     model.active_adapter = name
     peft.base_model.set_adapter(name, inference_mode=True)
@@ -187,3 +209,26 @@ def lora_enabled(model, adapter: str | None, on: bool) -> Iterator[None]:
         yield
     finally:
         peft.base_model.disable_adapter_layers()
+
+
+def add_lora(model, cfg: Any):
+    """Wrap the model with a trainable PEFT LoRA (cfg: a TrainConfig's lora and train_mask_embedding); unknown
+    target modules fail with the model's Linear module names."""
+    from peft import LoraConfig, get_peft_model
+
+    from nld_lora.config_io import ConfigError
+
+    names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    missing = [t for t in cfg.lora.target_modules if t not in names]
+    if missing:
+        raise ConfigError(f"lora.target_modules {missing} not in the model; its Linear modules: {sorted(names)}")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    tokens = {"embed_tokens": [model.mask_token_id]} if cfg.train_mask_embedding else None
+    lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout, bias="none",
+                      target_modules=list(cfg.lora.target_modules), exclude_modules=["diffusion_head"],
+                      trainable_token_indices=tokens)
+    with without_bitsandbytes(model):
+        peft_model = get_peft_model(model, lora, adapter_name=TRAINING_ADAPTER)
+    register_peft(model, peft_model, TRAINING_ADAPTER)
+    return peft_model

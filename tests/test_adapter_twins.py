@@ -1,11 +1,11 @@
-"""Inference twins of the backbone (model/pathways.py) and the compiled decode path."""
+"""Inference twins of the backbone (adapter/layers.py) and the compiled decode path."""
 
 import logging
 
 import pytest
 import torch
 
-from nld_lora.decoding.twins import pathway_encoder
+from nld_lora.adapter.twins import pathway_encoder
 from nld_lora.model.masks import causal_mask, draft_mask
 from tests.helpers import make_adapter, pathway_outputs, random_prompts, tiny_model
 
@@ -33,8 +33,8 @@ def test_compiled_decoding_is_lossless_and_leaves_the_model_eager(tmp_path, monk
     """Every backbone a compiled decode runs is compiled, twins built inside the call too (the merged twin of a first
     drafting call ran eager), and all of them are eager again afterwards."""
     import nld_lora.decoding.loops as loops
+    from nld_lora.adapter.twins import decode_encoders, decode_state
     from nld_lora.decoding.auto import DraftPlanner
-    from nld_lora.decoding.twins import decode_encoders, decode_state
 
     model = tiny_model(seed=1)
     adapter = model.attach_adapter(make_adapter(model, tmp_path / "lora"))

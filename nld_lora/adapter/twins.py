@@ -2,7 +2,7 @@
 the forward costs draft_len="auto" measured.
 
 With an adapter attached every targeted Linear goes through PEFT's LoRA wrapper, even with the adapter off; on a
-small or launch-bound model that doubles a forward's cost. So the runtime runs, where it can (model/pathways.py
+small or launch-bound model that doubles a forward's cost. So the runtime runs, where it can (adapter/layers.py
 builds them): the base twin (the backbone's tree with each PEFT wrapper replaced by its base layer) for forwards
 with adapters off, a merged twin per adapter for drafts, a gated twin per adapter for forwards that verify and draft
 at once. PEFT's own modules run where no twin can be built (quantized bases, LoRA variants) and for adapters being
@@ -20,8 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from nld_lora.model.adapters import lora_enabled, peft_of
-from nld_lora.model.pathways import (
+from nld_lora.adapter.attach import lora_enabled, peft_of
+from nld_lora.adapter.layers import (
     gated_copy,
     lora_layers,
     merged_copy,
@@ -184,7 +184,7 @@ def _install_gate_hooks(model, adapter: str, hook: TokenGate) -> None:
 @contextmanager
 def lora_token_gate(model, adapter: str, start: int) -> Iterator[Any]:
     """Run the enclosed forwards with adapter `adapter` on for their tokens at index >= start (the drafting ones)
-    and off for the others; yields the backbone twin to run (model/pathways.py GatedLoRALinear), or None to run the
+    and off for the others; yields the backbone twin to run (adapter/layers.py GatedLoRALinear), or None to run the
     PEFT model, whose LoRA A matrices then see a zero input before start. Either way a gated-off token's delta is
     exactly 0 and its output equals the base model's bit for bit."""
     encoder, hook = gated_encoder(model, adapter)
