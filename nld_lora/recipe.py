@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from nld_lora.adapter.meta import AdapterMeta
-from nld_lora.config_io import ConfigError, to_dict
+from nld_lora.config_io import to_dict
 from nld_lora.data.collect import CollectConfig
 from nld_lora.evaluation.runner import EvalConfig
 from nld_lora.report.runner import ReportConfig
@@ -28,7 +28,6 @@ class RecipeConfig:
     eval_prompts: str = "data/prompts/code_eval.jsonl"
     out: str = "runs/tiny_code"
     wrap: bool = False
-    draft_len: int | None = None  # one draft length for training and report (None: the model's block_size - 1)
     collect: CollectConfig = field(default_factory=CollectConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
@@ -55,7 +54,6 @@ def run_recipe(cfg: RecipeConfig) -> dict[str, Any]:
     from nld_lora.train.trainer import FINAL_ADAPTER, setup_accelerator
 
     cfg.train.validate()
-    share_draft_len(cfg)
     inherit_prompt_format(cfg)
     out = Path(cfg.out)
     accelerator = setup_accelerator(cfg.train, out / "train")
@@ -151,18 +149,6 @@ def training_model(model: Any, model_path: str, cfg: RecipeConfig, accelerator: 
 
     model.to("cpu")
     return nld_lora.load(model_path, wrap=cfg.wrap, quantization=cfg.train.quantization, device=accelerator.device)
-
-
-def share_draft_len(cfg: RecipeConfig) -> None:
-    """One draft length for training and report: the recipe-level draft_len, or the one section that sets it."""
-    given = {"draft_len": cfg.draft_len, "train.draft_len": cfg.train.draft_len,
-             "report.decode.draft_len": cfg.report.decode.draft_len}
-    values = {v for v in given.values() if v is not None}
-    if len(values) > 1:
-        shown = ", ".join(f"{k}={v}" for k, v in given.items() if v is not None)
-        raise ConfigError(f"draft lengths differ ({shown}); set the recipe-level draft_len only")
-    value = values.pop() if values else None
-    cfg.draft_len = cfg.train.draft_len = cfg.report.decode.draft_len = value
 
 
 def inherit_prompt_format(cfg: RecipeConfig) -> None:

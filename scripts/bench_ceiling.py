@@ -31,7 +31,6 @@ from nld_lora.decoding.api import normalize_prompts
 from nld_lora.decoding.auto import between_widths
 from nld_lora.decoding.batch import DecodeBatch
 from nld_lora.decoding.lookup import NgramIndex
-from nld_lora.decoding.sampling import select_tokens
 from nld_lora.decoding.settings import DecodeSettings
 from nld_lora.decoding.stats import RequestStats
 from nld_lora.report.paired import first_cycle_drafts
@@ -75,7 +74,7 @@ def diffusion_drafts(model, full: list[list[int]], starts: list[int], adapter: s
     for s in tqdm(range(longest - 2, -1, -1), desc=f"draft forwards ({adapter or 'base'})", leave=False):
         in_answer = [starts[i] + s + 1 < len(f) for i, f in enumerate(full)]  # the others draft past their
         # answer's end, in slots no context of theirs reads
-        batch.lengths = [starts[i] + s if on else len(f) for i, (f, on) in enumerate(zip(full, in_answer))]
+        batch.rewind([starts[i] + s if on else len(f) for i, (f, on) in enumerate(zip(full, in_answer))])
         seeds = torch.tensor([f[n] if on else mask_id for f, n, on in zip(full, batch.lengths, in_answer)],
                              device=model.device)
         offered = [(leads or {}).get((i, s), []) for i in range(len(full))]
@@ -84,15 +83,10 @@ def diffusion_drafts(model, full: list[list[int]], starts: list[int], adapter: s
             active = [on and len(found) == c for on, found in zip(in_answer, lead)]
             if not any(active):
                 continue
-            block = torch.full((len(full), k + 1), mask_id, dtype=torch.long, device=model.device)
-            block[:, 0] = seeds
-            for i, found in enumerate(lead):
-                if active[i] and c:
-                    block[i, 1:c + 1] = torch.tensor(found, device=model.device)
-            logits = batch.forward(block, "draft", logits_index=slice(1, None))
-            for i, row in enumerate(select_tokens(logits, 0.0, None).tolist()):
+            made, _ = batch.draft(seeds, k, [found if on and c else [] for found, on in zip(lead, active)])
+            for i, row in enumerate(made.tolist()):
                 if active[i]:
-                    drafts[(c, k)][(i, s)] = lead[i] + row[c:]
+                    drafts[(c, k)][(i, s)] = row
     return drafts
 
 

@@ -59,19 +59,43 @@ def _median_s(fn, reps: int) -> float:
     return statistics.median(times)
 
 
+def training_run(model, vocab: int, draft_len: int, seq_len: int, blocks: int, out: Path):
+    """The trainer's own run state for the default recipe's training settings (follow-up blocks, first-position
+    weight), at NLD's adapter shape (o_proj, r 128, alpha 512) and one random sequence of seq_len tokens."""
+    import dataclasses
+
+    import torch
+
+    from nld_lora.adapter.attach import add_lora
+    from nld_lora.config_io import load_config
+    from nld_lora.recipe import RecipeConfig
+    from nld_lora.train.config import LoraSettings
+    from nld_lora.train.data import Sequence
+    from nld_lora.train.trainer import TrainingRun, TrainState, setup_accelerator, setup_optimization
+
+    default = load_config(RecipeConfig, Path(__file__).resolve().parents[1] / "recipes/configs/tiny_code.yaml").train
+    cfg = dataclasses.replace(default, lora=LoraSettings(r=128, alpha=512, target_modules=["o_proj"]),
+                              draft_len=draft_len, batch_size=1, grad_accum=1, blocks_per_seq=blocks,
+                              max_seq_len=seq_len)
+    accelerator = setup_accelerator(cfg, out)
+    peft_model = add_lora(model, cfg)
+    wrapped, optimizer, scheduler, params = setup_optimization(model, cfg, accelerator)
+    seq = Sequence(torch.randint(200, vocab, (seq_len,)).tolist(), seq_len // 4, "random")
+    return TrainingRun(cfg=cfg, out=out, accelerator=accelerator, model=model, peft=peft_model, wrapped=wrapped,
+                       optimizer=optimizer, scheduler=scheduler, params=params, train_seqs=[seq], eval_seqs=[],
+                       fit_seqs=[], draft_len=draft_len, state=TrainState())
+
+
 def measure(folder: str, dtype: str, device: str, quantization: str | None, prompt_len: int, draft_len: int,
             reps: int, train_seq_len: int, train_blocks: int) -> dict:
     """Runs in its own process: load, forward costs, one training step; returns the figures."""
     import torch
 
     import nld_lora
-    from nld_lora.adapter.attach import TRAINING_ADAPTER as ADAPTER_NAME
-    from nld_lora.adapter.attach import add_lora, lora_enabled
     from nld_lora.decoding.batch import DecodeBatch
     from nld_lora.decoding.stats import RequestStats
     from nld_lora.testing.release_fixture import write_release_folder
-    from nld_lora.train.config import LoraSettings, TrainConfig
-    from nld_lora.train.objective import DraftBatch, draft_loss, row_validity, student_logits, teacher_pass
+    from nld_lora.train.trainer import train_step
 
     warm = Path(folder).parent / "warm-up-tiny"
     if not (warm / "config.json").exists():
@@ -112,30 +136,16 @@ def measure(folder: str, dtype: str, device: str, quantization: str | None, prom
         out["verify_block_s"] = _median_s(lambda: run(draft_len + 1, "verify", None), reps)
     out["forward_peak_host_gib"] = (_rss_peak() - base) / GIB
 
-    cfg = TrainConfig(lora=LoraSettings(r=128, alpha=512, target_modules=["o_proj"]), draft_len=draft_len)
-    peft_model = add_lora(model, cfg)
-    params = [p for p in peft_model.parameters() if p.requires_grad]
-    out["lora_params_m"] = sum(p.numel() for p in params) / 1e6
-    optimizer = torch.optim.AdamW(params, lr=1e-4)
-    ids = torch.randint(200, vocab, (1, train_seq_len), device=model.device)
-    span = train_seq_len - draft_len - 2
-    starts = torch.linspace(train_seq_len // 4, span, train_blocks).long()[None].to(model.device)
-    draft = DraftBatch(ids, torch.tensor([train_seq_len], device=model.device), starts, draft_len)
+    trainer = training_run(model, vocab, draft_len, train_seq_len, train_blocks, Path(folder).parent / "train")
+    out["lora_params_m"] = sum(p.numel() for p in trainer.params) / 1e6
     if cuda:
         torch.cuda.reset_peak_memory_stats()
 
-    def train_step() -> None:
-        passed = teacher_pass(model, draft, ADAPTER_NAME)
-        cache, teacher = passed.cache, passed.blocks(draft)
-        with lora_enabled(model, ADAPTER_NAME, on=True), torch.autocast(device.split(":")[0], torch.bfloat16,
-                                                                          enabled=cuda):
-            student = student_logits(peft_model, draft, cache, model.mask_token_id)
-            loss = draft_loss(student, teacher, row_validity(draft)).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    def step() -> None:
+        train_step(trainer)
+        trainer.state.step += 1
 
-    out["train_step_s"] = _median_s(train_step, max(1, reps // 2))
+    out["train_step_s"] = _median_s(step, max(1, reps // 2))
     out["train_peak_host_gib"] = (_rss_peak() - base) / GIB
     out["resident_after_train_gib"] = (_rss_now() - base) / GIB
     if cuda:
@@ -146,7 +156,8 @@ def measure(folder: str, dtype: str, device: str, quantization: str | None, prom
 def _fmt(rows: list[dict], shape: str, args: argparse.Namespace) -> str:
     lines = [f"Scale check, shape `{shape}` ({rows[0]['params_b']:.2f}B parameters), prompt {args.prompt_len} "
              f"tokens, draft length {args.draft_len}; training step: 1 sequence of {args.train_seq_len} tokens, "
-             f"{args.train_blocks} draft blocks, LoRA o_proj r128 a512.", "",
+             f"{args.train_blocks} draft blocks, LoRA o_proj r128 a512, the trainer's step with the default "
+             "recipe's objective (follow-up blocks, first-position weight).", "",
              "| dtype | weights GiB | load s | peak host during load GiB (x weights) | peak host through forwards "
              "GiB (x weights) | prefill s | AR step ms | draft block ms | verify block ms | LoRA params M "
              "| train step s | peak host train GiB | resident host after train GiB | peak GPU train GiB |",

@@ -184,7 +184,7 @@ def test_auto_draft_len_is_lossless_and_reports_its_choices(mode, tmp_path):
     for kw in ({}, {"ngram": 2}):
         res = model.generate(prompts, mode=mode, max_new_tokens=20, batch_size=3, draft_len="auto", **kw)
         assert res.sequences == ar.sequences
-        assert res.settings.adaptive_draft and res.settings.draft_len >= 1
+        assert res.settings.auto_draft and res.settings.draft_len >= 1
         choices = res.stats.draft_len_choices
         assert sum(choices.values()) > 0 and all(0 <= k <= res.settings.draft_len for k in choices)
     with pytest.raises(ValueError, match="integer or 'auto'"):

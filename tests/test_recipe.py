@@ -5,7 +5,7 @@ import json
 import pytest
 
 from nld_lora.config_io import ConfigError, load_config
-from nld_lora.recipe import RecipeConfig, inherit_prompt_format, run_recipe, share_draft_len
+from nld_lora.recipe import RecipeConfig, inherit_prompt_format, run_recipe
 from tests.helpers import ROOT, saved_tiny_model
 
 
@@ -17,7 +17,7 @@ def _tiny_recipe(tmp_path, *extra: str) -> list[str]:
                                            "reference": " + a\n"}) + "\n" for i in range(12)))
     return [f"model={model_dir}", f"train_prompts={prompts}", f"eval_prompts={prompts}", f"out={tmp_path / 'run'}",
             "collect.max_new_tokens=16", "train.steps=4", "train.eval_every=2", "train.save_every=2",
-            "train.lora.r=4", "train.lora.alpha=8", "draft_len=3", "train.eval_fraction=0.25",
+            "train.lora.r=4", "train.lora.alpha=8", "train.draft_len=3", "train.eval_fraction=0.25",
             "report.decode.block_size=4", "report.max_new_tokens=8", "report.speed_prompts=1",
             "report.diffusion=false", "eval.limit=3", "eval.max_new_tokens=6", "eval.latency_prompts=1",
             "eval.diffusion_blocks=[4]", "eval.diffusion_thresholds=[0.0]", "eval.bootstrap=50", *extra]
@@ -84,6 +84,5 @@ def test_union_settings_take_the_first_type_that_fits():
 def test_shipped_recipe_configs_parse(name):
     cfg = load_config(RecipeConfig, ROOT / "recipes" / "configs" / f"{name}.yaml")  # unknown keys would fail here
     cfg.train.validate()
-    share_draft_len(cfg)  # no two sections disagree on the draft length
     inherit_prompt_format(cfg)
     assert cfg.report.use_chat_template == cfg.collect.use_chat_template  # held-out prompts rendered like training

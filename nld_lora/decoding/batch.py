@@ -17,6 +17,7 @@ import torch
 from nld_lora.adapter.twins import build_twins, lora_token_gate, pathway_encoder
 from nld_lora.decoding.lookup import NgramIndex
 from nld_lora.decoding.ragged_cache import RaggedCache
+from nld_lora.decoding.sampling import select_tokens
 from nld_lora.decoding.stats import RequestStats
 from nld_lora.model.masks import block_pattern, quadratic_offsets, quadratic_pattern, ragged_mask
 
@@ -55,6 +56,18 @@ def make_layout(kind: str, q: int, masks_per_row: int, device: torch.device) -> 
                            quadratic_offsets(rows, masks_per_row, device), rows)
     return BlockLayout(block_pattern(kind, q, device), torch.arange(q, device=device),
                        0 if kind == "bidirectional" else q)
+
+
+def merge_drafts(lookups: list[list[int]], drafts: torch.Tensor | None, k: int, filler: int,
+                  device) -> torch.Tensor:
+    """Rows with a lookup take it (its tail past the match from the diffusion draft, or a filler token that
+    verification rejects); the others keep their diffusion draft."""
+    merged = drafts.clone() if drafts is not None else torch.full((len(lookups), k), filler, dtype=torch.long,
+                                                                   device=device)
+    for i, found in enumerate(lookups):
+        if found:
+            merged[i, :len(found)] = torch.tensor(found, dtype=torch.long, device=device)
+    return merged
 
 
 class DecodeBatch:
@@ -163,6 +176,28 @@ class DecodeBatch:
             if counted is None or counted[i]:
                 self.stats[rid].forwards[kind] += 1
         return logits
+
+    def draft(self, seeds: torch.Tensor, k: int, leads: list[list[int]] | None = None, *, temperature: float = 0.0,
+              generator: torch.Generator | None = None, top_k: int | None = None,
+              top_p: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One draft forward over [seed, mask x k] per row: (drafts (B, k), their logits). A row's lead (a lookup
+        draft) fills its first masks, which the diffusion drafts after it see, and stands in its drafts as given."""
+        mask_id = self.model.mask_token_id
+        block = torch.full((len(seeds), k + 1), mask_id, dtype=torch.long, device=seeds.device)
+        block[:, 0] = seeds
+        if leads is not None:
+            block[:, 1:] = merge_drafts(leads, block[:, 1:], k, mask_id, seeds.device)
+        logits = self.forward(block, "draft", logits_index=slice(1, None))
+        drafts = select_tokens(logits, temperature, generator, top_k, top_p)
+        if leads is not None:  # one op, no second copy of the leads
+            drafts = torch.where(block[:, 1:] != mask_id, block[:, 1:], drafts)
+        return drafts, logits
+
+    def rewind(self, lengths: list[int]) -> None:
+        """Decode from shorter contexts whose cache is a prefix of what each row holds (no forward needed)."""
+        if any(n > held for n, held in zip(lengths, self.lengths)) or len(lengths) != len(self.lengths):
+            raise ValueError(f"rewind to {lengths}: each row can only go back from {self.lengths}")
+        self.lengths = list(lengths)
 
     def committed(self) -> list[int]:
         """Tokens in the cache past each row's prompt."""

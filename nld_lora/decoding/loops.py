@@ -8,7 +8,7 @@ import torch
 
 from nld_lora.adapter.twins import planner_memory
 from nld_lora.decoding.auto import DraftPlanner, rows_bucket
-from nld_lora.decoding.batch import DecodeBatch
+from nld_lora.decoding.batch import DecodeBatch, merge_drafts
 from nld_lora.decoding.lookup import NgramIndex
 from nld_lora.decoding.outputs import Outputs
 from nld_lora.decoding.sampling import filter_logits, select_tokens, select_with_confidence
@@ -139,18 +139,6 @@ def _lookup_drafts(batch: DecodeBatch, out: Outputs, cfg: DecodeSettings, k: int
     return Lookups(drafts, orders)
 
 
-def _merge_drafts(lookups: list[list[int]], drafts: torch.Tensor | None, k: int, filler: int,
-                  device) -> torch.Tensor:
-    """Rows with a lookup take it (its tail past the match from the diffusion draft, or a filler token that
-    verification rejects); the others keep their diffusion draft."""
-    merged = drafts.clone() if drafts is not None else torch.full((len(lookups), k), filler, dtype=torch.long,
-                                                                   device=device)
-    for i, found in enumerate(lookups):
-        if found:
-            merged[i, :len(found)] = torch.tensor(found, dtype=torch.long, device=device)
-    return merged
-
-
 def _verify(target: torch.Tensor, drafts: torch.Tensor, draft_logits: torch.Tensor | None, cfg: DecodeSettings,
             gen: torch.Generator, batch: DecodeBatch, cycle: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Target logits (B, k+1, V) against drafts (B, k): emitted tokens (B, k+1; -1 past the bonus) and the number
@@ -187,7 +175,7 @@ def _planner(batch: DecodeBatch, cfg: DecodeSettings, quadratic: bool) -> DraftP
     """The adaptive draft-length planner, or None. It starts from what the last planner of this adapter, layout and
     batch-size bucket learnt in this process, else from the adapter's evaluated per-position rates (when it was trained for this
     mode's draft layout)."""
-    if not cfg.adaptive_draft:
+    if not cfg.auto_draft:
         return None
     loaded = batch.model.adapters.get(batch.adapter) if batch.adapter else None
     layout = "quadratic" if quadratic else "linear"
@@ -248,10 +236,10 @@ def _note_choice(batch: DecodeBatch, out: Outputs, k: int) -> None:
 
 def run_self_spec(batch: DecodeBatch, out: Outputs, cfg: DecodeSettings, gen: torch.Generator) -> None:
     """Draft [seed, mask x k] bidirectionally (adapter on), verify causally (adapter off), keep prefix + bonus.
-    With adaptive_draft, k is chosen per cycle (0: an AR step). With prompt lookup, a row's lookup tokens fill the
+    With draft_len="auto", k is chosen per cycle (0: an AR step). With prompt lookup, a row's lookup tokens fill the
     start of its draft block (the diffusion pass drafts past the end of the match, seeing it) and are verified as
     drafts; a cycle may also skip the draft forward and verify the lookups alone (when every row found one: always
-    without adaptive_draft, else when the planner says it pays)."""
+    without draft_len="auto", else when the planner says it pays)."""
     seeds = _prefill(batch, out, cfg, gen)
     mask_id = batch.model.mask_token_id
     planner = _planner(batch, cfg, quadratic=False)
@@ -276,20 +264,15 @@ def run_self_spec(batch: DecodeBatch, out: Outputs, cfg: DecodeSettings, gen: to
             k, use_lookup = (longest, True) if all_found else (cfg.draft_len, False)
         draft_logits = None
         if use_lookup:
-            drafts = _merge_drafts([found[:k] for found in lookups], None, k, mask_id, seeds.device)  # no draft
+            drafts = merge_drafts([found[:k] for found in lookups], None, k, mask_id, seeds.device)  # no draft
             # forward; the planner may cut the lookups short
         elif k == 0:
             seeds, found = _ar_run(batch, out, cfg, gen, seeds, planner, lookups=lookups is not None)
             continue
         else:
-            block = torch.full((n_rows, k + 1), mask_id, dtype=torch.long, device=seeds.device)
-            block[:, 0] = seeds
-            if lookups is not None:  # rows with a lookup draft it past the match: the masks see the lookup tokens
-                block[:, 1:] = _merge_drafts([found[:k] for found in lookups], block[:, 1:], k, mask_id, seeds.device)
-            draft_logits = batch.forward(block, "draft", logits_index=slice(1, None))
-            drafts = select_tokens(draft_logits, cfg.temperature, gen, cfg.top_k, cfg.top_p)
-            if lookups is not None:  # the lookup tokens stand where the block holds them (one op, no second copy)
-                drafts = torch.where(block[:, 1:] != mask_id, block[:, 1:], drafts)
+            leads = [found[:k] for found in lookups] if lookups is not None else None
+            drafts, draft_logits = batch.draft(seeds, k, leads, temperature=cfg.temperature, generator=gen,
+                                               top_k=cfg.top_k, top_p=cfg.top_p)
         starts = list(batch.lengths)
         target = batch.forward(torch.cat([seeds[:, None], drafts], 1), "verify")
         tokens, n_acc = _verify(target, drafts, draft_logits, cfg, gen, batch, cycle)
@@ -312,7 +295,7 @@ def run_self_spec_quadratic(batch: DecodeBatch, out: Outputs, cfg: DecodeSetting
     causal (adapter off), sub-block i's masks see d_0..d_i and themselves (adapter on). After n accepted drafts the
     bonus token is AR's prediction at row d_n and the next drafts are sub-block n's mask predictions 2..k'+1 (its
     first mask sits where the bonus token goes). The first forward has no drafts to verify: it only drafts.
-    k' = k except with adaptive_draft, which picks it per cycle (0: no masks, a plain verify forward, or an AR
+    k' = k except with draft_len="auto", which picks it per cycle (0: no masks, a plain verify forward, or an AR
     step when there are no drafts to verify either)."""
     seeds = _prefill(batch, out, cfg, gen)
     mask_id = batch.model.mask_token_id
@@ -333,7 +316,7 @@ def run_self_spec_quadratic(batch: DecodeBatch, out: Outputs, cfg: DecodeSetting
         masks_per_row = next_len + 1 if next_len else 0
         lookups, orders = _lookup_drafts(batch, out, cfg, n_drafts) if n_drafts else NO_LOOKUPS
         if lookups is not None:
-            drafts = _merge_drafts(lookups, drafts, n_drafts, mask_id, seeds.device)
+            drafts = merge_drafts(lookups, drafts, n_drafts, mask_id, seeds.device)
         verify_rows = n_drafts + 1
         masks = torch.full((n_rows, verify_rows * masks_per_row), mask_id, dtype=torch.long, device=seeds.device)
         logits = batch.forward(torch.cat([seeds[:, None], drafts, masks], 1), "verify_draft",

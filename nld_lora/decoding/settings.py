@@ -17,6 +17,14 @@ POLICIES = ("confidence", "leftmost")
 ACCEPTANCE_RULES = ("rejection", "exact_match")
 
 
+class AutoDraftLen(int):
+    """draft_len="auto" once resolved: the ceiling under which each cycle picks 0..ceiling drafts (decoding/auto.py);
+    an int, so every shape computed from draft_len uses the ceiling."""
+
+    def __repr__(self) -> str:
+        return f"AutoDraftLen({int(self)})"
+
+
 QUADRATIC_DRAFT_LEN = 3  # single-forward default: (k+1)(k+2) = 20 tokens per forward, what a CPU affords
 
 
@@ -38,9 +46,7 @@ class DecodeSettings:
     policy: str = "confidence"  # diffusion: the forced commit per step (confidence | leftmost)
     max_steps: int | None = None  # diffusion: denoising steps per block (None: block_size - 1)
     draft_len: int | str | None = None  # self-spec: None = the adapter's trained draft_len, else block_size - 1;
-    # "auto" = adaptive_draft with the default as the ceiling
-    adaptive_draft: bool = False  # self-spec: each cycle picks 0..draft_len drafts by measured acceptance and
-    # forward costs (decoding/auto.py); 0 = an AR step
+    # "auto" = each cycle picks 0..(that default) drafts by measured acceptance and forward costs (0 = an AR step)
     acceptance: str = "rejection"  # self-spec at temperature > 0: rejection sampling | exact_match (NLD's rule)
     ngram: int = 0  # self-spec, greedy: prompt-lookup drafts (longest matching suffix up to ngram tokens) when one
     # matches, the diffusion draft otherwise; a cycle whose every row matched skips the draft forward. 0 = off
@@ -61,18 +67,23 @@ class DecodeSettings:
             raise ValueError(f"temperature must be >= 0; got {self.temperature}")
         return self
 
+    @property
+    def auto_draft(self) -> bool:
+        """draft_len="auto", given or resolved."""
+        return self.draft_len == "auto" or isinstance(self.draft_len, AutoDraftLen)
+
     def resolved(self, model_block_size: int, adapter: AdapterMeta | None = None,
                  quadratic: bool = False) -> DecodeSettings:
         """A copy with block_size and draft_len filled in: the given draft_len, else the adapter's trained one when it
         was trained for this mode's draft layout, else resolve_draft_len's default (the one rule training uses too)."""
         block = self.block_size or model_block_size
-        auto = self.draft_len == "auto"
-        draft = None if auto else self.draft_len
-        if draft is None and not auto and adapter is not None \
-                and adapter.draft_layout == ("quadratic" if quadratic else "linear"):
+        if self.auto_draft:
+            return dataclasses.replace(self, block_size=block,
+                                       draft_len=AutoDraftLen(resolve_draft_len(block, None, quadratic)))
+        draft = self.draft_len
+        if draft is None and adapter is not None and adapter.draft_layout == ("quadratic" if quadratic else "linear"):
             draft = adapter.draft_len
-        return dataclasses.replace(self, block_size=block, draft_len=resolve_draft_len(block, draft, quadratic),
-                                   adaptive_draft=self.adaptive_draft or auto)
+        return dataclasses.replace(self, block_size=block, draft_len=resolve_draft_len(block, draft, quadratic))
 
     def replace(self, **changes) -> DecodeSettings:
         """A copy with some fields changed; unknown names are an error that lists the valid ones."""

@@ -38,7 +38,7 @@ class RequestStats:
     cycle_starts: list[int] = field(default_factory=list)
     cycle_drafts: list[list[int]] = field(default_factory=list)
     lookup_cycles: int = 0  # cycles whose draft came from prompt lookup (DecodeSettings.ngram)
-    draft_len_choices: list[int] = field(default_factory=list)  # per cycle, with adaptive_draft (0 = an AR step)
+    draft_len_choices: list[int] = field(default_factory=list)  # per cycle, with draft_len="auto" (0 = an AR step)
     finish_reason: str = ""
     wall_s: float = 0.0
     token_times: list[float] = field(default_factory=list)  # per emitted token: seconds since its batch began
@@ -124,7 +124,7 @@ class GenerationStats:
 
     @property
     def draft_len_choices(self) -> dict[int, int]:
-        """How often each draft length was chosen (adaptive_draft; empty otherwise), 0 = an AR step."""
+        """How often each draft length was chosen (draft_len="auto"; empty otherwise), 0 = an AR step."""
         counts: dict[int, int] = {}
         for r in self.requests:
             for k in r.draft_len_choices:

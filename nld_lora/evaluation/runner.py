@@ -140,7 +140,7 @@ def evaluate(model: Any, prompts: str | Path, out_dir: str | Path, cfg: EvalConf
     extra: more top-level fields for eval.json (the recipe records what produced it)."""
     cfg = cfg or EvalConfig()
     cfg = dataclasses.replace(cfg, decode=cfg.decode.resolved(model.block_size).validate())  # the caller's stays
-    if cfg.decode.adaptive_draft:
+    if cfg.decode.auto_draft:
         raise ValueError("eval: decode.draft_len must be a fixed length")
     records = read_eval_records(prompts, cfg.limit)
     baseline = None

@@ -76,7 +76,7 @@ def build_report(model: Any, adapters: list[str], prompts: str | Path, out_dir: 
     measured before/after too, so over-fitting shows next to the held-out figure.
     """
     cfg = cfg or ReportConfig()
-    settings = report_settings(model, cfg)  # every setting is checked before anything is attached or written
+    settings = report_settings(model, cfg, adapters)  # every setting is checked before anything is attached or written
     records, _ = read_prompts(prompts, limit=cfg.limit)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -92,15 +92,21 @@ def build_report(model: Any, adapters: list[str], prompts: str | Path, out_dir: 
             model.detach_adapter(name)
 
 
-def report_settings(model: Any, cfg: ReportConfig) -> DecodeSettings:
-    """The one fixed decode setting every self-speculation run of the report uses."""
-    if cfg.decode.draft_len == "auto" or cfg.decode.adaptive_draft:
+def report_settings(model: Any, cfg: ReportConfig, adapters: list[str] | None = None) -> DecodeSettings:
+    """The one fixed decode setting every self-speculation run of the report uses; draft_len None is the adapters'
+    trained one where they all share one (linear layout), else block_size - 1."""
+    if cfg.decode.auto_draft:
         raise ValueError("report: decode.draft_len must be a fixed length (acceptance is compared at one draft "
                          "length); the fastest-mode rows already time draft_len='auto'")
     if cfg.lora_mode is not None:
         check_lora_mode(cfg.lora_mode)
     block = cfg.decode.block_size or model.block_size
-    return cfg.decode.replace(block_size=block, draft_len=resolve_draft_len(block, cfg.decode.draft_len)).validate()
+    draft = cfg.decode.draft_len
+    if draft is None and adapters:
+        trained = {meta.draft_len if meta.draft_layout == "linear" else None
+                   for meta in (AdapterMeta.read(path) for path in adapters)}
+        draft = trained.pop() if len(trained) == 1 else None
+    return cfg.decode.replace(block_size=block, draft_len=resolve_draft_len(block, draft)).validate()
 
 
 def _measure_and_write(model: Any, names: list[str], adapters: list[str], records: list, prompts: str | Path,
