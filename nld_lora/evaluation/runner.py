@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tqdm import tqdm
+
 from nld_lora.decoding.settings import DecodeSettings
 from nld_lora.evaluation.execution import score_execution
 from nld_lora.evaluation.latency import cost_per_million_tokens, request_latency, summarize_latency
@@ -92,10 +94,11 @@ def eval_plan(adapter: str | None, cfg: EvalConfig) -> Plan:
                      diffusion=diffusion_grid(cfg.diffusion_blocks, cfg.diffusion_thresholds) if cfg.diffusion else None)
 
 
-def run_mode(model: Any, records: list[dict], plan: dict[str, Any], cfg: EvalConfig) -> dict[str, Any]:
+def run_mode(model: Any, records: list[dict], plan: dict[str, Any], cfg: EvalConfig,
+             progress: bool = False) -> dict[str, Any]:
     """Accuracy and throughput at cfg.batch_size, then latency one request at a time."""
     prompts = [r["prompt"] for r in records]
-    common = {"max_new_tokens": cfg.max_new_tokens, "settings": cfg.decode, **plan}
+    common = {"max_new_tokens": cfg.max_new_tokens, "settings": cfg.decode, "progress": progress, **plan}
     res = model.generate(prompts, batch_size=cfg.batch_size, **common)
     per_record = [score(r, text, cfg) for r, text in zip(records, completions(model, res.sequences))]
     spread = {}
@@ -135,9 +138,10 @@ def run_baseline(baseline: Any, records: list[dict], lookup: bool, cfg: EvalConf
 
 
 def evaluate(model: Any, prompts: str | Path, out_dir: str | Path, cfg: EvalConfig | None = None, *,
-             adapter: str | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+             adapter: str | None = None, extra: dict[str, Any] | None = None, progress: bool = True) -> dict[str, Any]:
     """Run every mode on the eval prompts; write eval.json and eval.md into out_dir; return the result.
-    extra: more top-level fields for eval.json (the recipe records what produced it)."""
+    extra: more top-level fields for eval.json (the recipe records what produced it). progress: a bar over the
+    modes and one per decoding call."""
     cfg = cfg or EvalConfig()
     cfg = dataclasses.replace(cfg, decode=cfg.decode.resolved(model.block_size).validate())  # the caller's stays
     if cfg.decode.auto_draft:
@@ -150,10 +154,19 @@ def evaluate(model: Any, prompts: str | Path, out_dir: str | Path, cfg: EvalConf
         baseline = Baseline(cfg.baseline, model.device)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    runs = {label: run_mode(model, records, plan, cfg) for label, plan in eval_plan(adapter, cfg).items()}
-    if baseline is not None:
-        runs["baseline"] = run_baseline(baseline, records, False, cfg)
-        runs["baseline+lookup"] = run_baseline(baseline, records, True, cfg)
+    plans = eval_plan(adapter, cfg)
+    runs: dict[str, Any] = {}
+    with tqdm(total=len(plans) + (2 if baseline is not None else 0), desc="eval modes", unit="mode",
+              disable=not progress) as bar:
+        for label, plan in plans.items():
+            bar.set_postfix_str(label)
+            runs[label] = run_mode(model, records, plan, cfg, progress)
+            bar.update(1)
+        if baseline is not None:
+            for label, lookup in (("baseline", False), ("baseline+lookup", True)):
+                bar.set_postfix_str(label)
+                runs[label] = run_baseline(baseline, records, lookup, cfg)
+                bar.update(1)
     metrics = sorted({m for run in runs.values() for rec in run["per_record"] for m in rec})
     modes: dict[str, Any] = {}
     for label, run in runs.items():

@@ -121,12 +121,16 @@ def _measure_and_write(model: Any, names: list[str], adapters: list[str], record
                       without_adapter="before")
     runs, results = measure_runs(model, plans, texts, categories, cfg, common)
     sequences = {label: res.sequences for label, res in results.items()}
+    say = tqdm.write if progress else (lambda _text: None)
+    if cfg.fastest_mode:
+        say(f"report: timing the fastest lossless mode of {len(names) + 1} runs at batch 1 ({cfg.speed_rounds} rounds)")
     forward_costs = measure_fastest(model, runs, plans, texts, names, cfg, settings) if cfg.fastest_mode else None
     lossless = check_lossless(sequences, ["before", *names], records, settings, cfg.diffusion)
     report = assemble(model, names, adapters, records, prompts, cfg, settings, runs, lossless)
     exact = lossless["checked"] and names and all(lossless["per_run"][lab]["mismatches"] == 0
                                                   for lab in ("before", names[0]))
     if exact and cfg.paired_contexts > 0:  # the contexts are the runs' own only when both emitted AR's tokens
+        say(f"report: r_1 with and without the adapter at the same {cfg.paired_contexts} contexts")
         report["first_position_paired"] = first_position_paired(
             model, results["before"], results[names[0]], names[0], settings, cfg.paired_contexts, cfg.batch_size,
             settings.seed)
@@ -135,6 +139,7 @@ def _measure_and_write(model: Any, names: list[str], adapters: list[str], record
         report["draft_cycle_batch1"] = {key: draft_cycle_cost(report[key]["per_position_acceptance"], forward_costs)
                                         for key in ("before", "after")}
     if fit_source and cfg.fit_prompts > 0 and names:
+        say(f"report: before/after on {cfg.fit_prompts} training prompts (fit)")
         report["fit"] = _fit_vs_transfer(model, fit_source, cfg, names[0], common, report)
     report.update(extra or {})
     write_report(report, {lab: runs[lab] for lab in ("before", *names)}, out)
