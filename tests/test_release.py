@@ -268,7 +268,7 @@ def test_recipe_end_to_end_on_the_release_layout(release, tmp_path):
     overrides = [f"model={model_dir}", f"train_prompts={prompts}", f"eval_prompts={prompts}",
                  f"out={tmp_path / 'run'}", "collect.max_new_tokens=12", "collect.use_chat_template=true",
                  "collect.system_prompt=Be brief.", "train.steps=3", "train.eval_every=3", "train.save_every=3",
-                 "train.lora.r=4", "train.lora.alpha=8", "draft_len=3", "train.eval_fraction=0.3",
+                 "train.lora.r=4", "train.lora.alpha=8", "train.draft_len=3", "train.eval_fraction=0.3",
                  "train.mixed_precision=no", "report.decode.block_size=4", "report.max_new_tokens=8",
                  "report.speed_prompts=1", "report.diffusion=false"]
     report = run_recipe(load_config(RecipeConfig, None, overrides))

@@ -154,9 +154,8 @@ def gated_encoder(model, adapter: str) -> tuple[nn.Module | None, TokenGate]:
 def build_twins(model, adapter: str | None, gated: bool) -> None:
     """Build now the twins a decode with `adapter` runs (the merged one; with `gated`, the gated one too), so that
     their one-off construction is not timed as a cycle: draft_len="auto" prices a kind of cycle by its measured
-    time, and a merged twin built inside the first draft cycle made that cycle read 51 ms where about 9 were
-    predicted, after which the planner never drafted again (docs/benchmarks.md, tenth session). The base twin is
-    built by then: the prefill runs on it."""
+    time, so a twin built inside a draft cycle would price drafting out. The base twin is built by then: the
+    prefill runs on it."""
     if adapter is not None:
         pathway_encoder(model, adapter, on=True)
         if gated:

@@ -1,30 +1,5 @@
-"""draft_len="auto": pick each cycle's draft length from measured acceptance and measured forward costs.
-
-A cycle with k drafts emits E(k) = 1 + sum_j prod_{i<=j} r_i tokens on average (r_i: the rate at which draft
-position i is accepted given that position i-1 was), and costs the forwards of its mode: a draft and a verify of
-width k+1 (linear) or one forward of width (k+1)(k+2) (single-forward). k = 0 is a plain AR step (one forward of
-width 1, one token). The planner takes the k with the most tokens per second. Rates start from a prior (the
-adapter's evaluated per-position rates when it has them, else PRIOR_RATE) worth PRIOR_WEIGHT cycles and are
-updated with every verified cycle of the call. Forward times are measured once per process at widths 1, 2, 4, 8, ...
-(interleaved, interpolated between) and per power-of-two bucket of batch rows, eager and compiled apart (a bucket
-that finishing rows reach mid-decode is priced from the nearest measured one, not measured inside the decode);
-the runtime's own per-cycle cost (verification, bookkeeping) is learnt from the wall time of the cycles run (each
-timed from its choice to the next, so all of a loop iteration counts) as the median ratio of measured to predicted
-time over the last TIME_WINDOW cycles, kept apart for AR steps, diffusion-draft cycles and lookup-only cycles (one
-forward and no draft bookkeeping: averaged with the others it made diffusion drafts look cheap); once a choice
-(rows, kind, k) has run MIN_OBSERVED times, the median of its own observed wall times replaces the prediction (the
-one-off width measurements can be off: in a traced batch-1 run AR steps took 0.56x the measured width-1 forward).
-An AR step is timed first and again every AR_REPROBE cycles, the best diffusion choice once after
-DRAFT_REPROBE steps without one (counted across decode batches; the gap doubles, up to DRAFT_REPROBE_MAX, while
-drafting still loses after a re-probe, and is reset when drafting wins); a choice of AR is a run of AR steps (ar_run: 1, 2, 4,
-.. AR_RUN_MAX while AR keeps winning), planned once; lookup drafts on offer but not verified for
-LOOKUP_RETRY cycles are tried again. A batch of several rows ends when its slowest row does (rows that finish
-early leave forwards that cost nearly as much with fewer rows), so the planner prices each cycle for the critical
-row: the one with the fewest committed tokens (ties: the lowest own r_1), at that row's own rates (its counts, the
-pooled rates as a prior worth PRIOR_WEIGHT cycles). Pooled rates drafted for the rows that accept well and left the
-others behind (docs/benchmarks.md: a fixed-length adapter run at batch 8 ran 40% more iterations than its mean
-row). What a planner learnt is kept per model, adapter, layout and batch-size bucket (adapter/twins.py
-planner_memory) and is the next decode batch's start.
+"""draft_len="auto": pick each cycle's draft length (0 = an AR step) by expected tokens per second, from measured
+acceptance and measured forward costs. The rules it follows are listed in docs/design.md ("The decode engine").
 """
 
 from __future__ import annotations
@@ -41,23 +16,16 @@ from nld_lora.adapter.twins import forward_costs
 PRIOR_RATE = 0.6
 PRIOR_WEIGHT = 4.0
 TIMING_REPEATS = 7  # forwards per width measured (after one warm-up); the median is kept
-TIME_WINDOW = 9  # the last cycles a time estimate is the median of: a one-off spike (a page fault, another
-# process) cannot set a price, which a running mean's first sample did, and kept once that kind was not chosen again
+TIME_WINDOW = 9  # the last cycles a time estimate is the median of, so one spike (a page fault) cannot set a price
 AR_REPROBE = 32  # cycles without an AR step after which the planner takes one, so AR's price stays current
 LOOKUP_RETRY = 8  # cycles with lookup drafts on offer but none verified, after which the best lookup choice runs:
-# lookup rates learn only from verified lookups, so one unlucky start kept a whole prompt on AR steps (a report run:
-# 256 lookup cycles where the same prompts took 632)
+# lookup rates learn only from verified lookups, so one unlucky start could keep a prompt on AR steps
 AR_RUN_MAX = 8  # AR steps one choice may take once AR won the last choices: those steps change only AR's own price,
-# so planning each one again chose the same and cost the loop ~2% of a batch-8 AR step
-DRAFT_REPROBE = 128  # AR steps (or lookup cycles) without a diffusion cycle after which the best diffusion choice
-# runs once: a price set by one slow cycle (the first draft cycle of a process once took 5x its prediction) was never
-# corrected when drafting was not chosen again. Where drafting loses, one cycle in 128 costs about 0.8% at batch 8
-# (this CPU's width table: a 7-draft cycle 24.9 ms against 2.8 AR steps of 6.5 ms)
-DRAFT_REPROBE_MAX = 1024  # the longest gap between re-probes: each re-probe after which drafting still loses to AR
-# doubles the gap (128, 256, ..., this); a choice that drafting wins sets it back to DRAFT_REPROBE. Where no draft cycle
-# pays (batch 8 on this CPU), six calls of `self_spec+lora auto` on 16 prompts ran 9 draft cycles with a fixed gap and
-# 3 with the doubling one, each about 3.5 AR steps by the batch-8 width table for one token: some 1.3% of those
-# calls' time (docs/benchmarks.md, thirteenth session)
+# so planning each one again would choose the same
+DRAFT_REPROBE = 128  # steps without a diffusion cycle after which the best diffusion choice runs once: a price set by
+# one slow cycle is otherwise never corrected, since drafting is not chosen again; one cycle in 128 bounds the cost
+DRAFT_REPROBE_MAX = 1024  # the longest gap between re-probes: each one after which drafting still loses doubles the
+# gap, so where no draft cycle pays the re-probes cost ever less; a choice drafting wins resets it
 MIN_OBSERVED = 2  # cycles of one (rows, kind, k) after which its observed wall time replaces the prediction
 CYCLE_KINDS = ("ar", "draft", "lookup")  # AR steps, diffusion-draft cycles, lookup-only cycles: each its own ratio
 
@@ -67,8 +35,7 @@ def forward_seconds(batch, width: int) -> float:
     ... (measure_forwards), per power-of-two bucket of batch rows, eager or compiled. The powers of two below `width`
     are measured with it, and the one above where the batch's cache has room for it (else past the widest measured,
     that one's time). A bucket that rows finishing mid-decode reach is priced from the measured bucket nearest to
-    it instead: measuring there, 8 forwards per width inside the decode, cost a batch-8 single-forward auto row 7%
-    of its time (0.93x AR with nearly only AR steps; docs/benchmarks.md, twelfth session)."""
+    it instead, so no measurement forwards run inside a decode."""
     low = 1 << (width.bit_length() - 1)
     points = [1 << i for i in range(low.bit_length())]
     if low != width and 2 * low <= batch.cache.capacity - max(batch.lengths):
@@ -113,11 +80,8 @@ def measure_forwards(batch, widths: list[int]) -> dict[int, float]:
     """Median wall time of a verify-shaped forward at each of `widths` tokens, logits included (not counted, not
     kept: the next forward overwrites its cache slots); measured once per process and (device, compiled, rows
     bucket, width). The widths not measured yet are measured together in TIMING_REPEATS rounds of one forward each
-    (after a warm-up round), so a slow spell of the machine moves every width's price alike: measured one width after
-    the other on one batch-1 batch, a table read width 8 at 1.45x width 1 where 30 interleaved rounds on the same
-    batch read 1.06x (docs/benchmarks.md, ninth session). Each width stands alone: floored at the narrower widths' times, one slow spell at width 4 priced
-    every wider forward at 8.3 ms and the bench's lookup rows fell from about 1.5x to 1.08x AR
-    (docs/benchmarks.md)."""
+    (after a warm-up round), so a slow spell of the machine moves every width's price alike. Each width stands alone
+    (not floored at the narrower widths' times), so one slow spell cannot price every wider forward."""
     model = batch.model
     costs = forward_costs(model)
     prefix = cost_key(batch)
@@ -129,8 +93,7 @@ def measure_forwards(batch, widths: list[int]) -> dict[int, float]:
             _sync(model.device)
             t0 = time.perf_counter()
             batch.forward(tokens[width], "verify", counted=[False] * len(batch))  # logits at every position, as a
-            # verify (and a draft but one) computes them: with the first position's only, a width-16 forward on the
-            # embedded model measured 1.25x a width-1 one where the decode's real ones took 1.52x
+            # verify (and a draft but one) computes them, or wide forwards would read cheap
             _sync(model.device)
             if rep:  # the first round warms up
                 times[width].append(time.perf_counter() - t0)
@@ -210,8 +173,7 @@ class DraftPlanner:
         self.diffusion = _Rates(_prior(memory.get("diffusion") or prior, max_len))
         self.lookup = _Rates(_prior(None, max_len))  # lookups are as good as each prompt repeats itself: not carried
         self.lookup_by_order: dict[int, _Rates] = {}  # matched n-gram length -> those lookups' counts (prior: the
-        # pooled rates): on 32 prompts of the embedded default a 1-gram match's first token was right 29% of the
-        # time, a 3-gram's 92% (docs/benchmarks.md, twelfth session)
+        # pooled rates): a short match is right far less often than a long one
         self.row_counts: dict[int, tuple[_Rates, _Rates]] = {}  # request id -> its own (diffusion, lookup) counts
         self.ratio_samples: dict[str, list[float]] = {kind: list(memory.get("ratio_samples", {}).get(kind, []))
                                                       for kind in CYCLE_KINDS}  # the last TIME_WINDOW measured /
@@ -312,8 +274,8 @@ class DraftPlanner:
             self._costs[len(batch)] = [self.cycle_seconds(batch, k) for k in range(self.max_len, -1, -1)][::-1]
         costs, rows = self._costs[len(batch)], len(batch)
         if not self.ratio_samples["ar"] or self._since_ar >= AR_REPROBE:  # time an AR step first (and again
-            # every AR_REPROBE cycles): the one-off width measurements misjudge it
-            # (a traced run: AR steps at 0.56x the measured width-1 forward), and every unmeasured kind takes its ratio
+            # every AR_REPROBE cycles): the one-off width measurements misjudge it, and every unmeasured kind takes
+            # its ratio
             self._ar_wins = 0
             return self._start(costs[0], rows, Choice(0))
         ratios = self.ratios()
@@ -337,14 +299,14 @@ class DraftPlanner:
         elif self._reprobed:  # the re-probe's cycle is priced in now, and drafting still loses: back off
             self._reprobe_gap = min(2 * self._reprobe_gap, DRAFT_REPROBE_MAX)
         reprobe = self._since_draft >= self._reprobe_gap and self.max_len > 0  # lookups on offer do not put it
-        # off: at batch 1 a 1-gram match is on offer nearly every cycle, and a report run then drafted not once
+        # off: at batch 1 a 1-gram match is on offer nearly every cycle
         self._reprobed = reprobe and not drafting_wins
         if drafting_wins or reprobe:
             best, best_rate, predicted = best_draft[1], best_draft[0], best_draft[2]
         best_lookup: tuple = (0.0, Choice(0), 0.0)  # (rate, choice, predicted)
         for k in range(1, lookup_len + 1):  # lookup drafts cut to k: a narrower verify, for fewer expected tokens
             verify = costs[k] / 2  # a linear cycle's draft + verify of width k + 1 (cycle_seconds), less the draft:
-            # pricing it anew per k was about 8 width lookups per choice, 4% of a batch-1 lookup run
+            # derived from the cycle costs, not priced anew per k (that is width lookups on every choice)
             rate = expected_tokens(lookup, k) / self.seconds(rows, "lookup", k, verify, ratios)
             if rate >= best_lookup[0]:  # a tie goes to the longer cut
                 best_lookup = (rate, Choice(k, True), verify)

@@ -1,12 +1,9 @@
 """Speed comparisons that machine drift cannot decide: every configuration decodes the same batch of prompts, one
 after another, before the next batch starts.
 
-Runs that time whole prompt sets one after another (even in interleaved rounds) let a slow spell of a shared
-machine land on one configuration: the fifth session's report read its two runs at 1.39x and 1.19x AR by the
-median of per-round ratios and the other way round by median tokens/s. Interleaving per decode batch spreads a
-spell over every configuration; the starting configuration rotates from batch to batch, and rounds continue the
-rotation (`start`), so none always runs first: with two batches per round and the order restarting every round, a
-batch-8 bench ran AR first or last in every round and read rows doing AR's very forwards at 1.09-1.15x AR.
+Timing whole prompt sets one after another lets a slow spell of a shared machine land on one configuration;
+interleaving per decode batch spreads it over all of them. The starting configuration rotates from batch to batch and
+rounds continue the rotation (`start`), so no configuration always runs first or last.
 """
 
 from __future__ import annotations

@@ -150,8 +150,7 @@ def measure_runs(model: Any, plans: dict[str, dict[str, Any]], texts: list[str],
                  cfg: ReportConfig, common: dict[str, Any]) -> tuple[dict[str, dict], dict[str, Any]]:
     """Every planned run at cfg.batch_size (summaries, and the GenerationResults) and again at batch 1 on the speed
     prompts, each interleaved (decoding/interleave.py: every run decodes a batch before any starts the next), so a
-    slow spell of the machine lands on all runs alike. Run one after another, the same adapter's batch-1 speedup
-    read 0.67x AR in one report and 1.15x in the next. Chunk i samples with seed settings.seed + i."""
+    slow spell of the machine lands on all runs alike. Chunk i samples with seed settings.seed + i."""
     settings = common["settings"]
 
     def runner(plan: dict[str, Any], batch_size: int, bar: tqdm):
