@@ -29,9 +29,15 @@ _FULL_HASH_LIMIT = 512 * 2**20
 _SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
 
 
+EMBEDDED_MODEL = "data/tiny-nld-code"  # the embedded default, found from any working directory
+_REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
 def resolve_folder(name_or_path: str) -> Path:
     """A local folder, or a hub snapshot (weights, tokenizer, chat template, remote code, adapter subfolder)."""
     path = Path(name_or_path)
+    if not path.exists() and Path(name_or_path) == Path(EMBEDDED_MODEL) and (_REPO_ROOT / EMBEDDED_MODEL).is_dir():
+        path = _REPO_ROOT / EMBEDDED_MODEL
     if path.exists():
         if not path.is_dir():
             raise CheckpointError(f"{path}: is a file, expected a checkpoint folder")
