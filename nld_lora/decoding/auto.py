@@ -205,7 +205,7 @@ class DraftPlanner:
         costs carry over, and so does the count of steps since the last diffusion cycle (DRAFT_REPROBE). Lookup rates
         are not carried: they are as good as each prompt repeats itself, and a pessimistic carried estimate is never
         corrected once lookups stop being chosen. Without it every batch of a batch-1 run started from the adapter's
-        evaluated rates, which the deployed loop does not reach (issue #22)."""
+        evaluated rates, which the deployed loop does not reach."""
         return {"diffusion": self.diffusion.values(), "ratio_samples": {kind: list(v) for kind, v in self.ratio_samples.items()},
                 "observed": {key: list(v) for key, v in self.observed.items()}, "since_draft": self._since_draft,
                 "reprobe_gap": self._reprobe_gap}
@@ -345,7 +345,7 @@ class DraftPlanner:
         """Name the cycle that ran since choose(): k = 0 an AR step (`steps` of them: an ar_run, timed per step),
         else a cycle of diffusion drafts, or of lookup drafts alone (lookup). Its clock stops at the next choose(),
         so the time learnt is the whole loop iteration, the bookkeeping after its forwards included (stopping at the
-        forwards' tokens left out work that draft cycles do and AR steps do not; issue #22)."""
+        forwards' tokens left out work that draft cycles do and AR steps do not)."""
         self._pending = ("ar" if k == 0 else "lookup" if lookup else "draft", k, steps)
 
     def _close(self) -> None:
