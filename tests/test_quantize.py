@@ -90,3 +90,28 @@ def test_qlora_training_lowers_loss_and_its_adapter_drafts_losslessly(collected,
     model.detach_adapter()
     base = model.generate(PROMPTS, mode="self_spec", max_new_tokens=32)
     assert spec.stats.acceptance_lengths != base.stats.acceptance_lengths  # the adapter changes the drafts
+
+
+def test_an_unquantized_model_never_imports_bitsandbytes(tmp_path):
+    """Training, saving and attaching a LoRA on a full-precision model leaves bitsandbytes unimported (its import
+    prints a warning and reaches for a hub kernel), and prints nothing about it."""
+    import subprocess
+    import sys
+
+    script = f"""
+import sys
+import nld_lora
+from nld_lora.adapter.attach import add_lora
+from nld_lora.adapter.saving import save_adapter
+from nld_lora.train import LoraSettings, TrainConfig
+model = nld_lora.load({EMBEDDED!r})
+cfg = TrainConfig(lora=LoraSettings(r=4, alpha=8))
+save_adapter(add_lora(model, cfg), __import__("pathlib").Path({str(tmp_path / "a")!r}), model, cfg, 3, {{}})
+model.detach_adapter()
+model.attach_adapter({str(tmp_path / "a")!r})
+model.generate(["def f(x):"], mode="self_spec", max_new_tokens=4)
+print("bitsandbytes" in sys.modules)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert done.stdout.strip().splitlines()[-1] == "False"
+    assert "bitsandbytes" not in done.stderr and "kernels" not in done.stderr

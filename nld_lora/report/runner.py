@@ -20,7 +20,7 @@ from nld_lora.data.readers import read_prompts
 from nld_lora.data.templates import has_chat_template, render_prompt, uses_chat_template
 from nld_lora.decoding.api import GenerationResult
 from nld_lora.decoding.interleave import interleaved
-from nld_lora.decoding.settings import DecodeSettings, resolve_draft_len
+from nld_lora.decoding.settings import DecodeSettings
 from nld_lora.decoding.stats import GenerationStats, safe_ratio
 from nld_lora.modes import mode_plan
 from nld_lora.report.metrics import (
@@ -76,7 +76,7 @@ def build_report(model: Any, adapters: list[str], prompts: str | Path, out_dir: 
     measured before/after too, so over-fitting shows next to the held-out figure.
     """
     cfg = cfg or ReportConfig()
-    settings = report_settings(model, cfg, adapters)  # every setting is checked before anything is attached or written
+    report_settings(model, cfg)  # every setting is checked before anything is attached or written
     records, _ = read_prompts(prompts, limit=cfg.limit)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -85,6 +85,7 @@ def build_report(model: Any, adapters: list[str], prompts: str | Path, out_dir: 
         for i, path in enumerate(adapters):
             names.append(model.attach_adapter(path, name=f"adapter{i}" if len(adapters) > 1 else "after",
                                               lora_mode=cfg.lora_mode))
+        settings = decode_for_runs(model, cfg, names)
         return _measure_and_write(model, names, adapters, records, prompts, out, cfg, settings, progress, extra,
                                   fit_source)
     finally:
@@ -92,21 +93,23 @@ def build_report(model: Any, adapters: list[str], prompts: str | Path, out_dir: 
             model.detach_adapter(name)
 
 
-def report_settings(model: Any, cfg: ReportConfig, adapters: list[str] | None = None) -> DecodeSettings:
-    """The one fixed decode setting every self-speculation run of the report uses; draft_len None is the adapters'
-    trained one where they all share one (linear layout), else block_size - 1."""
+def report_settings(model: Any, cfg: ReportConfig) -> DecodeSettings:
+    """Checks the report's decode settings before anything is attached or written (a fixed draft length)."""
     if cfg.decode.auto_draft:
         raise ValueError("report: decode.draft_len must be a fixed length (acceptance is compared at one draft "
                          "length); the fastest-mode rows already time draft_len='auto'")
     if cfg.lora_mode is not None:
         check_lora_mode(cfg.lora_mode)
-    block = cfg.decode.block_size or model.block_size
-    draft = cfg.decode.draft_len
-    if draft is None and adapters:
-        trained = {meta.draft_len if meta.draft_layout == "linear" else None
-                   for meta in (AdapterMeta.read(path) for path in adapters)}
-        draft = trained.pop() if len(trained) == 1 else None
-    return cfg.decode.replace(block_size=block, draft_len=resolve_draft_len(block, draft)).validate()
+    return cfg.decode.resolved(model.block_size).validate()
+
+
+def decode_for_runs(model: Any, cfg: ReportConfig, names: list[str]) -> DecodeSettings:
+    """The one decode setting every self-speculation run uses: with draft_len None, the attached adapters' trained
+    length where they all share one (DecodeSettings.resolved's rule), else block_size - 1."""
+    metas = {name: model.adapters[name].meta for name in names}
+    lens = {m.draft_len if m.draft_layout == "linear" else None for m in metas.values()}
+    shared = next(iter(metas.values())) if len(lens) == 1 else None
+    return cfg.decode.resolved(model.block_size, shared).validate()
 
 
 def _measure_and_write(model: Any, names: list[str], adapters: list[str], records: list, prompts: str | Path,
