@@ -12,6 +12,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from nld_lora.config_io import bounded
 from nld_lora.decoding.api import MODES
 from nld_lora.decoding.settings import DecodeSettings
 
@@ -20,9 +21,9 @@ DEFAULT_MODEL = "data/tiny-nld-code"
 
 @dataclass
 class GenerateConfig:
-    max_new_tokens: int = 128
-    batch_size: int | None = None
-    limit: int | None = None  # prompts read from --prompt-file
+    max_new_tokens: int = bounded(128, ge=1)
+    batch_size: int | None = bounded(None, ge=1)
+    limit: int | None = bounded(None, ge=1)  # prompts read from --prompt-file
     decode: DecodeSettings = field(default_factory=DecodeSettings)
 
 
@@ -33,9 +34,24 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None)
 
 
-def _add_settings_args(p: argparse.ArgumentParser, example: str) -> None:
+def _add_settings_args(p: argparse.ArgumentParser, example: str, config_cls: type) -> None:
+    from nld_lora.config_io import settings_help
+
     p.add_argument("--config", default=None, help="YAML file with this command's settings")
     p.add_argument("overrides", nargs="*", help=f"dotted key=value settings, e.g. {example}")
+    p.epilog = settings_help(config_cls)
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+
+
+def _add_adapter_base_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--adapter-other-base", action="store_true",
+                   help="attach adapters trained on other base weights (refused by default)")
+
+
+def _writable(path: str) -> Path:
+    from nld_lora.config_io import writable_dir
+
+    return writable_dir(path)
 
 
 def _load(args: argparse.Namespace):
@@ -50,16 +66,14 @@ def _settings(cls, args: argparse.Namespace):
     return load_config(cls, args.config, args.overrides)
 
 
-def attach_adapters(model, paths: list[str]) -> list[str]:
+def attach_adapters(model, paths: list[str], other_base: bool = False) -> list[str]:
     """Attach every --adapter in order (the last is active); returns their names (unique, also for folders that
     share a name)."""
-    return [model.attach_adapter(path) for path in paths]
+    return [model.attach_adapter(path, other_base=other_base) for path in paths]
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     cfg = _settings(GenerateConfig, args)
-    model = _load(args)
-    attach_adapters(model, args.adapter or [])
     if args.prompt_file:
         from nld_lora.data.readers import read_prompts
 
@@ -67,6 +81,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         prompts = [r.prompt for r in records]
     else:
         prompts = [args.prompt.replace("\\n", "\n")]
+    model = _load(args)
+    attach_adapters(model, args.adapter or [], args.adapter_other_base)
     res = model.generate(prompts, mode=args.mode, max_new_tokens=cfg.max_new_tokens, settings=cfg.decode,
                          batch_size=cfg.batch_size, progress=len(prompts) > 1)
     if not args.quiet:
@@ -85,9 +101,10 @@ def cmd_collect(args: argparse.Namespace) -> int:
     from nld_lora.parallel import make_accelerator
 
     cfg = _settings(CollectConfig, args)
+    records, report = read_prompts(args.prompts, cfg.fields, skip_bad=cfg.skip_bad, limit=cfg.limit)
+    _writable(args.out)
     accelerator = make_accelerator(cpu=None if args.device is None else args.device == "cpu")
     model = _load(args).to(accelerator.device)
-    records, report = read_prompts(args.prompts, cfg.fields, skip_bad=cfg.skip_bad, limit=cfg.limit)
     summary = collect(model, records, args.out, cfg, accelerator=accelerator)
     if accelerator.is_main_process:
         skipped = dict(summary.skipped)
@@ -105,10 +122,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     from accelerate import PartialState
 
     import nld_lora
+    from nld_lora.data.collect import collection_meta
     from nld_lora.train import TrainConfig, train
 
     cfg = _settings(TrainConfig, args)
     cfg.validate()
+    collection_meta(Path(args.data), cfg.allow_incomplete_data)
+    _writable(args.out)
     model = nld_lora.load(args.model, dtype=args.dtype, device=args.device, wrap=args.wrap,
                           quantization=cfg.quantization)
     res = train(model, args.data, args.out, cfg)
@@ -125,13 +145,16 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from nld_lora.evaluation.runner import EvalConfig, evaluate
+    from nld_lora.evaluation.runner import EvalConfig, evaluate, read_eval_records
 
     cfg = _settings(EvalConfig, args)
     if not cfg.tasks and not args.prompts:
         raise ValueError("eval: give --prompts EVAL.jsonl, or tasks=... (lm-evaluation-harness), or both")
+    if args.prompts:
+        read_eval_records(args.prompts, cfg.limit)
+    _writable(args.out)
     model = _load(args)
-    name = model.attach_adapter(args.adapter) if args.adapter else None
+    name = model.attach_adapter(args.adapter, other_base=args.adapter_other_base) if args.adapter else None
     if cfg.tasks:
         from nld_lora.evaluation.lm_eval_backend import run_tasks
         from nld_lora.modes import mode_plan
@@ -140,7 +163,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
                           diffusion={"diffusion": {}} if cfg.diffusion else None)
         scores = run_tasks(model, cfg.tasks, plans=plans, include_path=cfg.task_dir, limit=cfg.task_limit,
                            batch_size=cfg.batch_size)
-        Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "tasks.json").write_text(json.dumps(scores, indent=2, default=float) + "\n")
         print(json.dumps(scores, indent=2, default=float))
         if not args.prompts:
@@ -155,11 +177,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    from nld_lora.data.readers import read_prompts
     from nld_lora.report import ReportConfig, build_report, headline
 
     cfg = _settings(ReportConfig, args)
+    read_prompts(args.prompts, limit=cfg.limit)
+    _writable(args.out)
     model = _load(args)
-    report = build_report(model, args.adapter or [], args.prompts, args.out, cfg)
+    report = build_report(model, args.adapter or [], args.prompts, args.out, cfg,
+                          other_base=args.adapter_other_base)
     print(headline(report))
     print(f"report: {Path(args.out) / 'report.md'}")
     if args.strict and report["lossless"]["mismatches"]:
@@ -195,6 +221,11 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from nld_lora.data.collect import CollectConfig
+    from nld_lora.evaluation.runner import EvalConfig
+    from nld_lora.report import ReportConfig
+    from nld_lora.train import TrainConfig
+
     parser = argparse.ArgumentParser(prog="nld-lora", description="Draft-pathway LoRA for tri-mode LMs.")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -206,7 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--mode", choices=list(MODES), default="self_spec")
     g.add_argument("--adapter", action="append", help="PEFT adapter folder (repeatable; the last is active)")
     g.add_argument("--quiet", action="store_true", help="print only the stats")
-    _add_settings_args(g, "max_new_tokens=64 decode.draft_len=7 decode.temperature=0.7")
+    _add_adapter_base_arg(g)
+    _add_settings_args(g, "max_new_tokens=64 decode.draft_len=7 decode.temperature=0.7", GenerateConfig)
     g.set_defaults(func=cmd_generate)
 
     c = sub.add_parser("collect", help="stage 1: the model's own AR answers to your prompts (resumable)")
@@ -214,31 +246,35 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--prompts", required=True, help="jsonl/json/csv/parquet/txt file, folder, datasets folder or hub")
     c.add_argument("--out", required=True)
     _add_settings_args(c, "max_new_tokens=256 use_chat_template=true fields.prompt=question thinking=cap "
-                          "max_thinking_tokens=512 backend=vllm")
+                          "max_thinking_tokens=512 backend=vllm", CollectConfig)
     c.set_defaults(func=cmd_collect)
 
     t = sub.add_parser("train", help="stage 2: train the draft-pathway LoRA on collected targets (resumable)")
     _add_model_args(t)
     t.add_argument("--data", required=True, help="output folder of `nld-lora collect`")
     t.add_argument("--out", required=True)
-    _add_settings_args(t, "lora.r=32 steps=200")
+    _add_settings_args(t, "lora.r=32 steps=200", TrainConfig)
     t.set_defaults(func=cmd_train)
 
     r = sub.add_parser("report", help="stage 3: before/after acceptance report on held-out prompts")
     _add_model_args(r)
     r.add_argument("--adapter", action="append", help="adapter folder (repeat to compare several)")
     r.add_argument("--prompts", required=True)
-    r.add_argument("--out", default="report")
+    r.add_argument("--out", default="runs/report")
+    _add_adapter_base_arg(r)
     r.add_argument("--strict", action="store_true", help="exit 3 when the lossless check finds a mismatch")
-    _add_settings_args(r, "max_new_tokens=96 decode.block_size=16 limit=200 diffusion=false lora_mode=both")
+    _add_settings_args(r, "max_new_tokens=96 decode.block_size=16 limit=200 diffusion=false lora_mode=both",
+                       ReportConfig)
     r.set_defaults(func=cmd_report)
 
     v = sub.add_parser("eval", help="accuracy, latency and cost of every mode on eval prompts (eval.json/.md)")
     _add_model_args(v)
     v.add_argument("--adapter", help="adapter folder for the self_spec+adapter mode")
     v.add_argument("--prompts", help="JSONL records: prompt + reference | answer | test+entry_point")
-    v.add_argument("--out", default="eval")
-    _add_settings_args(v, "max_new_tokens=128 cost.usd_per_hour=2.5 decode.block_size=8 latency_prompts=32")
+    v.add_argument("--out", default="runs/eval")
+    _add_adapter_base_arg(v)
+    _add_settings_args(v, "max_new_tokens=128 cost.usd_per_hour=2.5 decode.block_size=8 latency_prompts=32",
+                       EvalConfig)
     v.set_defaults(func=cmd_eval)
 
     e = sub.add_parser("export", help="put an adapter into a model folder, or write the model's AR view")

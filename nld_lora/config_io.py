@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import os
 import types
 import typing
 from pathlib import Path
@@ -18,6 +20,60 @@ _YAML11_WORDS = ("yes", "no", "on", "off", "y", "n")
 
 class ConfigError(ValueError):
     """A config file or override that does not fit the schema."""
+
+
+def bounded(default: Any, *, ge: float | None = None, gt: float | None = None) -> Any:
+    """A dataclass field whose value must be >= ge (or > gt); None passes where the field is optional."""
+    return dataclasses.field(default=default, metadata={"ge": ge, "gt": gt})
+
+
+def check_ranges(obj: Any, path: str = "") -> None:
+    """Every `bounded` field of a config (nested ones too) within its range; the error names the dotted key."""
+    for f in dataclasses.fields(obj):
+        value, where = getattr(obj, f.name), f"{path}.{f.name}" if path else f.name
+        if dataclasses.is_dataclass(value):
+            check_ranges(value, where)
+            continue
+        if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        ge, gt = f.metadata.get("ge"), f.metadata.get("gt")
+        if ge is not None and value < ge:
+            raise ConfigError(f"{where}: must be >= {ge:g}, got {value!r}")
+        if gt is not None and value <= gt:
+            raise ConfigError(f"{where}: must be > {gt:g}, got {value!r}")
+
+
+def writable_dir(path: str | Path) -> Path:
+    """Create the output folder if needed and prove it writable now, before any work that would be lost."""
+    folder = Path(path)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write_probe_{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(f"{folder}: output folder is not writable ({err.strerror or err})") from err
+    return folder
+
+
+def settings_help(cls: type) -> str:
+    """Every key of a config dataclass (dotted for nested ones) with its default, for a command's --help."""
+    lines = []
+
+    def walk(klass: type, prefix: str) -> None:
+        hints = typing.get_type_hints(klass)
+        for f in dataclasses.fields(klass):
+            key = prefix + f.name
+            if dataclasses.is_dataclass(hints[f.name]):
+                walk(hints[f.name], key + ".")
+                continue
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            bounds = "".join(f" ({op} {f.metadata[k]:g})" for k, op in (("ge", ">="), ("gt", ">"))
+                             if f.metadata.get(k) is not None)
+            lines.append(f"  {key}={'null' if default is None else default}{bounds}")
+
+    walk(cls, "")
+    return "settings (key=value arguments, or keys of the --config YAML):\n" + "\n".join(lines)
 
 
 def _coerce(value: Any, annotation: Any, path: str) -> Any:
@@ -74,10 +130,16 @@ def from_dict(cls: type[T], data: dict[str, Any], path: str = "") -> T:
     unknown = sorted(set(data) - names)
     if unknown:
         where = f"{path}." if path else ""
-        raise ConfigError(f"unknown config key(s): {', '.join(where + u for u in unknown)}; "
-                          f"valid keys{' under ' + path if path else ''}: {sorted(names)}")
+        guesses = {u: difflib.get_close_matches(u, names, n=1) for u in unknown}
+        named = ", ".join(where + u + (f" (did you mean {where}{guesses[u][0]}?)" if guesses[u] else "")
+                          for u in unknown)
+        raise ConfigError(f"unknown config key(s): {named}; valid keys{' under ' + path if path else ''}: "
+                          f"{sorted(names)}")
     kwargs = {k: _coerce(v, hints[k], f"{path}.{k}" if path else k) for k, v in data.items()}
-    return cls(**kwargs)
+    obj = cls(**kwargs)
+    if not path:
+        check_ranges(obj)
+    return obj
 
 
 def to_dict(obj: Any) -> dict[str, Any]:
@@ -90,6 +152,9 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not key=value")
         key, raw = item.split("=", 1)
+        if not raw.strip():
+            raise ConfigError(f"override {item!r}: empty value (leave the key out for its default, or write "
+                              f"{key}=null)")
         node = data
         parts = key.split(".")
         for part in parts[:-1]:
@@ -108,9 +173,16 @@ def load_config(cls: type[T], path: str | Path | None, overrides: list[str] | No
     data: dict[str, Any] = {}
     if path is not None:
         try:
-            data = yaml.safe_load(Path(path).read_text()) or {}
+            data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
         except FileNotFoundError as err:
             raise ConfigError(f"{path}: config file not found") from err
+        except IsADirectoryError as err:
+            raise ConfigError(f"{path}: is a folder, not a config file") from err
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"{path}: not UTF-8 text (byte {err.start})") from err
         except yaml.YAMLError as err:
             raise ConfigError(f"{path}: invalid YAML: {err}") from err
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping of settings (key: value) at the top level, got a "
+                              f"{type(data).__name__}")
     return from_dict(cls, apply_overrides(data, overrides or []))

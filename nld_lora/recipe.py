@@ -118,7 +118,7 @@ def eval_stage(model: Any, adapter: Path, cfg: RecipeConfig, say: Any) -> None:
         add_eval_to_report(Path(cfg.out) / "report", out)
         return
     try:
-        read_eval_records(resolve(cfg.eval_prompts), 1)
+        read_eval_records(resolve(cfg.eval_prompts), 1)  # scorer fields present (raises otherwise)
     except ScorerError as err:
         say(f"      eval skipped: {err}")
         return

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from transformers import Ministral3Config
 
@@ -142,3 +143,13 @@ def fsdp_check_inputs(rank: int) -> dict:
     ids = torch.arange(3, 3 + 24).reshape(2, 12) + 10 * rank
     return {"input_ids": ids, "attention_mask": torch.ones(2, 1, 12, 12, dtype=torch.bool).tril(),
             "position_ids": torch.arange(12)[None].expand(2, -1)}
+
+
+def skip_without_sandbox() -> None:
+    """Skip where bubblewrap is not usable, unless NLD_REQUIRE_SANDBOX=1 (CI) makes that a failure."""
+    from nld_lora.evaluation.sandbox import isolation
+
+    if isolation().bwrap is None:
+        if os.environ.get("NLD_REQUIRE_SANDBOX") == "1":
+            pytest.fail("NLD_REQUIRE_SANDBOX=1 but bubblewrap is not usable here", pytrace=False)
+        pytest.skip("bubblewrap is not installed (scripts/test.sh installs it where it can)")

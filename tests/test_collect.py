@@ -100,7 +100,7 @@ def test_kill_9_then_resume_gives_every_prompt_once(tmp_path):
     assert proc.poll() is None, "the collection finished before it could be killed"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    partial = len(load_collected(out))
+    partial = len(load_collected(out, allow_incomplete=True))
     assert 0 < partial < 30, partial
     done = subprocess.run(args, env=env, capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-2000:]

@@ -215,7 +215,7 @@ def test_generate_cli_prints_stats(tmp_path, capsys):
     stats = __import__("json").loads(out[out.index('{\n  "mode"'):])
     assert stats["new_tokens"] == 6 and stats["forwards"]["verify"] >= 1 and "--- self_spec ---" in out
     assert main(["generate", "--model", model_dir, "--prompt", "x", "max_new_tokens=0"]) == 2
-    assert "max_new_tokens must be > 0" in capsys.readouterr().err
+    assert "max_new_tokens: must be >= 1, got 0" in capsys.readouterr().err
     assert main(["generate", "--model", model_dir, "--prompt", "x", "decode.draft=3"]) == 2
     assert "unknown config key(s): decode.draft" in capsys.readouterr().err
 

@@ -1,10 +1,9 @@
 """Scorers (reference, answer, execution) against hand-checked cases; the execution sandbox's limits."""
 
-import uuid
-
 import pytest
 
-from nld_lora.evaluation.execution import run_program, score_execution
+from nld_lora.evaluation.execution import check_test_code, run_execution
+from nld_lora.evaluation.sandbox import SandboxLimits, run_program
 from nld_lora.evaluation.scorers import (
     ScorerError,
     edit_similarity,
@@ -13,6 +12,7 @@ from nld_lora.evaluation.scorers import (
     score_reference,
     scorer_for,
 )
+from tests.helpers import skip_without_sandbox
 
 PROMPT = 'def add(a, b):\n    """Return a + b."""\n'
 TEST = "def check(f):\n    assert f(2, 3) == 5\n    assert f(-1, 1) == 0\n"
@@ -47,32 +47,24 @@ def test_scorer_is_chosen_by_fields_and_bad_records_are_named():
 
 
 def test_execution_passes_correct_code_and_fails_wrong_code():
-    assert score_execution(PROMPT, "    return a + b\n", TEST, "add") == {"pass@1": 1.0}
-    assert score_execution(PROMPT, "    return a - b\n", TEST, "add") == {"pass@1": 0.0}
-    assert score_execution(PROMPT, "    return a +\n", TEST, "add") == {"pass@1": 0.0}  # a syntax error
-    result = run_program(PROMPT + "    return a - b\n" + TEST + "check(add)\n")
-    assert result.status == "failed" and "AssertionError" in result.detail
+    skip_without_sandbox()
+    limits = SandboxLimits()
+    assert run_execution(PROMPT, "    return a + b\n", TEST, "add", limits).passed
+    wrong = run_execution(PROMPT, "    return a - b\n", TEST, "add", limits)
+    assert wrong.status == "failed" and "AssertionError" in wrong.detail
+    broken = run_execution(PROMPT, "    return a +\n", TEST, "add", limits)  # the completion does not parse
+    assert broken.status == "failed" and "SyntaxError" in broken.detail
 
 
 def test_execution_times_out_an_infinite_loop():
-    result = run_program("while True:\n    pass\n", timeout_s=1.5)
-    assert result.status == "timeout"
-    result = run_program("import time\ntime.sleep(30)\n", timeout_s=1.0)  # sleeping: the wall clock, not the CPU
-    assert result.status == "timeout"
+    skip_without_sandbox()
+    assert run_program("while True:\n    pass\n", SandboxLimits(timeout_s=1.5)).status == "timeout"
+    # sleeping: the wall clock, not the CPU
+    assert run_program("import time\ntime.sleep(30)\n", SandboxLimits(timeout_s=1.0)).status == "timeout"
+    assert run_program("x = bytearray(2 * 1024**3)", SandboxLimits(memory_mb=512)).status == "failed"
 
 
-def test_execution_cannot_write_outside_its_directory(tmp_path):
-    outside = tmp_path / f"escape-{uuid.uuid4().hex}"
-    attempts = [f"open({str(outside)!r}, 'w').write('x')",
-                f"import pathlib; pathlib.Path({str(outside)!r}).write_text('x')",
-                f"import os; os.close(os.open({str(outside)!r}, os.O_CREAT | os.O_WRONLY))",
-                f"import os; os.system('touch {outside}')",
-                f"import subprocess; subprocess.run(['touch', {str(outside)!r}])",
-                f"import shutil; shutil.rmtree({str(tmp_path)!r})"]
-    for code in attempts:
-        result = run_program(code)
-        assert result.status == "failed" and "sandbox" in result.detail, code
-        assert not outside.exists() and tmp_path.exists(), code
-    inside = run_program("open('scratch.txt', 'w').write('ok')\nassert open('scratch.txt').read() == 'ok'\n")
-    assert inside.passed  # its own temporary directory is writable
-    assert run_program("x = bytearray(2 * 1024**3)", memory_mb=512).status == "failed"  # the memory limit
+def test_a_test_that_cannot_score_is_named():
+    assert check_test_code("def check(f):\n    assert f(1, 2) == 3\n", "add") is None
+    assert "does not compile" in check_test_code("def check(f)\n", "add")
+    assert "not a Python name" in check_test_code("def check(f): pass", "add; import os")

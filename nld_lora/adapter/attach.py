@@ -10,6 +10,7 @@ An adapter folder may carry nld_adapter.json (written by the trainer); its lora_
 from __future__ import annotations
 
 import itertools
+import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -91,6 +92,11 @@ def check_adapter_matches(model, path: str | Path) -> None:
         raise AdapterError(f"{folder}: not a PEFT adapter folder (needs adapter_config.json + adapter_model.safetensors)")
     modules = dict(model.named_modules())
     try:
+        adapter_config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
+        rank = None if adapter_config.get("rank_pattern") else adapter_config.get("r")  # one rank for all
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as err:
+        raise AdapterError(f"{folder / 'adapter_config.json'}: not a JSON object ({err})") from err
+    try:
         handle_ctx = safe_open(str(weights), framework="pt")
     except Exception as err:  # SafetensorError / OSError: a bad header, a short or empty file
         raise AdapterError(f"{weights}: cannot read this safetensors file ({err}); it is corrupt or truncated") \
@@ -106,6 +112,9 @@ def check_adapter_matches(model, path: str | Path) -> None:
             if not isinstance(module, nn.Linear):
                 raise AdapterError(f"{folder}: adapter targets module {name!r}, which the model does not have as Linear")
             shape = tuple(handle.get_slice(key).get_shape())
+            if isinstance(rank, int) and len(shape) == 2 and shape[0 if ".lora_A." in key else 1] != rank:
+                raise AdapterError(f"{folder / 'adapter_config.json'}: r={rank}, but {name}'s LoRA weights have "
+                                   f"rank {shape[0 if '.lora_A.' in key else 1]} (adapter shape {shape})")
             if ".lora_A." in key and shape[1] != module.in_features:
                 raise AdapterError(f"{folder}: {name}: lora_A expects in_features {shape[1]}, "
                                    f"model has {module.in_features} (adapter shape {shape})")
@@ -114,11 +123,13 @@ def check_adapter_matches(model, path: str | Path) -> None:
                                    f"model has {module.out_features} (adapter shape {shape})")
 
 
-def attach_adapter(model, path: str | Path, *, name: str | None = None, lora_mode: str | None = None) -> str:
+def attach_adapter(model, path: str | Path, *, name: str | None = None, lora_mode: str | None = None,
+                   other_base: bool = False) -> str:
     """Load a PEFT folder onto the model (several may be loaded); it becomes the active adapter.
 
     path may name a subfolder of the model's own folder (a release's "linear_spec_lora"). lora_mode None takes
-    the adapter's nld_adapter.json, else "draft_only".
+    the adapter's nld_adapter.json, else "draft_only". An adapter trained on other base weights (its
+    nld_adapter.json says which) is refused unless other_base.
     """
     from peft import PeftConfig, PeftModel
 
@@ -130,6 +141,11 @@ def attach_adapter(model, path: str | Path, *, name: str | None = None, lora_mod
     except AdapterMetaError as err:
         raise AdapterError(str(err)) from err
     mode = check_lora_mode(lora_mode or meta.lora_mode)
+    own_hash = getattr(model, "weights_hash", None)
+    if meta.base_weights_hash and own_hash and meta.base_weights_hash != own_hash and not other_base:
+        raise AdapterError(f"{path}: trained on {meta.base_model} (weights {meta.base_weights_hash}), not on these "
+                           f"weights ({own_hash}); its drafts would be for another model. Attach it anyway with "
+                           "other_base=True (CLI: --adapter-other-base)")
     check_adapter_matches(model, path)
     if name is not None and "." in name:
         raise AdapterError(f"adapter name {name!r}: PEFT module names cannot contain '.'")

@@ -7,17 +7,20 @@ shards, so a killed job resumes with every prompt exactly once.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
+from nld_lora.config_io import bounded, check_ranges
 from nld_lora.data.readers import FieldMap, PromptRecord
 from nld_lora.data.templates import render_prompt
 from nld_lora.data.vllm_backend import VLLMError, VLLMGenerator
@@ -37,27 +40,27 @@ class CollectError(ValueError):
 
 @dataclass
 class CollectConfig:
-    max_new_tokens: int = 128
+    max_new_tokens: int = bounded(128, ge=1)
     decode: DecodeSettings = field(default_factory=DecodeSettings)  # AR sampling: temperature, top_k, top_p, seed
-    limit: int | None = None  # read at most this many prompts (callers that read the prompt file apply it)
+    limit: int | None = bounded(None, ge=1)  # read at most this many prompts (callers that read the prompt file apply it)
     fields: FieldMap = field(default_factory=FieldMap)  # column names in the prompt file
     skip_bad: bool = False  # skip and count malformed prompt rows instead of failing
-    batch_size: int = 8
-    shard_size: int = 64
-    max_prompt_tokens: int | None = None
+    batch_size: int = bounded(8, ge=1)
+    shard_size: int = bounded(64, ge=1)
+    max_prompt_tokens: int | None = bounded(None, ge=1)
     length_policy: str = "skip"
     system_prompt: str | None = None
     use_chat_template: bool | None = None  # None: only for conversations, or when a system prompt is given
     thinking: str = "keep"  # keep: reasoning text stays in targets as generated | cap: cut at max_thinking_tokens
-    max_thinking_tokens: int | None = None  # cap: force end_think_token after this many tokens without one
+    max_thinking_tokens: int | None = bounded(None, ge=0)  # cap: force end_think_token after this many tokens without one
     end_think_token: str = "[/THINK]"
     backend: str = "runtime"
-    tensor_parallel_size: int | None = None  # vllm backend: GPUs per engine (None: all visible)
-    vllm_memory_utilization: float | None = None  # vllm backend: fraction of device (CPU: host) memory vLLM may
+    tensor_parallel_size: int | None = bounded(None, ge=1)  # vllm backend: GPUs per engine (None: all visible)
+    vllm_memory_utilization: float | None = bounded(None, gt=0)  # vllm backend: fraction of device (CPU: host) memory vLLM may
     # reserve; None: 80% of what is free when it starts, at most 0.9
-    branches: int = 0  # extra training contexts per prompt: a sampled start, then the model's greedy answer
-    branch_tokens: int = 48  # a branch's sampled start is 1..branch_tokens tokens (seeded per branch)
-    branch_temperature: float = 1.0
+    branches: int = bounded(0, ge=0)  # extra training contexts per prompt: a sampled start, then the model's greedy answer
+    branch_tokens: int = bounded(48, ge=1)  # a branch's sampled start is 1..branch_tokens tokens (seeded per branch)
+    branch_temperature: float = bounded(1.0, gt=0)
 
     def validate(self, tokenizer: Any) -> None:
         if self.backend not in ("runtime", "vllm"):
@@ -297,7 +300,11 @@ def collect(model: Any, records: list[PromptRecord], out_dir: str | Path, cfg: C
             accelerator: Any = None, progress: bool = True, overwrite_mismatch: bool = False) -> CollectSummary:
     """Generate AR targets for every prompt not yet in out_dir; returns the run's summary."""
     cfg = cfg or CollectConfig()
+    check_ranges(cfg)
     cfg.validate(model.tokenizer)
+    if cfg.max_new_tokens >= model.max_positions:
+        raise CollectError(f"max_new_tokens={cfg.max_new_tokens}: the model holds {model.max_positions} positions "
+                           "in all, prompt included; give fewer")
     out = Path(out_dir)
     rank = accelerator.process_index if accelerator is not None else 0
     world = accelerator.num_processes if accelerator is not None else 1
@@ -317,20 +324,22 @@ def collect(model: Any, records: list[PromptRecord], out_dir: str | Path, cfg: C
             raise CollectError(f"{out}: already holds targets from a different generator (differs in {diff}); "
                                "use another output folder")
     _check_writable(out)
-    prepared = prepare(model, records, cfg, summary)
-    if is_main:
-        _write_meta(out, fingerprint, summary, complete=False)
-    if accelerator is not None:
-        accelerator.wait_for_everyone()
-    done = _done_ids(out, prepared)
-    summary.done_before = sum(1 for p in prepared if p.record.id in done)
-    pending = [p for p in prepared if p.record.id not in done][rank::world]
-    pending.sort(key=lambda p: len(p.ids))
-    try:
-        tokens = _collect_pending(model, pending, cfg, out, rank, generate, summary, progress, t0)
-    finally:
-        if isinstance(generate, VLLMGenerator):
-            generate.close()
+    with _writer_lock(out, rank):
+        prepared = prepare(model, records, cfg, summary)
+        done = _done_ids(out, prepared)
+        summary.done_before = sum(1 for p in prepared if p.record.id in done)
+        everything_done = summary.done_before == len(prepared)
+        if is_main and not (everything_done and meta_path.exists()):
+            _write_meta(out, fingerprint, summary, complete=False)  # a finished folder stays marked finished
+        if accelerator is not None:
+            accelerator.wait_for_everyone()
+        pending = [p for p in prepared if p.record.id not in done][rank::world]
+        pending.sort(key=lambda p: len(p.ids))
+        try:
+            tokens = _collect_pending(model, pending, cfg, out, rank, generate, summary, progress, t0)
+        finally:
+            if isinstance(generate, VLLMGenerator):
+                generate.close()
     summary.generated = len(pending)
     summary.target_tokens = tokens
     if accelerator is not None:
@@ -342,6 +351,26 @@ def collect(model: Any, records: list[PromptRecord], out_dir: str | Path, cfg: C
     if is_main:
         _write_meta(out, fingerprint, summary, complete=True)
     return summary
+
+
+@contextlib.contextmanager
+def _writer_lock(out: Path, rank: int) -> Iterator[None]:
+    """One collect writes a folder at a time (per rank): a second is refused with the holder's pid. The kernel
+    releases the lock when its holder dies, so a killed collect never blocks the rerun."""
+    path = out / f".collect.lock.{rank}"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as err:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise CollectError(f"{out}: another collect (pid {holder}) is writing this folder; wait for it or use "
+                               "another --out") from err
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        os.close(fd)
 
 
 def read_collect_meta(path: Path) -> dict[str, Any]:
@@ -369,17 +398,27 @@ def _write_meta(out: Path, fingerprint: dict, summary: CollectSummary, complete:
     os.replace(tmp, out / META_FILE)
 
 
-def load_collected(out_dir: str | Path, *, model: Any = None):
-    """The collected targets as a datasets.Dataset (one row per prompt id, sorted; a `branch` column, 0 for a
-    prompt's own answer, n for its n-th branch; collections from before branches get 0s); checks the
-    fingerprint."""
-    from datasets import Dataset
-
-    out = Path(out_dir)
+def collection_meta(out: Path, allow_incomplete: bool = False) -> dict[str, Any]:
+    """The folder's collection metadata; an error when it is no collection, or (unless allow_incomplete) one that
+    did not finish."""
     meta_path = out / META_FILE
     if not meta_path.exists():
         raise CollectError(f"{out}: not a collected dataset (no {META_FILE}); run `nld-lora collect` first")
     meta = read_collect_meta(meta_path)
+    if not meta.get("complete", True) and not allow_incomplete:
+        raise CollectError(f"{out}: the collection did not finish (killed or failed): rerun the same `nld-lora "
+                           "collect` to complete it, or train on what is there with allow_incomplete_data=true")
+    return meta
+
+
+def load_collected(out_dir: str | Path, *, model: Any = None, allow_incomplete: bool = False):
+    """The collected targets as a datasets.Dataset (one row per prompt id, sorted; a `branch` column, 0 for a
+    prompt's own answer, n for its n-th branch; collections from before branches get 0s); checks the
+    fingerprint, and that the collection finished unless allow_incomplete."""
+    from datasets import Dataset
+
+    out = Path(out_dir)
+    meta = collection_meta(out, allow_incomplete)
     if model is not None and meta["fingerprint"]["weights_hash"] != model.weights_hash:
         raise CollectError(
             f"{out}: targets were generated by {meta['fingerprint']['model']} (weights {meta['fingerprint']['weights_hash']})"

@@ -152,7 +152,7 @@ def iter_prompts(source: str | Path, fields: FieldMap | None = None, *, skip_bad
             return
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
         for f in files:
-            text = f.read_text(encoding="utf-8")
+            text = read_text(f)
             if text.strip():
                 yield PromptRecord(f.relative_to(path).as_posix(), text)
         return
@@ -177,15 +177,32 @@ def iter_prompts(source: str | Path, fields: FieldMap | None = None, *, skip_bad
         raise PromptFileError(f"{path}: unknown prompt format {suffix!r} (jsonl, json, csv, parquet, txt, folder)")
 
 
+def read_text(path: str | Path) -> str:
+    """A whole UTF-8 file; an error names the file (not UTF-8, a folder, unreadable)."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise PromptFileError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from err
+    except IsADirectoryError as err:
+        raise PromptFileError(f"{path}: is a folder, not a file") from err
+    except FileNotFoundError as err:
+        raise PromptFileError(f"{path}: no such file") from err
+
+
 def read_prompts(source: str | Path, fields: FieldMap | None = None, *, skip_bad: bool = False,
                  limit: int | None = None) -> tuple[list[PromptRecord], ReadReport]:
     """All prompts of a source (first `limit`), with counts of skipped rows; an empty source is an error."""
+    if limit is not None and limit < 1:
+        raise PromptFileError(f"limit: must be >= 1 (leave it out for every prompt), got {limit!r}")
     report = ReadReport()
     records = []
-    for rec in iter_prompts(source, fields, skip_bad=skip_bad, report=report):
-        records.append(rec)
-        if limit is not None and len(records) >= limit:
-            break
+    try:
+        for rec in iter_prompts(source, fields, skip_bad=skip_bad, report=report):
+            records.append(rec)
+            if limit is not None and len(records) >= limit:
+                break
+    except UnicodeDecodeError as err:
+        raise PromptFileError(f"{source}: not UTF-8 text ({err.reason} at byte {err.start})") from err
     if not records:
         raise PromptFileError(f"{source}: no prompts found (empty input)")
     report.rows = len(records)

@@ -46,10 +46,16 @@ class Baseline:
         if not (path / "config.json").exists():
             raise BaselineError(f"baseline={folder}: not a model folder (no config.json)")
         try:
-            self.model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).to(device).eval()
+            model, info = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32,
+                                                               output_loading_info=True)
             self.tokenizer = AutoTokenizer.from_pretrained(str(path))
         except (ValueError, OSError, KeyError) as err:
             raise BaselineError(f"baseline={folder}: not a causal LM transformers can load ({err})") from err
+        if info["missing_keys"]:  # an NLD folder loads as a randomly initialised causal LM
+            raise BaselineError(f"baseline={folder}: its weights do not fit {type(model).__name__} "
+                                f"({len(info['missing_keys'])} missing, e.g. {sorted(info['missing_keys'])[0]}); "
+                                "for a tri-mode folder, give its AR view (nld-lora export --ar-view OUT)")
+        self.model = model.to(device).eval()
         self.name = str(folder)
         stops = self.model.generation_config.eos_token_id
         self.eos = ([stops] if isinstance(stops, int) else list(stops or [])) or \

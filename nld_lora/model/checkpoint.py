@@ -241,6 +241,23 @@ def _wrap_plain_causal_lm(
     return mapped
 
 
+def check_device(device: torch.device | str) -> torch.device:
+    """A device string that torch parses and whose backend is present here, else an error naming it."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise CheckpointError(f"device={device!r} is not a device torch knows ({err})") from err
+    if parsed.type == "cpu":
+        return parsed
+    backend = getattr(torch, parsed.type, None)
+    if backend is None or not hasattr(backend, "is_available") or not backend.is_available():
+        raise CheckpointError(f"device={device!r}: no {parsed.type} device on this machine (use --device cpu)")
+    if parsed.index is not None and parsed.index >= backend.device_count():
+        raise CheckpointError(f"device={device!r}: this machine has {backend.device_count()} {parsed.type} "
+                              "device(s)")
+    return parsed
+
+
 def load(
     name_or_path: str,
     *,
@@ -255,6 +272,8 @@ def load(
     dtype: the whole model's dtype (default: the config's `dtype`, else the stored one). quantization: None, "4bit"
     or "8bit" (bitsandbytes, CPU or CUDA) for a frozen QLoRA base; the head stays in `dtype`. The tokenizer is attached as `.tokenizer`.
     """
+    if device is not None:
+        device = check_device(device)
     folder = resolve_folder(name_or_path)
     config_dict = read_config(folder)
     config_path = str(folder / "config.json")

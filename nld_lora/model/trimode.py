@@ -116,11 +116,12 @@ class TriModeModel(nn.Module):
 
         return generate(self, prompts_or_ids, **kwargs)
 
-    def attach_adapter(self, path: str, *, name: str | None = None, lora_mode: str | None = None) -> str:
+    def attach_adapter(self, path: str, *, name: str | None = None, lora_mode: str | None = None,
+                       other_base: bool = False) -> str:
         """Load a PEFT LoRA folder (a path, or a subfolder of the model's folder such as a release's
         "linear_spec_lora"); it becomes the active adapter. lora_mode defaults to the adapter's metadata, else
-        "draft_only". Returns its name."""
-        return lora.attach_adapter(self, path, name=name, lora_mode=lora_mode)
+        "draft_only"; other_base attaches one trained on other base weights. Returns its name."""
+        return lora.attach_adapter(self, path, name=name, lora_mode=lora_mode, other_base=other_base)
 
     def detach_adapter(self, name: str | None = None) -> None:
         """Remove one adapter (or all when name is None), restoring the base weights' behaviour."""

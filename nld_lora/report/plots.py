@@ -13,7 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 def save_figure(fig, path: Path) -> str:
     """Write the figure as a PNG, close it, return the file name (what report.md links)."""
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")  # legends placed beside the axes stay in the picture
     plt.close(fig)
     return path.name
 

@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from nld_lora.adapter.attach import check_lora_mode
 from nld_lora.adapter.meta import AdapterMeta
+from nld_lora.config_io import bounded, check_ranges, writable_dir
 from nld_lora.data.readers import read_prompts
 from nld_lora.data.templates import has_chat_template, render_prompt, uses_chat_template
 from nld_lora.decoding.api import GenerationResult
@@ -40,21 +41,21 @@ SCHEMA_VERSION = 1
 
 @dataclass
 class ReportConfig:
-    max_new_tokens: int = 128
-    batch_size: int = 8
-    speed_prompts: int = 32  # prompts timed again at batch size 1
+    max_new_tokens: int = bounded(128, ge=1)
+    batch_size: int = bounded(8, ge=1)
+    speed_prompts: int = bounded(32, ge=1)  # prompts timed again at batch size 1
     decode: DecodeSettings = field(default_factory=DecodeSettings)  # one draft_len for every self-spec run
     diffusion: bool = True
-    limit: int | None = None
+    limit: int | None = bounded(None, ge=1)
     system_prompt: str | None = None
     use_chat_template: bool | None = None  # as in collection: None = only conversations / with a system prompt
     lora_mode: str | None = None  # None: each adapter's own (its nld_adapter.json, else draft_only); "both" also
     # runs verify with the adapter, so output then differs from AR
-    fit_prompts: int = 0  # also measure before/after on this many training prompts (fit vs transfer)
+    fit_prompts: int = bounded(0, ge=0)  # also measure before/after on this many training prompts (fit vs transfer)
     fastest_mode: bool = True  # speed rows also for the fastest lossless mode (report/speed.py), chosen on
     # the speed_prompts that follow the timed ones
-    speed_rounds: int = 3  # the fastest modes and AR are timed interleaved in this many rounds (medians)
-    paired_contexts: int = 1000  # r_1 with and without the first adapter at the same contexts: this many cycle
+    speed_rounds: int = bounded(3, ge=1)  # the fastest modes and AR are timed interleaved in this many rounds (medians)
+    paired_contexts: int = bounded(1000, ge=0)  # r_1 with and without the first adapter at the same contexts: this many cycle
     # starts of each run (report/paired.py; 0: off)
 
 
@@ -68,23 +69,25 @@ def machine_info() -> dict[str, Any]:
 
 def build_report(model: Any, adapters: list[str], prompts: str | Path, out_dir: str | Path,
                  cfg: ReportConfig | None = None, *, progress: bool = True,
-                 extra: dict[str, Any] | None = None, fit_source: list | None = None) -> dict[str, Any]:
+                 extra: dict[str, Any] | None = None, fit_source: list | None = None,
+                 other_base: bool = False) -> dict[str, Any]:
     """Run AR, diffusion, self-spec before and after each adapter; write report.json, report.md and plots.
+    other_base: attach adapters trained on other base weights too.
 
     extra: additional top-level fields stored in report.json (the recipe records what produced the report).
     fit_source: the adapter's training prompts (records); cfg.fit_prompts of them, sampled with the seed, are
     measured before/after too, so over-fitting shows next to the held-out figure.
     """
     cfg = cfg or ReportConfig()
+    check_ranges(cfg)
     report_settings(model, cfg)  # every setting is checked before anything is attached or written
     records, _ = read_prompts(prompts, limit=cfg.limit)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = writable_dir(out_dir)
     names: list[str] = []
     try:
         for i, path in enumerate(adapters):
             names.append(model.attach_adapter(path, name=f"adapter{i}" if len(adapters) > 1 else "after",
-                                              lora_mode=cfg.lora_mode))
+                                              lora_mode=cfg.lora_mode, other_base=other_base))
         settings = decode_for_runs(model, cfg, names)
         return _measure_and_write(model, names, adapters, records, prompts, out, cfg, settings, progress, extra,
                                   fit_source)

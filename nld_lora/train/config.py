@@ -44,6 +44,7 @@ class TrainConfig:
     # first token is a mask, not the seed)
     max_seq_len: int = 512
     max_target_tokens: int | None = None  # use only the first N collected target tokens of each sequence
+    allow_incomplete_data: bool = False  # train on a collection that did not finish (killed or failed)
     eval_fraction: float = 0.05
     eval_split: str = "group"  # group: hold out whole groups (source files) -> selection by transfer | prompt
     fit_eval: bool = True  # also measure the same metric on as many training sequences (fit vs transfer)

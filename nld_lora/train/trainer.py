@@ -22,7 +22,7 @@ from tqdm import tqdm
 from nld_lora.adapter.attach import TRAINING_ADAPTER as ADAPTER_NAME
 from nld_lora.adapter.attach import add_lora, lora_enabled
 from nld_lora.adapter.saving import adapter_state, save_adapter
-from nld_lora.config_io import ConfigError, to_dict
+from nld_lora.config_io import ConfigError, to_dict, writable_dir
 from nld_lora.decoding.settings import resolve_draft_len
 from nld_lora.model.quantize import quantized_twin
 from nld_lora.parallel import make_accelerator, parallelism
@@ -192,7 +192,8 @@ def setup_data(model, dataset_dir: str | Path, cfg: TrainConfig) -> tuple[list[S
     """Collected targets -> training sequences, split by hashed prompt id into train and eval."""
     from nld_lora.data.collect import load_collected
 
-    seqs = build_sequences(load_collected(dataset_dir, model=model), cfg.max_seq_len,
+    seqs = build_sequences(load_collected(dataset_dir, model=model, allow_incomplete=cfg.allow_incomplete_data),
+                           cfg.max_seq_len,
                            max_target=cfg.max_target_tokens)
     if len(seqs) < 2:
         raise ConfigError(f"{dataset_dir}: needs at least 2 collected sequences with targets; found {len(seqs)}")
@@ -246,7 +247,7 @@ def setup(model_or_path: Any, dataset_dir: str | Path, out_dir: str | Path, cfg:
 
     import nld_lora
 
-    out = Path(out_dir)
+    out = writable_dir(out_dir)
     accelerator = accelerator or setup_accelerator(cfg, out)
     set_seed(cfg.seed)
     if isinstance(model_or_path, (str, Path)):
