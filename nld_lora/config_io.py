@@ -172,14 +172,12 @@ def load_config(cls: type[T], path: str | Path | None, overrides: list[str] | No
     """YAML file (optional) + overrides -> dataclass instance."""
     data: dict[str, Any] = {}
     if path is not None:
+        from nld_lora.data.readers import PromptFileError, read_text
+
         try:
-            data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-        except FileNotFoundError as err:
-            raise ConfigError(f"{path}: config file not found") from err
-        except IsADirectoryError as err:
-            raise ConfigError(f"{path}: is a folder, not a config file") from err
-        except UnicodeDecodeError as err:
-            raise ConfigError(f"{path}: not UTF-8 text (byte {err.start})") from err
+            data = yaml.safe_load(read_text(path)) or {}
+        except PromptFileError as err:
+            raise ConfigError(f"config file {err}") from err
         except yaml.YAMLError as err:
             raise ConfigError(f"{path}: invalid YAML: {err}") from err
         if not isinstance(data, dict):
