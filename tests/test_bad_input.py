@@ -133,6 +133,11 @@ def test_read_only_outputs_are_found_before_the_work(capsys, model_dir, prompts,
     refused(capsys, ["report", *base, "--prompts", str(prompts), "--out", str(out)], str(out), "not writable")
     refused(capsys, ["eval", *base, "--prompts", str(eval_prompts), "--out", str(out)], str(out), "not writable")
     refused(capsys, ["collect", *base, "--prompts", str(prompts), "--out", str(out)], str(out), "not writable")
+    data = tmp_path / "data"
+    assert main(["collect", *base, "--prompts", str(prompts), "--out", str(data), "--device", "cpu",
+                 "max_new_tokens=4"]) == 0
+    capsys.readouterr()
+    refused(capsys, ["train", *base, "--data", str(data), "--out", str(out)], str(out), "not writable")
 
 
 def test_a_failed_collect_never_poisons_or_resets_its_folder(capsys, model_dir, prompts, tmp_path):

@@ -100,6 +100,13 @@ class _Cgroup:
 
     @staticmethod
     def version() -> str | None:
+        try:
+            return _Cgroup._probe()
+        except OSError:  # an unreadable hierarchy: no cgroup limits, rlimits only
+            return None
+
+    @staticmethod
+    def _probe() -> str | None:
         v1 = [_Cgroup.V1_ROOT / c for c in ("memory", "pids")]
         if all(os.access(p / "cgroup.procs", os.W_OK) for p in v1):
             return "v1"
@@ -153,6 +160,16 @@ class _Cgroup:
                     break
                 except OSError:
                     time.sleep(0.02)
+
+
+def _new_cgroup(iso: Isolation, limits: SandboxLimits) -> _Cgroup | None:
+    """A cgroup for one run where the hierarchy allows; None (rlimits only) where creating it fails."""
+    if not (iso.cgroup and iso.bwrap):
+        return None
+    try:
+        return _Cgroup(iso.cgroup, limits)
+    except OSError:
+        return None
 
 
 @functools.lru_cache(maxsize=1)
@@ -251,7 +268,7 @@ def run_program(program: str, limits: SandboxLimits | None = None, *, allow_unis
         program_path.write_text(program + "\n", encoding="utf-8")
         os.chmod(tmp, 0o755)
         os.chmod(program_path, 0o644)
-        cgroup = _Cgroup(iso.cgroup, limits) if iso.cgroup and iso.bwrap else None
+        cgroup = _new_cgroup(iso, limits)
         seccomp_fd = None
         try:
             if iso.bwrap is not None:
