@@ -143,7 +143,7 @@ def test_no_process_survives_the_program(how):
         "popen_detached": f"subprocess.Popen(['sleep', '{seconds}'], start_new_session=True)",
         "ctypes_system": f"ctypes.CDLL(None).system(b'setsid sleep {seconds} &')",
     }[how]
-    result, wall = attack(f"import os, subprocess, ctypes, time\n{start}\ntime.sleep(0.3)\n")
+    result, _ = attack(f"import os, subprocess, ctypes, time\n{start}\ntime.sleep(0.3)\n")
     time.sleep(0.3)
     assert result.status == "passed", result.detail  # starting processes inside is allowed; they die with it
     assert not _processes_with(seconds)

@@ -20,7 +20,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from nld_lora.config_io import bounded, check_ranges
+from nld_lora.config_io import ConfigError, bounded, check_ranges, writable_dir
 from nld_lora.data.readers import FieldMap, PromptRecord
 from nld_lora.data.templates import render_prompt
 from nld_lora.data.vllm_backend import VLLMError, VLLMGenerator
@@ -63,13 +63,14 @@ class CollectConfig:
     branch_temperature: float = bounded(1.0, gt=0)
 
     def validate(self, tokenizer: Any) -> None:
+        try:
+            check_ranges(self)
+        except ConfigError as err:
+            raise CollectError(str(err)) from err
         if self.backend not in ("runtime", "vllm"):
             raise CollectError(f"backend={self.backend!r}; expected 'runtime' or 'vllm'")
         if self.vllm_memory_utilization is not None and not 0 < self.vllm_memory_utilization < 1:
             raise CollectError(f"vllm_memory_utilization={self.vllm_memory_utilization}; expected a fraction in (0, 1)")
-        if self.branches < 0 or self.branch_tokens < 1 or self.branch_temperature <= 0:
-            raise CollectError(f"branches={self.branches}, branch_tokens={self.branch_tokens}, branch_temperature="
-                               f"{self.branch_temperature}: need branches >= 0, branch_tokens >= 1, temperature > 0")
         if self.branches and self.thinking == "cap":
             raise CollectError("branches and thinking='cap' cannot be combined")
         if self.thinking not in ("keep", "cap"):
@@ -158,16 +159,6 @@ def prepare(model: Any, records: list[PromptRecord], cfg: CollectConfig,
         out.append(PreparedPrompt(rec, text, ids))
     summary.skipped = skipped
     return out
-
-
-def _check_writable(out_dir: Path) -> None:
-    try:
-        (out_dir / SHARD_DIR).mkdir(parents=True, exist_ok=True)
-        probe = out_dir / f".write-probe-{uuid.uuid4().hex[:8]}"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as err:
-        raise CollectError(f"{out_dir}: output folder is not writable ({err.strerror})") from err
 
 
 def _done_ids(out_dir: Path, prepared: list[PreparedPrompt]) -> set[str]:
@@ -300,7 +291,6 @@ def collect(model: Any, records: list[PromptRecord], out_dir: str | Path, cfg: C
             accelerator: Any = None, progress: bool = True, overwrite_mismatch: bool = False) -> CollectSummary:
     """Generate AR targets for every prompt not yet in out_dir; returns the run's summary."""
     cfg = cfg or CollectConfig()
-    check_ranges(cfg)
     cfg.validate(model.tokenizer)
     if cfg.max_new_tokens >= model.max_positions:
         raise CollectError(f"max_new_tokens={cfg.max_new_tokens}: the model holds {model.max_positions} positions "
@@ -323,7 +313,10 @@ def collect(model: Any, records: list[PromptRecord], out_dir: str | Path, cfg: C
             diff = sorted(k for k in fingerprint if old.get(k) != fingerprint[k])
             raise CollectError(f"{out}: already holds targets from a different generator (differs in {diff}); "
                                "use another output folder")
-    _check_writable(out)
+    try:
+        writable_dir(out / SHARD_DIR)
+    except ConfigError as err:
+        raise CollectError(str(err)) from err
     with _writer_lock(out, rank):
         prepared = prepare(model, records, cfg, summary)
         done = _done_ids(out, prepared)

@@ -96,7 +96,7 @@ def isolation() -> Isolation:
 class _Cgroup:
     """A fresh cgroup with memory and pids limits that the child joins before it execs bubblewrap."""
 
-    V1_ROOT, V2_ROOT = Path("/sys/fs/cgroup"), Path("/sys/fs/cgroup")
+    ROOT = Path("/sys/fs/cgroup")
 
     @staticmethod
     def version() -> str | None:
@@ -107,10 +107,10 @@ class _Cgroup:
 
     @staticmethod
     def _probe() -> str | None:
-        v1 = [_Cgroup.V1_ROOT / c for c in ("memory", "pids")]
+        v1 = [_Cgroup.ROOT / c for c in ("memory", "pids")]
         if all(os.access(p / "cgroup.procs", os.W_OK) for p in v1):
             return "v1"
-        if (_Cgroup.V2_ROOT / "cgroup.controllers").exists() and os.access(_Cgroup._v2_parent(), os.W_OK):
+        if (_Cgroup.ROOT / "cgroup.controllers").exists() and os.access(_Cgroup._v2_parent(), os.W_OK):
             wanted = {"memory", "pids"}
             enabled = set((_Cgroup._v2_parent() / "cgroup.subtree_control").read_text().split())
             return "v2" if wanted <= enabled else None
@@ -119,13 +119,13 @@ class _Cgroup:
     @staticmethod
     def _v2_parent() -> Path:
         own = Path("/proc/self/cgroup").read_text().strip().split("\n")[0].split("::", 1)[-1]
-        return _Cgroup.V2_ROOT / own.lstrip("/")
+        return _Cgroup.ROOT / own.lstrip("/")
 
     def __init__(self, version: str, limits: SandboxLimits) -> None:
         name = f"nld_exec_{os.getpid()}_{uuid.uuid4().hex[:8]}"
         memory = str(limits.memory_mb * 2**20)
         if version == "v1":
-            self.dirs = [self.V1_ROOT / "memory" / name, self.V1_ROOT / "pids" / name]
+            self.dirs = [self.ROOT / "memory" / name, self.ROOT / "pids" / name]
             settings = {self.dirs[0]: {"memory.limit_in_bytes": memory, "memory.memsw.limit_in_bytes": memory},
                         self.dirs[1]: {"pids.max": str(limits.processes)}}
         else:
@@ -246,7 +246,7 @@ class _CappedReader(threading.Thread):
         self.stream, self.cap, self.kept, self.dropped = stream, cap, b"", 0
 
     def run(self) -> None:
-        while chunk := self.stream.read1(65536) if hasattr(self.stream, "read1") else self.stream.read(65536):
+        while chunk := self.stream.read1(65536):
             self.kept = (self.kept + chunk)[-self.cap:]
             self.dropped += len(chunk)
 
