@@ -78,7 +78,7 @@ class _DynamoWarnings(logging.Handler):
 
 def test_static_shape_cache_is_lossless(tmp_path):
     """The CUDA-graph layout (attention over the whole capacity, index-tensor writes) gives the same tokens."""
-    from nld_lora.decoding.api import LOOPS
+    from nld_lora.decoding.loops import run_to_end
     from nld_lora.decoding.batch import DecodeBatch
     from nld_lora.decoding.outputs import Outputs
     from nld_lora.decoding.settings import DecodeSettings
@@ -90,8 +90,8 @@ def test_static_shape_cache_is_lossless(tmp_path):
     for mode in ("ar", "self_spec", "self_spec_quadratic"):
         out = Outputs(len(prompts), 16, model.eos_token_ids)
         batch = DecodeBatch(model, prompts, list(range(4)), out.stats, capacity=256, static_shapes=True)
-        LOOPS[mode](batch, out, cfg, torch.Generator())
-        assert out.tokens == ar.sequences, mode
+        run_to_end(mode, batch, out, cfg, torch.Generator())
+        assert list(out.tokens.values()) == ar.sequences, mode
         assert batch.cache.window == 256
     batch = DecodeBatch(model, prompts, list(range(4)), Outputs(4, 16, model.eos_token_ids).stats, capacity=256,
                         static_shapes=True)

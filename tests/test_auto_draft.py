@@ -208,7 +208,7 @@ def test_planner_on_a_real_batch_measures_costs_and_picks_a_length():
     costs = forward_costs(model)
     widths = {key[-1] for key in costs if key[2] == 4}  # 3 rows: the power-of-two bucket of 4
     assert {1, 2, 4} <= widths and all(t > 0 for t in costs.values())
-    assert sum(s.total_forwards for s in batch.stats) == 3  # only the prefills were counted
+    assert sum(s.total_forwards for s in batch.stats.values()) == 3  # only the prefills were counted
 
 
 def test_the_next_decode_batch_starts_from_what_the_planner_learnt(tmp_path):

@@ -9,7 +9,7 @@ from nld_lora.adapter.attach import AdapterError, lora_enabled
 from nld_lora.decoding.api import GenerationResult
 from nld_lora.decoding.batch import DecodeBatch
 from nld_lora.decoding.interleave import interleaved
-from nld_lora.decoding.loops import run_diffusion
+from nld_lora.decoding.loops import run_to_end
 from nld_lora.decoding.outputs import Outputs
 from nld_lora.decoding.settings import DecodeSettings
 from nld_lora.decoding.stats import GenerationStats
@@ -68,7 +68,7 @@ def test_diffusion_block1_threshold1_is_ar_and_commits_once():
     out = Outputs(len(prompts), 10, set())
     cfg = DecodeSettings(block_size=4, threshold=0.5, policy="leftmost").resolved(model.block_size)
     batch = DecodeBatch(model, prompts, list(range(len(prompts))), out.stats, capacity=64)
-    run_diffusion(batch, out, cfg, torch.Generator(), log)
+    run_to_end("diffusion", batch, out, cfg, torch.Generator(), commit_log=log)
     for commits in log:
         assert torch.equal(commits[:, 1:], torch.ones_like(commits[:, 1:])) and bool((commits[:, 0] == 0).all())
     capped = model.generate(prompts, mode="diffusion", block_size=4, threshold=1.01, max_steps=1, max_new_tokens=8)

@@ -11,20 +11,23 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from nld_lora.adapter.attach import LoadedAdapter, check_lora_mode
 from nld_lora.adapter.twins import compile_module, decode_encoders, decode_state
-from nld_lora.decoding.batch import DecodeBatch
-from nld_lora.decoding.loops import run_ar, run_diffusion, run_self_spec, run_self_spec_quadratic
-from nld_lora.decoding.outputs import Outputs
+from nld_lora.decoding.engine import (
+    MODES,
+    SPEC_MODES,
+    STATIC_CAPACITY_STEP,
+    Engine,
+    lookahead,
+    pick_adapter,
+    resolve_settings,
+    validate_request,
+)
 from nld_lora.decoding.settings import DecodeSettings, resolve_draft_len
 from nld_lora.decoding.stats import GenerationStats
 
-MODES = ("ar", "diffusion", "self_spec", "self_spec_quadratic")
-SPEC_MODES = ("self_spec", "self_spec_quadratic")
 COMPILE_MODES = (False, True, "reduce-overhead")
-STATIC_CAPACITY_STEP = 256
-LOOPS = {"ar": run_ar, "diffusion": run_diffusion, "self_spec": run_self_spec,
-         "self_spec_quadratic": run_self_spec_quadratic}
+__all__ = ["MODES", "SPEC_MODES", "STATIC_CAPACITY_STEP", "GenerationResult", "generate", "lookahead",
+           "max_prompt_tokens", "normalize_prompts"]
 
 
 @dataclass
@@ -73,49 +76,11 @@ def normalize_prompts(model, prompts_or_ids: Any, add_special_tokens: bool = Tru
     return out
 
 
-def lookahead(mode: str, block: int, draft_len: int) -> int:
-    """Slots a mode may write past the last kept token (the block or draft it runs ahead)."""
-    return {"ar": 1, "diffusion": block, "self_spec": draft_len + 1,
-            "self_spec_quadratic": (draft_len + 1) * (draft_len + 2)}[mode]
-
-
 def max_prompt_tokens(model, mode: str, max_new_tokens: int, *, block_size: int | None = None,
                       draft_len: int | None = None) -> int:
     """The longest prompt `generate` accepts for this mode and budget (same defaults as generate)."""
     block = block_size or model.block_size
     return model.max_positions - max_new_tokens - lookahead(mode, block, resolve_draft_len(block, draft_len, mode == "self_spec_quadratic"))
-
-
-def _validate(model, prompts: list[list[int]], mode: str, max_new_tokens: int, cfg: DecodeSettings) -> None:
-    if mode not in MODES:
-        raise ValueError(f"mode={mode!r}; expected one of {MODES}")
-    if max_new_tokens <= 0:
-        raise ValueError(f"max_new_tokens must be > 0; got {max_new_tokens}")
-    limit = model.max_positions
-    if not 1 <= cfg.draft_len < limit:
-        raise ValueError(f"draft_len must be in [1, {limit}) (the model's max positions); got {cfg.draft_len}")
-    ahead = lookahead(mode, cfg.block_size, cfg.draft_len)
-    vocab = model.config.vocab_size
-    for i, p in enumerate(prompts):
-        if not p:
-            raise ValueError(f"prompt {i} is empty")
-        if any(not 0 <= t < vocab for t in p):
-            raise ValueError(f"prompt {i} has token ids outside [0, {vocab})")
-        if len(p) + max_new_tokens + ahead > limit:
-            raise ValueError(
-                f"prompt {i}: {len(p)} tokens + max_new_tokens {max_new_tokens} + lookahead {ahead} exceeds "
-                f"the model's {limit} positions"
-            )
-
-
-def _pick_adapter(model, adapter: str | bool | None) -> str | None:
-    if adapter is False:
-        return None
-    if adapter is None or adapter is True:
-        return model.active_adapter
-    if adapter not in model.adapters:
-        raise ValueError(f"adapter {adapter!r} is not loaded; loaded: {sorted(model.adapters)}")
-    return adapter
 
 
 @torch.no_grad()
@@ -152,42 +117,34 @@ def generate(
     whole capacity, rounded up to STATIC_CAPACITY_STEP slots so calls share graphs).
     """
     prompts = normalize_prompts(model, prompts_or_ids, add_special_tokens)
-    adapter_name = _pick_adapter(model, adapter)
-    loaded = model.adapters[adapter_name] if adapter_name else LoadedAdapter("")
-    cfg = (settings or DecodeSettings()).replace(**decode).validate()
-    cfg = cfg.resolved(model.block_size, loaded.meta if mode in SPEC_MODES else None,
-                       quadratic=mode == "self_spec_quadratic")
-    lora = check_lora_mode(lora_mode or loaded.lora_mode)
-    _validate(model, prompts, mode, max_new_tokens, cfg)
+    name = pick_adapter(model, adapter)
+    cfg = resolve_settings(model, mode, settings, name, decode)
+    for i, p in enumerate(prompts):
+        validate_request(model, p, mode, max_new_tokens, cfg, i)
     if compile not in COMPILE_MODES:
         raise ValueError(f"compile={compile!r}; expected one of {COMPILE_MODES}")
-    static = compile == "reduce-overhead"
-    out = Outputs(len(prompts), max_new_tokens, model.eos_token_ids)
-    gen = torch.Generator(device=model.device).manual_seed(cfg.seed)
+    engine = Engine(model, profile=profile, static_shapes=compile == "reduce-overhead")
+    chunk = batch_size or len(prompts)
     t0 = time.perf_counter()
     with compiled_backbone(model, compile), tqdm(total=len(prompts), desc=f"generate[{mode}]", unit="prompt",
                                                  disable=not progress) as bar:
-        forward_s = 0.0
-        for start in range(0, len(prompts), batch_size or len(prompts)):
-            ids = list(range(start, min(start + (batch_size or len(prompts)), len(prompts))))
+        for start in range(0, len(prompts), chunk):
             tb = time.perf_counter()
-            chunk = [prompts[i] for i in ids]
-            capacity = max(map(len, chunk)) + max_new_tokens + lookahead(mode, cfg.block_size, cfg.draft_len)
-            if static:
-                capacity = -(-capacity // STATIC_CAPACITY_STEP) * STATIC_CAPACITY_STEP
-            out.begin(ids)
-            batch = DecodeBatch(model, chunk, ids, out.stats, capacity=capacity, adapter=adapter_name,
-                                lora_mode=lora, profile=profile, static_shapes=static)
-            LOOPS[mode](batch, out, cfg, gen)
-            forward_s += batch.forward_s
-            for i in ids:
-                out.stats[i].wall_s = time.perf_counter() - tb
-            bar.update(len(ids))
-    stats = GenerationStats(out.stats, time.perf_counter() - t0, forward_s if profile else None)
+            rids = [engine.add_request(prompts[i], mode=mode, max_new_tokens=max_new_tokens, settings=cfg,
+                                       adapter=name or False, lora_mode=lora_mode, index=i)
+                    for i in range(start, min(start + chunk, len(prompts)))]
+            while engine.has_work():
+                engine.step()
+            for rid in rids:  # a chunk's requests share its wall time, as one batch call's would
+                engine.finished[rid].stats.wall_s = time.perf_counter() - tb
+            bar.update(len(rids))
+    done = [engine.pop_finished(rid) for rid in range(len(prompts))]
+    stats = GenerationStats([f.stats for f in done], time.perf_counter() - t0, engine.forward_s if profile else None)
+    sequences = [f.tokens for f in done]
     texts = None
     if model.tokenizer is not None:
-        texts = [model.tokenizer.decode(seq, skip_special_tokens=False) for seq in out.tokens]
-    return GenerationResult(out.tokens, texts, stats, prompts, cfg)
+        texts = [model.tokenizer.decode(seq, skip_special_tokens=False) for seq in sequences]
+    return GenerationResult(sequences, texts, stats, prompts, cfg)
 
 
 RECOMPILE_LIMIT = 64  # compiled graphs per forward code object a compiled decode allows (api.compiled_backbone)

@@ -84,6 +84,9 @@ class DecodeBatch:
         self.adapter = adapter
         self.lora_mode = lora_mode
         self.lengths = [0] * len(prompts)  # committed slots per row (host copy: no device sync to read it)
+        self.initial_rows = len(prompts)  # rows when decoding began (or last grew by a merge): draft_len="auto"
+        # measures forward costs for this many, and prices the fewer left once some finish from what it measured
+        # (auto.forward_seconds)
         self.cache = RaggedCache(model.config.num_hidden_layers, capacity, static=static_shapes)
         self.profile = profile  # time every forward (synchronising the device) into forward_s
         self.forward_s = 0.0
@@ -91,12 +94,6 @@ class DecodeBatch:
 
     def __len__(self) -> int:
         return len(self.rows)
-
-    @property
-    def initial_rows(self) -> int:
-        """Rows at the start (prompts are kept for every request): draft_len="auto" measures forward costs for this
-        many, and prices the fewer rows left once some finish from what it measured (auto.forward_seconds)."""
-        return len(self.prompts)
 
     def layout(self, kind: str, q: int, masks_per_row: int = 0) -> BlockLayout:
         """The block layout of a forward kind at width q, built once per shape."""
@@ -211,4 +208,19 @@ class DecodeBatch:
         """Keep only these batch rows (indices into the current batch)."""
         self.cache.select_rows(torch.tensor(keep_rows, dtype=torch.long, device=self.model.device))
         self.lengths = [self.lengths[i] for i in keep_rows]
+        left = set(self.rows) - {self.rows[i] for i in keep_rows}
         self.rows = [self.rows[i] for i in keep_rows]
+        for rid in left:  # a long-running engine must not keep every request it ever served
+            self.prompts.pop(rid, None)
+            self.ngram_index.pop(rid, None)
+
+    def merge(self, other: DecodeBatch) -> None:
+        """Append the rows of another prefilled batch of the same model and settings (requests joining between
+        cycles); the cache grows to the larger capacity."""
+        self.cache.append_rows(other.cache)
+        self.rows += other.rows
+        self.lengths += other.lengths
+        self.prompts.update(other.prompts)
+        self.ngram_index.update(other.ngram_index)
+        self.initial_rows = max(self.initial_rows, len(self.rows))
+        self.forward_s += other.forward_s

@@ -1,4 +1,9 @@
-"""The decoding loops over a DecodeBatch: AR, block diffusion, linear and single-forward self-speculation."""
+"""One decode cycle per mode over a DecodeBatch (AR, block diffusion, linear and single-forward self-speculation).
+
+Each mode is a ModeLoop: built over a prefilled batch, `step()` runs one cycle for every row, `admit(batch)` joins
+newly prefilled rows between cycles, `drop(rows)` removes rows (aborted requests). The engine (decoding/engine.py)
+steps them; run_to_end decodes a batch to its end.
+"""
 
 from __future__ import annotations
 
@@ -33,15 +38,6 @@ def _prefill(batch: DecodeBatch, out: Outputs, cfg: DecodeSettings, gen: torch.G
     return _commit_rows(batch, out, [[t] for t in seeds.tolist()], seeds)
 
 
-def run_ar(batch: DecodeBatch, out: Outputs, cfg: DecodeSettings, gen: torch.Generator) -> None:
-    seeds = _prefill(batch, out, cfg, gen)
-    while len(batch):
-        logits = batch.forward(seeds[:, None], "ar")
-        batch.advance([1] * len(batch))
-        seeds = select_tokens(logits[:, -1], cfg.temperature, gen, cfg.top_k, cfg.top_p)
-        seeds = _commit_rows(batch, out, [[t] for t in seeds.tolist()], seeds)
-
-
 def _pick_positions(conf: torch.Tensor, masked: torch.Tensor, cfg: DecodeSettings, last_step: bool) -> torch.Tensor:
     """Which masked positions to commit this step: the forced one (policy) plus all above the threshold."""
     if last_step:
@@ -55,36 +51,6 @@ def _pick_positions(conf: torch.Tensor, masked: torch.Tensor, cfg: DecodeSetting
     rows = torch.arange(len(masked), device=masked.device)
     choose[rows[has_mask], forced[has_mask]] = True
     return choose
-
-
-def run_diffusion(batch: DecodeBatch, out: Outputs, cfg: DecodeSettings, gen: torch.Generator,
-                  commit_log: list | None = None) -> None:
-    """Blocks [seed, mask x (B-1)] denoised with confidence commits; a causal commit pass per block."""
-    seeds = _prefill(batch, out, cfg, gen)
-    mask_id = batch.model.mask_token_id
-    width = cfg.block_size
-    max_steps = cfg.max_steps or max(width - 1, 1)
-    while len(batch):
-        block = torch.full((len(batch), width), mask_id, dtype=torch.long, device=seeds.device)
-        block[:, 0] = seeds
-        masked = torch.ones_like(block, dtype=torch.bool)
-        masked[:, 0] = False
-        commits = torch.zeros_like(block, dtype=torch.int32)
-        step = 0
-        while any(pending := masked.any(1).tolist()):
-            step += 1
-            logits = batch.forward(block, "denoise", counted=pending)
-            pred, conf = select_with_confidence(logits, cfg.temperature, gen, cfg.top_k, cfg.top_p)
-            choose = _pick_positions(conf, masked, cfg, last_step=step >= max_steps)
-            block = torch.where(choose, pred, block)
-            commits += choose.to(torch.int32)
-            masked &= ~choose
-        if commit_log is not None:
-            commit_log.append(commits.clone())
-        logits = batch.forward(block, "commit", logits_index=slice(width - 1, width))
-        batch.advance([width] * len(batch))
-        seeds = select_tokens(logits[:, -1], cfg.temperature, gen, cfg.top_k, cfg.top_p)
-        seeds = _commit_rows(batch, out, torch.cat([block[:, 1:], seeds[:, None]], 1).tolist(), seeds)
 
 
 def _to_host(n_acc: torch.Tensor, drafts: torch.Tensor, tokens: torch.Tensor):
@@ -234,19 +200,113 @@ def _note_choice(batch: DecodeBatch, out: Outputs, k: int) -> None:
         out.stats[rid].draft_len_choices.append(k)
 
 
-def run_self_spec(batch: DecodeBatch, out: Outputs, cfg: DecodeSettings, gen: torch.Generator) -> None:
+
+
+class ModeLoop:
+    """One mode's cycle over a batch whose rows may join (admit) and leave (finished, or drop) between cycles.
+    Per-row state past the seeds (the next cycle's drafts) lives in the tensors `carried` names."""
+
+    carried: tuple[str, ...] = ()
+
+    def __init__(self, batch: DecodeBatch, out: Outputs, cfg: DecodeSettings, gen: torch.Generator):
+        self.batch, self.out, self.cfg, self.gen = batch, out, cfg, gen
+        self.cycle = 0
+        self.seeds = _prefill(batch, out, cfg, gen)
+
+    def step(self) -> None:
+        raise NotImplementedError
+
+    def admit(self, new: DecodeBatch) -> None:
+        """Prefill `new` (rows of the same settings) and join its unfinished rows to the running batch."""
+        seeds = _prefill(new, self.out, self.cfg, self.gen)
+        if not len(new):
+            return
+        self.batch.merge(new)
+        self.seeds = torch.cat([self.seeds, seeds])
+        self._join_carried(len(new))
+
+    def _join_carried(self, n_new: int) -> None:
+        """Extend the carried per-row state for n_new joined rows."""
+
+    def drop(self, keep: list[int]) -> None:
+        """Keep only these batch rows (indices), e.g. after aborts."""
+        self.batch.select(keep)
+        self.seeds = self.seeds[keep]
+        for name in self.carried:
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, value[keep])
+
+    def close(self) -> None:
+        """The batch is empty: keep what this loop learnt for the next one."""
+
+
+class ArLoop(ModeLoop):
+    def step(self) -> None:
+        self.seeds = _ar_step(self.batch, self.out, self.cfg, self.gen, self.seeds)
+
+
+class DiffusionLoop(ModeLoop):
+    """Blocks [seed, mask x (B-1)] denoised with confidence commits; a causal commit pass per block. commit_log, when
+    given, receives each block's per-position commit step counts."""
+
+    def __init__(self, batch: DecodeBatch, out: Outputs, cfg: DecodeSettings, gen: torch.Generator,
+                 commit_log: list | None = None):
+        super().__init__(batch, out, cfg, gen)
+        self.commit_log = commit_log
+
+    def step(self) -> None:
+        batch, cfg, gen, seeds = self.batch, self.cfg, self.gen, self.seeds
+        width = cfg.block_size
+        max_steps = cfg.max_steps or max(width - 1, 1)
+        block = torch.full((len(batch), width), batch.model.mask_token_id, dtype=torch.long, device=seeds.device)
+        block[:, 0] = seeds
+        masked = torch.ones_like(block, dtype=torch.bool)
+        masked[:, 0] = False
+        commits = torch.zeros_like(block, dtype=torch.int32)
+        step = 0
+        while any(pending := masked.any(1).tolist()):
+            step += 1
+            logits = batch.forward(block, "denoise", counted=pending)
+            pred, conf = select_with_confidence(logits, cfg.temperature, gen, cfg.top_k, cfg.top_p)
+            choose = _pick_positions(conf, masked, cfg, last_step=step >= max_steps)
+            block = torch.where(choose, pred, block)
+            commits += choose.to(torch.int32)
+            masked &= ~choose
+        if self.commit_log is not None:
+            self.commit_log.append(commits.clone())
+        logits = batch.forward(block, "commit", logits_index=slice(width - 1, width))
+        batch.advance([width] * len(batch))
+        seeds = select_tokens(logits[:, -1], cfg.temperature, gen, cfg.top_k, cfg.top_p)
+        self.seeds = _commit_rows(batch, self.out, torch.cat([block[:, 1:], seeds[:, None]], 1).tolist(), seeds)
+
+
+class SelfSpecLoop(ModeLoop):
     """Draft [seed, mask x k] bidirectionally (adapter on), verify causally (adapter off), keep prefix + bonus.
     With draft_len="auto", k is chosen per cycle (0: an AR step). With prompt lookup, a row's lookup tokens fill the
     start of its draft block (the diffusion pass drafts past the end of the match, seeing it) and are verified as
     drafts; a cycle may also skip the draft forward and verify the lookups alone (when every row found one: always
     without draft_len="auto", else when the planner says it pays)."""
-    seeds = _prefill(batch, out, cfg, gen)
-    mask_id = batch.model.mask_token_id
-    planner = _planner(batch, cfg, quadratic=False)
-    cycle, found = 0, None
-    while len(batch):
+
+    def __init__(self, batch: DecodeBatch, out: Outputs, cfg: DecodeSettings, gen: torch.Generator):
+        super().__init__(batch, out, cfg, gen)
+        self.planner = _planner(batch, cfg, quadratic=False)
+        self.found: Lookups | None = None  # lookups an AR run already made for the next cycle
+
+    def _join_carried(self, n_new: int) -> None:
+        self.found = None  # the joined rows have none: look up again
+
+    def drop(self, keep: list[int]) -> None:
+        super().drop(keep)
+        self.found = None
+
+    def close(self) -> None:
+        _remember(self.batch, self.planner)
+
+    def step(self) -> None:
+        batch, out, cfg, gen, seeds, planner = self.batch, self.out, self.cfg, self.gen, self.seeds, self.planner
         n_rows = len(batch)
-        looked, found = found or _lookup_drafts(batch, out, cfg, cfg.draft_len), None
+        looked, self.found = self.found or _lookup_drafts(batch, out, cfg, cfg.draft_len), None
         lookups, orders = looked
         all_found = _all_found(looked)
         longest = max(map(len, lookups)) if all_found else 0
@@ -263,19 +323,18 @@ def run_self_spec(batch: DecodeBatch, out: Outputs, cfg: DecodeSettings, gen: to
         else:
             k, use_lookup = (longest, True) if all_found else (cfg.draft_len, False)
         draft_logits = None
-        if use_lookup:
-            drafts = merge_drafts([found[:k] for found in lookups], None, k, mask_id, seeds.device)  # no draft
-            # forward; the planner may cut the lookups short
+        if use_lookup:  # no draft forward; the planner may cut the lookups short
+            drafts = merge_drafts([found[:k] for found in lookups], None, k, batch.model.mask_token_id, seeds.device)
         elif k == 0:
-            seeds, found = _ar_run(batch, out, cfg, gen, seeds, planner, lookups=lookups is not None)
-            continue
+            self.seeds, self.found = _ar_run(batch, out, cfg, gen, seeds, planner, lookups=lookups is not None)
+            return
         else:
             leads = [found[:k] for found in lookups] if lookups is not None else None
             drafts, draft_logits = batch.draft(seeds, k, leads, temperature=cfg.temperature, generator=gen,
                                                top_k=cfg.top_k, top_p=cfg.top_p)
         starts = list(batch.lengths)
         target = batch.forward(torch.cat([seeds[:, None], drafts], 1), "verify")
-        tokens, n_acc = _verify(target, drafts, draft_logits, cfg, gen, batch, cycle)
+        tokens, n_acc = _verify(target, drafts, draft_logits, cfg, gen, batch, self.cycle)
         accepted, drafted, emitted = _to_host(n_acc, drafts, tokens)
         batch.advance([a + 1 for a in accepted])
         if planner:
@@ -284,35 +343,56 @@ def run_self_spec(batch: DecodeBatch, out: Outputs, cfg: DecodeSettings, gen: to
             planner.finish(k, lookup=use_lookup)
         new = _record(batch, out, starts, accepted, drafted, emitted, lookups)
         seeds = tokens[torch.arange(n_rows, device=tokens.device), n_acc].long()
-        seeds = _commit_rows(batch, out, new, seeds)
-        cycle += 1
-    _remember(batch, planner)
+        self.seeds = _commit_rows(batch, out, new, seeds)
+        self.cycle += 1
 
 
-def run_self_spec_quadratic(batch: DecodeBatch, out: Outputs, cfg: DecodeSettings, gen: torch.Generator) -> None:
+class QuadraticLoop(ModeLoop):
     """Single-forward self-speculation: one forward verifies the drafts d_1..d_k after the seed d_0 and drafts the
     next block. Input [d_0..d_k, then k+1 sub-blocks of k'+1 masks] (layout: masks.quadratic_pattern); row d_i is
     causal (adapter off), sub-block i's masks see d_0..d_i and themselves (adapter on). After n accepted drafts the
     bonus token is AR's prediction at row d_n and the next drafts are sub-block n's mask predictions 2..k'+1 (its
     first mask sits where the bonus token goes). The first forward has no drafts to verify: it only drafts.
     k' = k except with draft_len="auto", which picks it per cycle (0: no masks, a plain verify forward, or an AR
-    step when there are no drafts to verify either)."""
-    seeds = _prefill(batch, out, cfg, gen)
-    mask_id = batch.model.mask_token_id
-    planner = _planner(batch, cfg, quadratic=True)
-    drafts = torch.empty(len(batch), 0, dtype=torch.long, device=seeds.device)
-    draft_logits = None
-    cycle = 0
-    while len(batch):
+    step when there are no drafts to verify either). Rows that join mid-decode carry filler drafts (the mask token,
+    as a point-mass draft distribution) that verification keeps only where AR emits that very token: lossless."""
+
+    carried = ("drafts", "draft_logits")
+
+    def __init__(self, batch: DecodeBatch, out: Outputs, cfg: DecodeSettings, gen: torch.Generator):
+        super().__init__(batch, out, cfg, gen)
+        self.planner = _planner(batch, cfg, quadratic=True)
+        self.drafts = torch.empty(len(batch), 0, dtype=torch.long, device=self.seeds.device)
+        self.draft_logits: torch.Tensor | None = None
+
+    def close(self) -> None:
+        _remember(self.batch, self.planner)
+
+    def _join_carried(self, n_new: int) -> None:
+        mask_id = self.batch.model.mask_token_id
+        width = self.drafts.shape[1]
+        filler = torch.full((n_new, width), mask_id, dtype=torch.long, device=self.drafts.device)
+        self.drafts = torch.cat([self.drafts, filler])
+        if self.draft_logits is not None:
+            point = torch.full((n_new, width, self.draft_logits.shape[-1]), float("-inf"),
+                               dtype=self.draft_logits.dtype, device=self.draft_logits.device)
+            point[..., mask_id] = 0.0
+            self.draft_logits = torch.cat([self.draft_logits, point])
+
+    def step(self) -> None:
+        batch, out, cfg, gen, seeds, planner = self.batch, self.out, self.cfg, self.gen, self.seeds, self.planner
+        drafts, draft_logits = self.drafts, self.draft_logits
+        mask_id = batch.model.mask_token_id
         n_rows, n_drafts = drafts.shape
         next_len = (planner.choose(batch, verifying=n_drafts, row=planner.critical(batch.rows, batch.committed()))[0]
                     if planner else cfg.draft_len)
         if planner:
             _note_choice(batch, out, next_len)
             if not n_drafts and not next_len:  # nothing to verify, nothing to draft: plain AR steps at AR's cost
-                seeds, _ = _ar_run(batch, out, cfg, gen, seeds, planner, lookups=False)
-                drafts = torch.empty(len(batch), 0, dtype=torch.long, device=seeds.device)
-                continue
+                self.seeds, _ = _ar_run(batch, out, cfg, gen, seeds, planner, lookups=False)
+                self.drafts = torch.empty(len(batch), 0, dtype=torch.long, device=seeds.device)
+                self.draft_logits = None
+                return
         masks_per_row = next_len + 1 if next_len else 0
         lookups, orders = _lookup_drafts(batch, out, cfg, n_drafts) if n_drafts else NO_LOOKUPS
         if lookups is not None:
@@ -324,7 +404,7 @@ def run_self_spec_quadratic(batch: DecodeBatch, out: Outputs, cfg: DecodeSetting
         starts = list(batch.lengths)
         rows = torch.arange(n_rows, device=seeds.device)
         if n_drafts:
-            tokens, n_acc = _verify(logits[:, :verify_rows], drafts, draft_logits, cfg, gen, batch, cycle)
+            tokens, n_acc = _verify(logits[:, :verify_rows], drafts, draft_logits, cfg, gen, batch, self.cycle)
             accepted, drafted, emitted = _to_host(n_acc, drafts, tokens)
             new = _record(batch, out, starts, accepted, drafted, emitted, lookups)
             if planner:
@@ -345,8 +425,21 @@ def run_self_spec_quadratic(batch: DecodeBatch, out: Outputs, cfg: DecodeSetting
             draft_logits, drafts = None, torch.empty(n_rows, 0, dtype=torch.long, device=seeds.device)
         seeds = tokens[rows, n_acc].long()
         if draft_logits is None:
-            seeds, drafts = _commit_rows(batch, out, new, seeds, drafts)
+            self.seeds, self.drafts = _commit_rows(batch, out, new, seeds, drafts)
+            self.draft_logits = None
         else:
-            seeds, drafts, draft_logits = _commit_rows(batch, out, new, seeds, drafts, draft_logits)
-        cycle += 1
-    _remember(batch, planner)
+            self.seeds, self.drafts, self.draft_logits = _commit_rows(batch, out, new, seeds, drafts, draft_logits)
+        self.cycle += 1
+
+
+LOOPS: dict[str, type[ModeLoop]] = {"ar": ArLoop, "diffusion": DiffusionLoop, "self_spec": SelfSpecLoop,
+                                    "self_spec_quadratic": QuadraticLoop}
+
+
+def run_to_end(mode: str, batch: DecodeBatch, out: Outputs, cfg: DecodeSettings, gen: torch.Generator,
+               **options) -> None:
+    """Decode every row of a fresh batch to its end (options: the mode loop's own, e.g. commit_log)."""
+    loop = LOOPS[mode](batch, out, cfg, gen, **options)
+    while len(batch):
+        loop.step()
+    loop.close()

@@ -58,6 +58,20 @@ class RaggedLayer(CacheLayerMixin):
         if self.is_initialized:
             self._store(self.keys.index_select(0, index), self.values.index_select(0, index))
 
+    def append_rows(self, other: RaggedLayer) -> None:
+        """Append another layer's rows, both padded to this owner's capacity."""
+        if not other.is_initialized:
+            return
+        grow = self.owner.capacity - other.keys.shape[2]
+        keys, values = (torch.nn.functional.pad(t, (0, 0, 0, grow)) for t in (other.keys, other.values))
+        if not self.is_initialized:
+            self._store(keys, values)
+            self.device, self.is_initialized = keys.device, True
+            return
+        pad = self.owner.capacity - self.keys.shape[2]
+        own = [torch.nn.functional.pad(t, (0, 0, 0, pad)) if pad else t for t in (self.keys, self.values)]
+        self._store(torch.cat([own[0], keys]), torch.cat([own[1], values]))
+
 
 class RaggedCache(Cache):
     """A transformers Cache whose next forward writes row b's q new tokens at slots start[b] .. start[b] + q - 1.
@@ -94,6 +108,12 @@ class RaggedCache(Cache):
             store[:, :, self._uniform_start:self._uniform_start + self._q] = new
         else:
             store.scatter_(2, self._index.expand(-1, new.shape[1], -1, new.shape[-1]), new)
+
+    def append_rows(self, other: RaggedCache) -> None:
+        """Append another cache's rows (a batch joining this one); the capacity becomes the larger of the two."""
+        self.capacity = max(self.capacity, other.capacity)
+        for mine, theirs in zip(self.layers, other.layers):
+            mine.append_rows(theirs)
 
     def select_rows(self, index: torch.Tensor) -> None:
         """Keep only these batch rows."""
