@@ -78,8 +78,8 @@ class _DynamoWarnings(logging.Handler):
 
 def test_static_shape_cache_is_lossless(tmp_path):
     """The CUDA-graph layout (attention over the whole capacity, index-tensor writes) gives the same tokens."""
-    from nld_lora.decoding.loops import run_to_end
     from nld_lora.decoding.batch import DecodeBatch
+    from nld_lora.decoding.loops import run_to_end
     from nld_lora.decoding.outputs import Outputs
     from nld_lora.decoding.settings import DecodeSettings
 

@@ -47,7 +47,7 @@ def test_requests_joining_mid_decode_get_their_solo_output(model):
         joins.setdefault(i // 3, []).append(dict(prompt=p, mode=mode, max_new_tokens=20 - i % 5,
                                                  adapter=None if lora else False, **decode))
     streamed = _drain(engine, joins)
-    for rid, p in enumerate(prompts):
+    for rid in range(len(prompts)):
         done = engine.pop_finished(rid)
         assert done.tokens == solo[rid][:20 - rid % 5], (rid, MIXED[rid % len(MIXED)])
         assert streamed[rid] == done.tokens  # the streamed pieces add up to the output
