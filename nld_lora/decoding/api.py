@@ -18,9 +18,6 @@ from nld_lora.decoding.engine import (
     STATIC_CAPACITY_STEP,
     Engine,
     lookahead,
-    pick_adapter,
-    resolve_settings,
-    validate_request,
 )
 from nld_lora.decoding.settings import DecodeSettings, resolve_draft_len
 from nld_lora.decoding.stats import GenerationStats
@@ -117,22 +114,18 @@ def generate(
     whole capacity, rounded up to STATIC_CAPACITY_STEP slots so calls share graphs).
     """
     prompts = normalize_prompts(model, prompts_or_ids, add_special_tokens)
-    name = pick_adapter(model, adapter)
-    cfg = resolve_settings(model, mode, settings, name, decode)
-    for i, p in enumerate(prompts):
-        validate_request(model, p, mode, max_new_tokens, cfg, i)
     if compile not in COMPILE_MODES:
         raise ValueError(f"compile={compile!r}; expected one of {COMPILE_MODES}")
     engine = Engine(model, profile=profile, static_shapes=compile == "reduce-overhead")
+    requests = engine.new_requests(prompts, mode=mode, max_new_tokens=max_new_tokens, settings=settings,
+                                   adapter=adapter, lora_mode=lora_mode, **decode)  # all validated before decoding
     chunk = batch_size or len(prompts)
     t0 = time.perf_counter()
     with compiled_backbone(model, compile), tqdm(total=len(prompts), desc=f"generate[{mode}]", unit="prompt",
                                                  disable=not progress) as bar:
         for start in range(0, len(prompts), chunk):
             tb = time.perf_counter()
-            rids = [engine.add_request(prompts[i], mode=mode, max_new_tokens=max_new_tokens, settings=cfg,
-                                       adapter=name or False, lora_mode=lora_mode, index=i)
-                    for i in range(start, min(start + chunk, len(prompts)))]
+            rids = [engine.enqueue(r) for r in requests[start:start + chunk]]
             while engine.has_work():
                 engine.step()
             for rid in rids:  # a chunk's requests share its wall time, as one batch call's would
@@ -144,7 +137,7 @@ def generate(
     texts = None
     if model.tokenizer is not None:
         texts = [model.tokenizer.decode(seq, skip_special_tokens=False) for seq in sequences]
-    return GenerationResult(sequences, texts, stats, prompts, cfg)
+    return GenerationResult(sequences, texts, stats, prompts, requests[0].settings)
 
 
 RECOMPILE_LIMIT = 64  # compiled graphs per forward code object a compiled decode allows (api.compiled_backbone)

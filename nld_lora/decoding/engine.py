@@ -89,7 +89,7 @@ class Request:
     @property
     def group_key(self) -> tuple:
         """Requests with equal keys share a batch and its forwards."""
-        return self.mode, tuple(dataclasses.astuple(self.settings)), self.adapter, self.lora_mode
+        return self.mode, dataclasses.astuple(self.settings), self.adapter, self.lora_mode
 
 
 @dataclass
@@ -100,25 +100,12 @@ class StepOutput:
     new_tokens: list[int]
     finish_reason: str | None = None
 
-    @property
-    def finished(self) -> bool:
-        return self.finish_reason is not None
-
 
 @dataclass
 class FinishedRequest:
     request: Request
     tokens: list[int]
     stats: RequestStats
-
-
-class _Group:
-    def __init__(self, loop: ModeLoop, key: tuple):
-        self.loop, self.key = loop, key
-
-    @property
-    def batch(self) -> DecodeBatch:
-        return self.loop.batch
 
 
 class Engine:
@@ -136,34 +123,43 @@ class Engine:
         self.out = Outputs(0, 0, set())
         self.requests: dict[int, Request] = {}
         self.waiting: deque[int] = deque()
-        self.groups: dict[tuple, _Group] = {}
+        self.groups: dict[tuple, ModeLoop] = {}  # group key -> the loop over that group's batch
         self.finished: dict[int, FinishedRequest] = {}
         self.forward_s = 0.0
-        self._generators: dict[tuple, torch.Generator] = {}  # per group key, seeded once: sampled rows draw on
+        self._generators: dict[tuple, torch.Generator] = {}  # per group key, seeded once and kept: a later group of
+        # the same key (generate()'s next chunk) draws on where the last one stopped
         self._reported: dict[int, int] = {}  # rid -> tokens already returned by step()
         self._admitted: dict[int, float] = {}
         self._next_id = 0
 
-    def add_request(self, prompt: list[int], *, mode: str = "ar", max_new_tokens: int = 128,
-                    settings: DecodeSettings | None = None, adapter: str | bool | None = None,
-                    lora_mode: str | None = None, stop_ids: set[int] | None = None, index: int = 0,
-                    **decode: Any) -> int:
-        """Queue one request of token ids; returns its id. Settings as generate()'s; stop_ids: tokens that end it
-        (default: the model's EOS ids). Raises ValueError for a request the model cannot decode."""
+    def new_requests(self, prompts: list[list[int]], *, mode: str = "ar", max_new_tokens: int = 128,
+                     settings: DecodeSettings | None = None, adapter: str | bool | None = None,
+                     lora_mode: str | None = None, **decode: Any) -> list[Request]:
+        """Requests of token ids sharing settings (as generate()'s), resolved once and validated, not yet queued:
+        a caller queues them with `enqueue` when it wants. Raises ValueError for one the model cannot decode."""
         name = pick_adapter(self.model, adapter)
         cfg = resolve_settings(self.model, mode, settings, name, decode)
-        validate_request(self.model, prompt, mode, max_new_tokens, cfg, index)
+        for i, prompt in enumerate(prompts):
+            validate_request(self.model, prompt, mode, max_new_tokens, cfg, i)
         lora = check_lora_mode(lora_mode or (self.model.adapters[name].lora_mode if name else "draft_only"))
-        rid = self._next_id
-        self._next_id += 1
-        self.requests[rid] = Request(rid, list(prompt), mode, cfg, name, lora, max_new_tokens)
-        self.out.add(rid, max_new_tokens, self.model.eos_token_ids if stop_ids is None else set(stop_ids))
-        self.waiting.append(rid)
-        return rid
+        first, self._next_id = self._next_id, self._next_id + len(prompts)
+        return [Request(first + i, list(p), mode, cfg, name, lora, max_new_tokens) for i, p in enumerate(prompts)]
+
+    def enqueue(self, request: Request, stop_ids: set[int] | None = None) -> int:
+        """Queue a request from new_requests; stop_ids: tokens that end it (default: the model's EOS ids)."""
+        self.requests[request.rid] = request
+        self.out.add(request.rid, request.max_new_tokens,
+                     self.model.eos_token_ids if stop_ids is None else set(stop_ids))
+        self.waiting.append(request.rid)
+        return request.rid
+
+    def add_request(self, prompt: list[int], *, stop_ids: set[int] | None = None, **options: Any) -> int:
+        """Validate and queue one request of token ids (options: new_requests'); returns its id."""
+        return self.enqueue(self.new_requests([prompt], **options)[0], stop_ids)
 
     @property
     def running(self) -> int:
-        return sum(len(g.batch) for g in self.groups.values())
+        return sum(len(loop.batch) for loop in self.groups.values())
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.groups)
@@ -171,9 +167,9 @@ class Engine:
     def step(self) -> list[StepOutput]:
         """Admit what fits, run one cycle of every group, and return each active request's new tokens."""
         self._admit()
-        for group in list(self.groups.values()):
-            if len(group.batch):
-                group.loop.step()
+        for loop in list(self.groups.values()):
+            if len(loop.batch):
+                loop.step()
         return self._collect()
 
     def abort(self, rid: int) -> bool:
@@ -181,11 +177,12 @@ class Engine:
         if rid in self.waiting:
             self.waiting.remove(rid)
         else:
-            group = next((g for g in self.groups.values() if rid in g.batch.rows), None)
-            if group is None:
+            key = next((k for k, loop in self.groups.items() if rid in loop.batch.rows), None)
+            if key is None:
                 return False
-            group.loop.drop([i for i, r in enumerate(group.batch.rows) if r != rid])
-            self._close_empty(group)
+            loop = self.groups[key]
+            loop.drop([i for i, r in enumerate(loop.batch.rows) if r != rid])
+            self._close_empty(key)
         self.out.finish(rid, "abort")
         self._finish(rid)
         return True
@@ -219,25 +216,26 @@ class Engine:
         batch = DecodeBatch(self.model, [r.prompt for r in requests], rids, self.out.stats, capacity=capacity,
                             adapter=first.adapter, lora_mode=first.lora_mode, profile=self.profile,
                             static_shapes=self.static_shapes)
-        group = self.groups.get(key)
-        if group is None:
+        if key in self.groups:
+            self.groups[key].admit(batch)
+        else:
             if key not in self._generators:
                 self._generators[key] = torch.Generator(device=self.model.device).manual_seed(cfg.seed)
-            group = self.groups[key] = _Group(LOOPS[first.mode](batch, self.out, cfg, self._generators[key]), key)
-        else:
-            group.loop.admit(batch)
-        self._close_empty(group)
+            self.groups[key] = LOOPS[first.mode](batch, self.out, cfg, self._generators[key])
+        self._close_empty(key)
 
-    def _close_empty(self, group: _Group) -> None:
-        if not len(group.batch) and self.groups.get(group.key) is group:
-            group.loop.close()
-            self.forward_s += group.batch.forward_s
-            del self.groups[group.key]
+    def _close_empty(self, key: tuple) -> None:
+        """Drop the group once its batch is empty, keeping what its loop learnt and its forward time."""
+        loop = self.groups[key]
+        if not len(loop.batch):
+            loop.close()
+            self.forward_s += loop.batch.forward_s
+            del self.groups[key]
 
     def _collect(self) -> list[StepOutput]:
         outputs = []
-        for group in list(self.groups.values()):
-            self._close_empty(group)
+        for key in list(self.groups):
+            self._close_empty(key)
         for rid in list(self._admitted):
             tokens = self.out.tokens[rid]
             start = self._reported.get(rid, 0)

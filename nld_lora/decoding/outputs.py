@@ -17,8 +17,6 @@ class Outputs:
         self.started: dict[int, float] = {}
         self.budget: dict[int, int] = {}
         self.stop_ids: dict[int, set[int]] = {}
-        self.max_new_tokens = max_new_tokens
-        self.eos_ids = eos_ids
         for rid in range(n):
             self.add(rid, max_new_tokens, eos_ids)
 
@@ -48,17 +46,14 @@ class Outputs:
             out.append(tok)
             times.append(now)
             if tok in stop:
-                self._finish(rid, "eos")
+                self.finish(rid, "eos")
                 return True
             if len(out) >= budget:
-                self._finish(rid, "length")
+                self.finish(rid, "length")
                 return True
         return False
 
     def finish(self, rid: int, reason: str) -> None:
-        """End a request from outside the loop (an abort, a stop string)."""
-        self._finish(rid, reason)
-
-    def _finish(self, rid: int, reason: str) -> None:
+        """Mark a request done: "eos", "length", or from outside the loop ("abort")."""
         self.stats[rid].finish_reason = reason
         self.stats[rid].new_tokens = len(self.tokens[rid])

@@ -62,15 +62,17 @@ class RaggedLayer(CacheLayerMixin):
         """Append another layer's rows, both padded to this owner's capacity."""
         if not other.is_initialized:
             return
-        grow = self.owner.capacity - other.keys.shape[2]
-        keys, values = (torch.nn.functional.pad(t, (0, 0, 0, grow)) for t in (other.keys, other.values))
-        if not self.is_initialized:
-            self._store(keys, values)
+        keys, values = self._padded(other.keys), self._padded(other.values)
+        if self.is_initialized:
+            keys, values = torch.cat([self._padded(self.keys), keys]), torch.cat([self._padded(self.values), values])
+        else:
             self.device, self.is_initialized = keys.device, True
-            return
-        pad = self.owner.capacity - self.keys.shape[2]
-        own = [torch.nn.functional.pad(t, (0, 0, 0, pad)) if pad else t for t in (self.keys, self.values)]
-        self._store(torch.cat([own[0], keys]), torch.cat([own[1], values]))
+        self._store(keys, values)
+
+    def _padded(self, store: torch.Tensor) -> torch.Tensor:
+        """store with its slot dimension grown to the owner's capacity (as is when it already has it)."""
+        grow = self.owner.capacity - store.shape[2]
+        return torch.nn.functional.pad(store, (0, 0, 0, grow)) if grow else store
 
 
 class RaggedCache(Cache):
